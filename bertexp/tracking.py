@@ -1,0 +1,190 @@
+"""Experiment tracking: every record goes to `metrics.jsonl` in the run dir (always, first, flushed) and to
+W&B. This module alone talks to W&B.
+
+W&B mode: `auto` picks `online` when an API key is configured and `offline` otherwise; `disabled` turns it
+off. An online init that cannot reach the server within a bounded time falls back to offline with one
+warning, so a run never hangs on the network and never loses its metrics to a W&B failure.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class MetricsFile:
+    """Append-only JSON lines; each record is flushed as soon as it is written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from `step`: drop records logged after that checkpoint (they will be logged again)."""
+        self._f.close()
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a metrics.jsonl; a last line cut off by a kill is ignored."""
+    out = []
+    if not Path(path).is_file():
+        return out
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        rc = netrc.netrc()
+        host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("//")[-1].split("/")[0]
+        return rc.authenticators(host) is not None
+    except Exception:
+        return False
+
+
+def server_reachable(timeout: float) -> bool:
+    """A TCP connect to the W&B host in a daemon thread, so even a hanging DNS lookup cannot stall us."""
+    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    host = url.split("//")[-1].split("/")[0]
+    name, _, port = host.partition(":")
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((name, int(port or (443 if url.startswith("https") else 80))), timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+def resolve_mode(mode: str) -> str:
+    if mode not in ("auto", "online", "offline", "disabled"):
+        from bertexp.errors import ConfigError
+
+        raise ConfigError(f"logger.mode={mode!r} must be one of: auto, online, offline, disabled")
+    if mode == "auto":
+        return "online" if api_key_configured() else "offline"
+    return mode
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, logger_cfg: dict | None, run_info: dict, config: dict, resume_id: str | None):
+        self.run_dir = Path(run_dir)
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
+        self.run = None
+        self.best: dict[str, float] = {}
+        if logger_cfg:
+            self.run = self._init_wandb(logger_cfg, run_info, config, resume_id)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def _init_wandb(self, cfg: dict, info: dict, config: dict, resume_id: str | None):
+        import wandb
+
+        mode = resolve_mode(cfg.get("mode", "auto"))
+        if mode == "disabled":
+            return None
+        timeout = float(cfg.get("init_timeout", 15))
+        if mode == "online" and not server_reachable(min(timeout, 5.0)):
+            warnings.warn("W&B server unreachable: logging this run offline (upload later with `wandb sync`)", stacklevel=2)
+            mode = "offline"
+        kwargs = dict(
+            project=cfg.get("project") or "bertexp",
+            entity=cfg.get("entity") or None,
+            name=info["name"],
+            group=info["group"],
+            job_type=cfg.get("job_type") or "pretrain",
+            tags=info["tags"],
+            notes=info["notes"],
+            dir=str(self.run_dir),
+            config=config,
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            reinit="finish_previous",
+        )
+        settings = wandb.Settings(init_timeout=timeout, silent=True, x_disable_stats=True)
+        try:
+            run = wandb.init(mode=mode, settings=settings, **kwargs)
+        except Exception as e:
+            if mode != "online":
+                warnings.warn(f"W&B init failed ({type(e).__name__}: {e}); metrics go to metrics.jsonl only", stacklevel=2)
+                return None
+            warnings.warn(f"W&B online init failed ({type(e).__name__}); logging this run offline", stacklevel=2)
+            try:
+                run = wandb.init(mode="offline", settings=settings, **kwargs)
+            except Exception as e2:
+                warnings.warn(f"W&B offline init failed too ({e2}); metrics go to metrics.jsonl only", stacklevel=2)
+                return None
+        # Eval metrics share the step axis with training; summaries keep the best of what matters.
+        run.define_metric("step")
+        for pattern in ("train/*", "eval/*", "throughput/*", "masking/*"):
+            run.define_metric(pattern, step_metric="step")
+        run.define_metric("eval/mlm_acc", step_metric="step", summary="max,last")
+        run.define_metric("eval/nsp_acc", step_metric="step", summary="max,last")
+        run.define_metric("eval/mlm_loss", step_metric="step", summary="min,last")
+        run.summary["run_dir"] = str(self.run_dir)
+        return run
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        for k, v in record.items():
+            if k.startswith("eval/") and isinstance(v, (int, float)) and math.isfinite(v):
+                better = max if k.endswith("acc") else min
+                self.best[k] = better(self.best.get(k, v), v)
+        if self.run is not None:
+            try:
+                self.run.log(record)
+            except Exception as e:  # W&B trouble must never cost the metrics already on disk
+                log.warning("W&B log failed (%s); continuing with metrics.jsonl", e)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            try:
+                self.run.summary.update(values)
+            except Exception as e:
+                log.warning("W&B summary update failed (%s)", e)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.metrics.close()
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as e:
+                log.warning("W&B finish failed (%s)", e)
+            self.run = None

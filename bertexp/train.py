@@ -1,0 +1,340 @@
+"""The training run, top to bottom: build data, model and optimizer from the config; restore the last
+checkpoint if there is one; then loop — mask, forward, backward, clip, step — logging every `log_every`,
+evaluating every `eval_every`, checkpointing every `save_every`; on a signal, checkpoint and stop.
+
+Every random draw of step `s` is seeded from (seed, s): masking has its own generator, dropout the global
+one. So a resumed run sees exactly the batches, masks and dropout it would have seen uninterrupted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+from transformers import BertForPreTraining
+from transformers.utils import logging as hf_logging
+
+from bertexp.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from bertexp.data.dataset import Position
+from bertexp.data.tokenizer import load_tokenizer
+from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
+from bertexp.masking import TokenMasking, Vocab
+from bertexp.modeling import encoder_params, pretraining_loss
+from bertexp.optim import build_optimizer, build_scheduler
+from bertexp.tracking import Tracker
+
+log = logging.getLogger(__name__)
+_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + stream) % (2**63 - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"trainer.device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r} but no CUDA device is available")
+    return device
+
+
+def matmul_flops(device: torch.device, dtype=torch.float32) -> float:
+    """This machine's matrix-multiply throughput (FLOP/s), measured now: the MFU denominator."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    reps = 2 if device.type == "cpu" else 20
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT/SIGUSR1 into a request the loop honours after the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in _SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. some launchers): signals stay as they were
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
+    run_dir = Path(run_dir)
+    tc = cfg.trainer
+    seed = int(cfg.seed)
+    max_steps = int(tc.max_steps)
+    if max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={max_steps} must be >= 1")
+    for name in ("log_every", "eval_every", "save_every"):
+        if int(tc[name]) < 1:
+            raise ConfigError(f"trainer.{name}={tc[name]} must be >= 1")
+    device = resolve_device(str(tc.device))
+    hf_logging.disable_progress_bar()  # one progress bar (ours), not one per checkpoint shard
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+    # ---- build ------------------------------------------------------------------------------------
+    log.info("Instantiating data <%s>", cfg.data._target_)
+    data = instantiate(cfg.data)
+    log.info("Instantiating model <%s>", cfg.model._target_)
+    spec = instantiate(cfg.model)
+    if data.max_length > spec.max_positions:
+        raise ConfigError(
+            f"data.max_length={data.max_length} exceeds the model's position limit ({spec.max_positions}); "
+            f"use data.max_length between 8 and {spec.max_positions}"
+        )
+    masker = instantiate(cfg.masking)  # validates masking.* before any slow work
+    resume_from = _resume_checkpoint(run_dir, str(tc.resume))
+    tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
+    data.prepare(tokenizer, seed)
+    vocab = Vocab.from_tokenizer(tokenizer)
+    masker.bind(vocab)
+    if resume_from:
+        model = BertForPreTraining.from_pretrained(str(resume_from), local_files_only=True, attn_implementation="sdpa")
+    else:
+        model = spec.build(tokenizer)
+    model.to(device)
+    if tc.compile:
+        model.bert.compile(dynamic=True)
+    n_enc = encoder_params(model)
+    log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s",
+             sum(p.numel() for p in model.parameters()) / 1e6, n_enc / 1e6, len(tokenizer), device)
+    log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.optim, optimizer, max_steps)
+
+    step, position, bad_steps, wandb_id = 0, Position(), 0, None
+    if resume_from:
+        state = load_trainer_state(resume_from)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {resume_from}: optimizer state does not fit this config ({e})") from None
+        step, position = int(state["step"]), Position(**state["position"])
+        bad_steps, wandb_id = int(state.get("bad_steps", 0)), state.get("wandb_id")
+        set_rng_state(state["rng"])
+        log.info("Resuming from step %d (%s)", step, resume_from)
+
+    # Held-out set, masked once with a fixed generator: the same positions in every run on the same data
+    # and split seed, whatever the training strategy or ratio, so eval/mlm_acc compares across a sweep.
+    eval_masker = TokenMasking(float(tc.eval_mask_ratio), masker.mask_token_prob, masker.random_token_prob).bind(vocab)
+    g_eval = torch.Generator().manual_seed(int(cfg.data.split_seed) + 12345)
+    eval_set = [(b, *eval_masker(b, g_eval)[:2]) for b in data.eval_batches(int(tc.eval_batches))]
+    eval_targets = torch.cat([lab[lab != -100] for _, _, lab in eval_set])
+    baseline_acc = float(torch.bincount(eval_targets).max() / max(1, eval_targets.numel()))
+    log.info("Held-out set: %d pairs, %d masked tokens; always predicting the most frequent token scores %.4f",
+             sum(len(b["input_ids"]) for b, _, _ in eval_set), eval_targets.numel(), baseline_acc)
+
+    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, OmegaConf.to_container(cfg, resolve=True), wandb_id)
+    if resume_from:
+        tracker.metrics.truncate_after(step)
+    peak = matmul_flops(device) if tc.measure_mfu else float("nan")
+    flops_per_token_base = 6 * n_enc
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext())
+    if tc.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"trainer.precision={tc.precision!r} must be fp32 or bf16")
+
+    def evaluate() -> dict:
+        model.eval()
+        tot_loss = tot_n = correct = nsp_correct = nsp_n = 0.0
+        with torch.no_grad(), amp:
+            for b, ids, labels in eval_set:
+                b = {k: v.to(device) for k, v in b.items()}
+                _, mlm, _, logits, targets, nsp_logits = pretraining_loss(model, b, ids.to(device), labels.to(device))
+                tot_loss += float(mlm) * targets.numel()
+                tot_n += targets.numel()
+                correct += float((logits.argmax(-1) == targets).sum())
+                nsp_correct += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
+                nsp_n += len(nsp_logits)
+        model.train()
+        mlm_loss = tot_loss / max(tot_n, 1)
+        return {
+            "eval/mlm_loss": mlm_loss,
+            "eval/mlm_acc": correct / max(tot_n, 1),
+            "eval/perplexity": math.exp(min(mlm_loss, 50.0)),
+            "eval/nsp_acc": nsp_correct / max(nsp_n, 1),
+            "eval/baseline_acc": baseline_acc,
+        }
+
+    def checkpoint() -> Path:
+        path = save_checkpoint(
+            run_dir, step, model, tokenizer,
+            {"step": step, "position": vars(position), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "bad_steps": bad_steps, "wandb_id": tracker.run_id,
+             "config": OmegaConf.to_container(cfg, resolve=True)},
+            keep=int(tc.keep_checkpoints),
+        )
+        log.debug("Saved checkpoint %s", path)
+        return path
+
+    # ---- loop -------------------------------------------------------------------------------------
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator()
+    batches = data.train_batches(position)
+    win = {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "steps": 0, "tokens": 0, "selected": 0, "maskable": 0, "seq": 0, "rows": 0}
+    win_time, total_tokens, total_time = 0.0, 0, 0.0
+    last_eval: dict = {}
+    exit_code = 1
+    pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    try:
+        with _StopFlag() as stop:
+            while step < max_steps:
+                t0 = time.perf_counter()
+                batch, next_position = next(batches)
+                gen.manual_seed(step_seed(seed, step, 1))
+                torch.manual_seed(step_seed(seed, step, 2))  # dropout
+                ids, labels, selected = masker(batch, gen)
+                lr_now = optimizer.param_groups[0]["lr"]
+                b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with amp:
+                    loss, mlm, nsp, *_ = pretraining_loss(model, b, ids.to(device), labels.to(device))
+                if not torch.isfinite(loss):
+                    bad_steps += 1
+                    if bad_steps > int(tc.max_bad_steps):
+                        last = latest_checkpoint(run_dir)
+                        raise TrainingError(
+                            f"non-finite loss ({float(loss)}) at step {step + 1}; last good checkpoint: "
+                            f"{last or 'none'} (lower optim.lr, or allow trainer.max_bad_steps)"
+                        )
+                    log.warning("Non-finite loss at step %d: update skipped (%d/%d allowed)", step + 1, bad_steps, tc.max_bad_steps)
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, float(cfg.optim.grad_clip))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                position = next_position
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                n_tok = int(batch["attention_mask"].sum())
+                win_time += dt
+                total_time += dt
+                total_tokens += n_tok
+                win["steps"] += 1
+                win["tokens"] += n_tok
+                win["loss"] += float(loss.detach()) if torch.isfinite(loss) else 0.0
+                win["mlm"] += float(mlm.detach())
+                win["nsp"] += float(nsp.detach())
+                win["selected"] += int(selected.sum())
+                win["maskable"] += int((~batch["special_tokens_mask"]).sum())
+                win["seq"] += int(batch["input_ids"].shape[1]) * len(batch["input_ids"])
+                win["rows"] += len(batch["input_ids"])
+                pbar.update(1)
+
+                if step % int(tc.log_every) == 0 or step == max_steps:
+                    n = win["steps"]
+                    tps = win["tokens"] / max(win_time, 1e-9)
+                    seq_len = win["seq"] / max(win["rows"], 1)
+                    fpt = flops_per_token_base + 12 * layers * hidden * seq_len
+                    record = {
+                        "step": step,
+                        "train/loss": win["loss"] / n,
+                        "train/mlm_loss": win["mlm"] / n,
+                        "train/nsp_loss": win["nsp"] / n,
+                        "train/lr": lr_now,
+                        "masking/realized_ratio": win["selected"] / max(win["maskable"], 1),
+                        "throughput/tokens_per_s": tps,
+                        "train/epoch": position.epoch,
+                    }
+                    if tc.measure_mfu:
+                        record["throughput/mfu"] = fpt * tps / peak
+                    tracker.log(record)
+                    pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['train/lr']:.2e}", tok_s=f"{tps:.0f}")
+                    win = {k: 0 for k in win}
+                    win_time = 0.0
+                if step % int(tc.eval_every) == 0 or step == max_steps:
+                    last_eval = {"step": step, **evaluate()}
+                    tracker.log(last_eval)
+                    pbar.write(
+                        f"step {step}: eval mlm_acc {last_eval['eval/mlm_acc']:.4f} (most-frequent-token baseline "
+                        f"{baseline_acc:.4f}), mlm_loss {last_eval['eval/mlm_loss']:.3f}, nsp_acc {last_eval['eval/nsp_acc']:.3f}"
+                    )
+                if step % int(tc.save_every) == 0 or step == max_steps:
+                    checkpoint()
+                if stop.signum is not None:
+                    if step % int(tc.save_every) != 0 and step != max_steps:
+                        checkpoint()
+                    name = signal.Signals(stop.signum).name
+                    raise Interrupted(
+                        f"stopped by {name} at step {step}; checkpoint saved — resume with the same command and "
+                        f"hydra.run.dir={run_dir}", _SIGNALS[stop.signum]
+                    )
+            if not last_eval:  # already finished earlier: report the last evaluation again
+                last_eval = {"step": step, **evaluate()}
+        exit_code = 0
+    finally:
+        pbar.close()
+        final = {
+            "final/step": step,
+            **{f"final/{k}": v for k, v in last_eval.items() if k != "step"},
+            **{f"best/{k}": v for k, v in tracker.best.items()},
+            "throughput/mean_tokens_per_s": total_tokens / total_time if total_time else None,
+            "run_dir": str(run_dir),
+        }
+        tracker.summary(final)
+        tracker.finish(exit_code)
+    log.info(
+        "Finished at step %d: eval/mlm_acc %.4f vs %.4f for always predicting the most frequent token; "
+        "eval/nsp_acc %.3f; %s tokens/s",
+        step, last_eval.get("eval/mlm_acc", float("nan")), baseline_acc, last_eval.get("eval/nsp_acc", float("nan")),
+        f"{final['throughput/mean_tokens_per_s']:.0f}" if final["throughput/mean_tokens_per_s"] else "n/a",
+    )
+    return final
+
+
+def _resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    if resume in ("never", "false", "False", "none", "None"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise CheckpointError(f"trainer.resume: {path} is not a checkpoint (no trainer_state.pt)")
+    return path
+
+
+def _logger_dict(cfg: DictConfig) -> dict | None:
+    if cfg.get("logger") is None:
+        return None
+    return OmegaConf.to_container(cfg.logger, resolve=True)

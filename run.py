@@ -1,0 +1,17 @@
+"""bertexp entry point: `python run.py [overrides]`, `python run.py -m [sweep overrides]`.
+
+Thin by design: Hydra composes conf/, bertexp.job runs one job.
+"""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from bertexp.job import run_job
+
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real config composed from conf/, shrunk for tests (smoke trainer, offline W&B,
+run dirs in tmp_path), and the People's Daily data prepared once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+ESSAY = Path(__file__).parent / "data" / "essay.txt"
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose(overrides: list[str] | None = None):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides or [])
+
+
+def run_in_process(run_dir: Path, overrides: list[str] | None = None, name: str = "test") -> dict:
+    """A real training run (bertexp.train.run_training), in this process, on the composed config."""
+    from bertexp.train import run_training
+
+    cfg = compose(["trainer=smoke", "logger.mode=offline", *(overrides or [])])
+    info = {"name": name, "group": "tests", "tags": ["test"], "notes": "pytest", "overrides": overrides or [], "multirun": False}
+    return run_training(cfg, Path(run_dir), info)
+
+
+def run_cli(args: list[str], timeout: float = 300, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` as a user types it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=timeout,
+        env=full_env, cwd=cwd or ROOT,
+    )
+
+
+@pytest.fixture(scope="session")
+def pd_data():
+    """People's Daily, tokenised with the corpus vocabulary of the default model (cached on disk)."""
+    from hydra.utils import instantiate
+
+    cfg = compose()
+    data = instantiate(cfg.data)
+    spec = instantiate(cfg.model)
+    tok = spec.tokenizer(data)
+    data.prepare(tok, seed=0)
+    return data, tok

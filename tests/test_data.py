@@ -1,0 +1,121 @@
+"""Corpus sources, sentence splitting, tokenisation cache and the NSP pair builder on real data."""
+import numpy as np
+import pytest
+
+from bertexp.data.dataset import PretrainingData
+from bertexp.data.pairs import A0, A1, B0, B1, LABEL, build_pairs
+from bertexp.data.sources import PeoplesDaily, TextFile
+from bertexp.data.tokenized import split_sentences
+from bertexp.errors import DataError
+from conftest import ESSAY
+
+
+def test_peoples_daily_parses_gold_words():
+    corpus = PeoplesDaily().load()
+    assert 1_700_000 < corpus.num_chars < 2_000_000
+    assert len(corpus.documents) > 1000
+    para = corpus.documents[0][0]
+    assert para.text.startswith("迈向充满希望的新世纪")
+    # gold words: 迈向 / 充满 / 希望 / 的
+    assert para.word_starts[:5] == [0, 2, 4, 6, 7]
+
+
+def test_sentence_split_keeps_closing_quotes():
+    text = "他说：“好。”我们走吧！真的？没有标点的结尾"
+    spans = [text[a:b] for a, b in split_sentences(text)]
+    assert spans == ["他说：“好。”", "我们走吧！", "真的？", "没有标点的结尾"]
+
+
+def test_essay_documents_and_tokens_cached(tmp_path):
+    tok_data = PretrainingData.from_text_file(str(ESSAY), cache_dir=str(tmp_path))
+    corpus = tok_data.corpus()
+    assert len(corpus.documents) == 6  # blank-line separated paragraphs
+    from bertexp.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_data.vocab_dir(500))
+    tok_data.prepare(tok, seed=0)
+    first = sorted(p.name for p in tmp_path.iterdir())
+    # a second data object reuses both cache entries
+    again = PretrainingData.from_text_file(str(ESSAY), cache_dir=str(tmp_path))
+    again.prepare(load_tokenizer(again.vocab_dir(500)), seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == first
+    assert np.array_equal(np.asarray(again.tokens.ids), np.asarray(tok_data.tokens.ids))
+
+
+def _segments(lengths_per_doc):
+    starts, ends, offs, pos = [], [], [0], 0
+    for doc in lengths_per_doc:
+        for n in doc:
+            starts.append(pos)
+            ends.append(pos + n)
+            pos += n
+        offs.append(len(starts))
+    return np.array(starts), np.array(ends), np.array(offs)
+
+
+def test_nsp_pairs_balanced_and_labels_correct(pd_data):
+    data, _ = pd_data
+    ex = data.epoch_examples(0)
+    n = len(ex)
+    assert n > 10_000
+    share = ex[:, LABEL].mean()
+    # 50% random B: a binomial share within 5 standard errors
+    assert abs(share - 0.5) < 5 * np.sqrt(0.25 / n)
+    starts, ends, offs = data.train_segs
+    doc_of_token = np.zeros(int(ends.max()) + 1, dtype=np.int64)
+    for d in range(len(offs) - 1):
+        doc_of_token[starts[offs[d]] : ends[offs[d + 1] - 1]] = d
+    lengths = ex[:, A1] - ex[:, A0] + ex[:, B1] - ex[:, B0] + 3
+    assert lengths.max() <= data.max_length and (ex[:, A1] > ex[:, A0]).all() and (ex[:, B1] > ex[:, B0]).all()
+    is_next = ex[:, LABEL] == 0
+    # label 0: B is the true continuation of A within the same document (truncation only trims the ends)
+    assert (doc_of_token[ex[is_next, A0]] == doc_of_token[ex[is_next, B0]]).all()
+    assert (ex[is_next, B0] >= ex[is_next, A1]).all()
+    # label 1: B comes from another document
+    assert (doc_of_token[ex[~is_next, A0]] != doc_of_token[ex[~is_next, B0]]).all()
+    # packed: the original recipe fills most pairs close to max_length
+    assert lengths.mean() > 0.85 * data.max_length
+
+
+def test_three_sentence_corpus_terminates_deterministically():
+    s, e, o = _segments([[5, 6, 7]])
+    a = build_pairs(s, e, o, 25, np.random.default_rng(1))
+    b = build_pairs(s, e, o, 25, np.random.default_rng(1))
+    assert np.array_equal(a, b) and len(a) >= 1
+    for row in a:
+        if row[LABEL] == 1:  # one document: the random B is never the true continuation
+            assert row[B0] != row[A1]
+
+
+def test_one_sentence_corpus_is_a_clear_error():
+    s, e, o = _segments([[9]])
+    with pytest.raises(DataError, match="too small for NSP"):
+        build_pairs(s, e, o, 25, np.random.default_rng(0))
+
+
+def test_long_line_without_punctuation_is_chunked(tmp_path):
+    f = tmp_path / "long.txt"
+    f.write_text("我们" * 3000, encoding="utf-8")
+    data = PretrainingData.from_text_file(str(f), max_length=32, segmenter="char", cache_dir=str(tmp_path / "c"))
+    from bertexp.data.tokenizer import load_tokenizer
+
+    data.prepare(load_tokenizer(data.vocab_dir(100)), seed=0)
+    ex = data.epoch_examples(0)
+    assert len(ex) > 100  # many pairs from one line, not one truncated pair
+    used = (ex[:, A1] - ex[:, A0] + ex[:, B1] - ex[:, B0]).sum()
+    assert used > 0.5 * 6000 * 0.5
+
+
+def test_dynamic_padding_to_multiple_of_8(pd_data):
+    data, tok = pd_data
+    batch = data.collate(data.eval_examples[:4])
+    width = batch["input_ids"].shape[1]
+    lengths = batch["attention_mask"].sum(1)
+    assert width % 8 == 0 and width - int(lengths.max()) < 8
+    row = batch["input_ids"][0]
+    assert row[0] == tok.cls_token_id and (row == tok.sep_token_id).sum() == 2
+    # segment ids: 0 for [CLS] A [SEP], 1 for B [SEP], 0 (a valid type) for padding
+    types = batch["token_type_ids"][0]
+    first_sep = int((row == tok.sep_token_id).nonzero()[0])
+    assert types[: first_sep + 1].sum() == 0 and types[first_sep + 1 : int(lengths[0])].eq(1).all()
+    assert set(batch["token_type_ids"].unique().tolist()) <= {0, 1}

@@ -1,0 +1,130 @@
+"""Statistical tests of every masking strategy on real People's Daily batches (>= 100k maskable tokens)."""
+import numpy as np
+import pytest
+import torch
+
+from bertexp.data.dataset import Position
+from bertexp.errors import ConfigError
+from bertexp.masking import NgramMasking, SpanMasking, TokenMasking, Vocab, WholeWordMasking
+
+STRATEGIES = [TokenMasking, WholeWordMasking, SpanMasking, NgramMasking]
+
+
+@pytest.fixture(scope="module")
+def batches(pd_data):
+    data, tok = pd_data
+    out, n = [], 0
+    for batch, _ in data.train_batches(Position()):
+        out.append(batch)
+        n += int((~batch["special_tokens_mask"]).sum())
+        if n >= 110_000:
+            return out, Vocab.from_tokenizer(tok)
+
+
+def _run(masker, batches, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stats = {"selected": 0, "maskable": 0, "mask": 0, "random": 0, "same": 0, "special_hit": 0, "random_special": 0}
+    for b in batches:
+        ids, labels, sel = masker(b, g)
+        special = b["special_tokens_mask"]
+        stats["selected"] += int(sel.sum())
+        stats["maskable"] += int((~special).sum())
+        stats["special_hit"] += int((sel & special).sum() + (labels[special] != -100).sum())
+        orig = b["input_ids"]
+        is_mask = sel & (ids == masker.vocab.mask_id)
+        is_same = sel & (ids == orig)
+        stats["mask"] += int(is_mask.sum())
+        stats["same"] += int(is_same.sum())
+        rnd = sel & ~is_mask & ~is_same
+        stats["random"] += int(rnd.sum())
+        stats["random_special"] += int(torch.isin(ids[rnd], torch.tensor(masker.vocab.special_ids)).sum())
+        assert torch.equal(ids[~sel], orig[~sel])  # nothing outside the selection changes
+        assert torch.equal(labels[sel], orig[sel])
+    return stats
+
+
+@pytest.mark.parametrize("cls", STRATEGIES, ids=lambda c: c.name)
+@pytest.mark.parametrize("ratio", [0.15, 0.4])
+def test_ratio_split_and_specials(cls, ratio, batches):
+    data, vocab = batches
+    s = _run(cls(ratio=ratio).bind(vocab), data)
+    assert s["maskable"] >= 100_000
+    realized = s["selected"] / s["maskable"]
+    assert abs(realized - ratio) < 0.01, f"{cls.name}: realised ratio {realized:.4f} vs {ratio}"
+    n = s["selected"]
+    # 80/10/10 among the selected; bounds of 5 standard errors. A random draw can equal the original
+    # token (p ~ 1/vocab), which moves a tiny share from "random" to "same".
+    for key, p in (("mask", 0.8), ("random", 0.1), ("same", 0.1)):
+        assert abs(s[key] / n - p) < 5 * np.sqrt(p * (1 - p) / n) + 0.002, f"{key}: {s[key] / n:.4f} vs {p}"
+    assert s["special_hit"] == 0, "a special or padding token was selected"
+    assert s["random_special"] == 0, "a random replacement drew a special token"
+
+
+def test_configured_split_is_followed(batches):
+    data, vocab = batches
+    s = _run(TokenMasking(0.3, mask_token_prob=0.5, random_token_prob=0.5).bind(vocab), data)
+    assert abs(s["mask"] / s["selected"] - 0.5) < 0.01 and s["same"] / s["selected"] < 0.005
+
+
+def test_whole_word_never_splits_a_gold_word(batches):
+    data, vocab = batches
+    m = WholeWordMasking(0.3).bind(vocab)
+    g = torch.Generator().manual_seed(3)
+    words_checked = 0
+    for b in data[:10]:
+        _, _, sel = m(b, g)
+        ws = b["word_start"]
+        for r in range(len(sel)):
+            starts = ws[r].nonzero().squeeze(1).tolist() + [ws.shape[1]]
+            for a, z in zip(starts[:-1], starts[1:]):
+                vals = sel[r, a:z]
+                assert bool(vals.all()) or not bool(vals.any()), f"word at {a}:{z} partly selected"
+                words_checked += 1
+    assert words_checked > 5000
+
+
+def test_gold_words_are_multi_character(batches):
+    data, _ = batches
+    ws = torch.cat([b["word_start"][~b["special_tokens_mask"]] for b in data[:5]])
+    assert 0.5 < ws.float().mean() < 0.8  # People's Daily averages ~1.6 characters per word
+
+
+def test_span_lengths_follow_clipped_geometric():
+    m = SpanMasking(0.15, p=0.2, max_span=10)
+    lengths = m.sample_lengths(np.random.default_rng(0), 200_000)
+    assert lengths.min() == 1 and lengths.max() == 10
+    expected = sum(l * 0.2 * 0.8 ** (l - 1) for l in range(1, 10)) + 10 * 0.8**9
+    assert abs(lengths.mean() - expected) / expected < 0.05
+    assert m.expected_length() == pytest.approx(expected)
+
+
+def test_span_spans_start_at_word_starts(batches):
+    data, vocab = batches
+    m = SpanMasking(0.3).bind(vocab)
+    g = torch.Generator().manual_seed(5)
+    for b in data[:5]:
+        _, _, sel = m(b, g)
+        starts = sel & ~torch.cat([torch.zeros_like(sel[:, :1]), sel[:, :-1]], 1)
+        assert bool(b["word_start"][starts].all())
+
+
+def test_ngram_lengths_follow_probs():
+    m = NgramMasking(0.15)
+    lengths = m.sample_lengths(np.random.default_rng(0), 100_000)
+    shares = np.bincount(lengths, minlength=5)[1:] / len(lengths)
+    assert np.allclose(shares, [0.4, 0.3, 0.2, 0.1], atol=0.01)
+
+
+def test_same_generator_state_same_mask(batches):
+    data, vocab = batches
+    for cls in STRATEGIES:
+        m = cls(0.2).bind(vocab)
+        a = m(data[0], torch.Generator().manual_seed(9))
+        b = m(data[0], torch.Generator().manual_seed(9))
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kwargs", [{"ratio": 0.0}, {"ratio": 1.0}, {"ratio": 1.5}, {"mask_token_prob": 0.8, "random_token_prob": 0.3}])
+def test_invalid_settings_are_config_errors(kwargs):
+    with pytest.raises(ConfigError, match="masking"):
+        TokenMasking(**kwargs)
