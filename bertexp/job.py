@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,7 +25,13 @@ def run_info(cfg: DictConfig) -> dict:
     overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "hydra/", "+hydra"))]
     multirun = hc.mode == RunMode.MULTIRUN
     default_name = f"{choices.get('model')}-{choices.get('masking')}-{cfg.masking.ratio:g}"
-    name = ",".join(overrides) if overrides else default_name
+    if multirun:  # a sweep's runs are named by their swept values alone, e.g. masking=span,masking.ratio=0.4
+        swept = swept_keys(hc)
+        named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+        overrides_for_name = named or overrides
+    else:
+        overrides_for_name = overrides
+    name = ",".join(overrides_for_name) if overrides_for_name else default_name
     group = cfg.logger.get("group") if cfg.get("logger") else None
     if not group:
         if multirun:
@@ -39,6 +46,30 @@ def run_info(cfg: DictConfig) -> dict:
         "overrides": overrides,
         "multirun": multirun,
     }
+
+
+_SWEEP_FUNCS = ("choice(", "range(", "interval(", "glob(", "tag(")
+
+
+def swept_keys(hc) -> set[str]:
+    """Keys a multirun varies: `hydra.sweeper.params` of a sweep file plus command-line overrides with
+    several values (a,b or choice/range/interval/glob)."""
+    keys = set()
+    params = hc.sweeper.get("params") if hc.sweeper else None
+    if params:
+        keys.update(str(k) for k in params.keys())
+    for arg in sys.argv[1:]:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        depth, has_comma = 0, False
+        for ch in value:
+            depth += ch in "[({"
+            depth -= ch in "])}"
+            has_comma |= ch == "," and depth == 0
+        if has_comma or value.startswith(_SWEEP_FUNCS):
+            keys.add(key.lstrip("+~"))
+    return keys
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
@@ -57,7 +88,10 @@ def run_job(cfg: DictConfig) -> float | None:
     info = run_info(cfg)
     write_status(run_dir, "running", name=info["name"])
     try:
-        final = run_training(cfg, run_dir, info)
+        try:
+            final = run_training(cfg, run_dir, info)
+        except InstantiationException as e:  # Hydra wraps what a _target_ raised: show the user's error
+            raise _user_error(e) or e
     except (BertexpError, OmegaConfBaseException) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         status = "interrupted" if isinstance(e, Interrupted) else "failed"
@@ -72,6 +106,14 @@ def run_job(cfg: DictConfig) -> float | None:
         raise
     write_status(run_dir, "completed", name=info["name"])
     return final.get("final/eval/mlm_acc")
+
+
+def _user_error(e: BaseException) -> BertexpError | None:
+    while e is not None:
+        if isinstance(e, BertexpError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def resolved(cfg: DictConfig) -> dict:

@@ -209,7 +209,7 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator()
     batches = data.train_batches(position)
-    win = {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "steps": 0, "tokens": 0, "selected": 0, "maskable": 0, "seq": 0, "rows": 0}
+    win = {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "steps": 0, "tokens": 0, "selected": 0, "maskable": 0, "seq": 0, "rows": 0, "width": 0}
     win_time, total_tokens, total_time = 0.0, 0, 0.0
     last_eval: dict = {}
     exit_code = 1
@@ -260,6 +260,7 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
                 win["maskable"] += int((~batch["special_tokens_mask"]).sum())
                 win["seq"] += int(batch["input_ids"].shape[1]) * len(batch["input_ids"])
                 win["rows"] += len(batch["input_ids"])
+                win["width"] = max(win["width"], int(batch["input_ids"].shape[1]))
                 pbar.update(1)
 
                 if step % int(tc.log_every) == 0 or step == max_steps:
@@ -276,6 +277,7 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
                         "masking/realized_ratio": win["selected"] / max(win["maskable"], 1),
                         "throughput/tokens_per_s": tps,
                         "train/epoch": position.epoch,
+                        "train/max_seq_len": win["width"],  # widest padded batch of the window
                     }
                     if tc.measure_mfu:
                         record["throughput/mfu"] = fpt * tps / peak

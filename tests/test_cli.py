@@ -1,0 +1,166 @@
+"""The real CLI, as users type it: overrides, one-line errors for bad input, kill -9 / SIGTERM and resume,
+and a multirun sweep with its summary. Each test is a subprocess of `python run.py` (seconds each)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bertexp.tracking import read_metrics
+from conftest import ESSAY, ROOT, run_cli, run_in_process
+
+pytestmark = pytest.mark.slow
+
+
+def test_overrides_reach_config_optimizer_and_batches(tmp_path):
+    d = tmp_path / "run"
+    r = run_cli(["optim.lr=1e-4", "data.max_length=64", "trainer.max_steps=5", f"hydra.run.dir={d}", "logger=none"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = OmegaConf.load(d / ".hydra" / "config.yaml")
+    assert cfg.optim.lr == 1e-4 and cfg.data.max_length == 64
+    assert "optim.lr=1e-4" in (d / ".hydra" / "overrides.yaml").read_text()
+    state = torch.load(d / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-4)
+    train = [m for m in read_metrics(d / "metrics.jsonl") if "train/lr" in m]
+    # warm-up from the configured peak: step s uses lr * s / warmup_steps
+    last = train[-1]
+    assert last["train/lr"] == pytest.approx(1e-4 * last["step"] / cfg.optim.warmup_steps)
+    assert max(m["train/max_seq_len"] for m in train) <= 64
+
+
+def _bad_inputs(tmp: Path):
+    (tmp / "empty.txt").write_text("")
+    (tmp / "blank.txt").write_text("  \n\n \t\n")
+    (tmp / "bin.dat").write_bytes(bytes(range(256)) * 10)
+    (tmp / "gbk.txt").write_bytes("我的家乡在江南的一个小镇上。小镇不大，却有一条小河。".encode("gbk"))
+    (tmp / "one.txt").write_text("只有一句话。")
+    (tmp / "nocfg").mkdir()
+    (tmp / "noweights").mkdir()
+    (tmp / "noweights" / "config.json").write_text("{}")
+    return [
+        ("missing file", ["data=text_file", f"data.path={tmp}/nope.txt"], "data.path: file not found"),
+        ("directory", ["data=text_file", f"data.path={tmp}"], "is a directory"),
+        ("empty file", ["data=text_file", f"data.path={tmp}/empty.txt"], "is empty"),
+        ("whitespace only", ["data=text_file", f"data.path={tmp}/blank.txt"], "is empty"),
+        ("binary", ["data=text_file", f"data.path={tmp}/bin.dat"], "looks binary"),
+        ("GBK text", ["data=text_file", f"data.path={tmp}/gbk.txt"], "data.encoding=gb18030"),
+        ("path unset", ["data=text_file"], "data.path is not set"),
+        ("one sentence", ["data=text_file", f"data.path={tmp}/one.txt"], "too small for NSP"),
+        ("unknown option", ["masking=spam"], "Could not find 'masking/spam'"),
+        ("unknown key", ["optim.lrr=1e-4"], "Could not override 'optim.lrr'"),
+        ("ratio too high", ["masking.ratio=1.5"], "masking.ratio=1.5 must be in (0, 1)"),
+        ("ratio zero", ["masking.ratio=0"], "masking.ratio=0"),
+        ("max_length too small", ["data.max_length=4"], "data.max_length=4 must be an integer >= 8"),
+        ("max_length too large", ["data.max_length=1000"], "data.max_length=1000 exceeds the model's position limit (512)"),
+        ("model.path missing", ["model=pretrained", f"model.path={tmp}/none"], "model.path: directory not found"),
+        ("no config.json", ["model=pretrained", f"model.path={tmp}/nocfg"], "has no config.json"),
+        ("no weights", ["model=pretrained", f"model.path={tmp}/noweights"], "has no weights"),
+    ]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    cases = _bad_inputs(tmp_path)
+    # one process per case would cost ~10 s each; Hydra's --multirun would mix them. Run them in a pool of 2.
+    procs = []
+    for name, args, _ in cases:
+        cmd = [sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={tmp_path}/runs/{len(procs)}", "logger=none", "trainer=smoke"]
+        procs.append(cmd)
+    results = []
+    for i in range(0, len(procs), 2):
+        batch = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for c in procs[i : i + 2]]
+        results += [p.communicate(timeout=300) + (p.returncode,) for p in batch]
+    for (name, _, expected), (out, err, rc) in zip(cases, results):
+        assert rc != 0, f"{name}: exit 0"
+        assert expected in err, f"{name}: expected {expected!r} in stderr:\n{err[-1500:]}"
+        assert "Traceback" not in err and "Traceback" not in out, f"{name}: traceback shown:\n{err[-1500:]}"
+        line = next(l for l in err.splitlines() if expected in l)
+        assert len(line) < 400, f"{name}: message too long"
+
+
+def _wait_for_step(metrics: Path, step: int, proc, timeout=240):
+    t = time.time()
+    while time.time() - t < timeout:
+        recs = read_metrics(metrics)
+        if any(r.get("step", 0) >= step and "train/loss" in r for r in recs):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("run did not reach the step in time")
+
+
+OVR = ["trainer.max_steps=30", "trainer.save_every=5", "trainer.eval_every=10", "trainer.log_every=1", "trainer.keep_checkpoints=0", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    run_in_process(d, OVR)
+    return [r for r in read_metrics(d / "metrics.jsonl") if "train/loss" in r]
+
+
+def _start(run_dir):
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *OVR, f"hydra.run.dir={run_dir}", "trainer.max_steps=30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("kill_at", [12, 15])  # between checkpoint writes, and right at one (step 15 saves)
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted, kill_at):
+    d = tmp_path / "run"
+    p = _start(d)
+    _wait_for_step(d / "metrics.jsonl", kill_at, p)
+    p.kill()
+    p.wait()
+    r = run_cli([*OVR, f"hydra.run.dir={d}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Resuming from step" in r.stdout + r.stderr
+    got = [m for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
+    assert [m["step"] for m in got] == list(range(1, 31))
+    for a, b in zip(uninterrupted, got):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6), a["step"]
+
+
+def test_sigterm_checkpoints_and_resumes_without_gaps(tmp_path):
+    d = tmp_path / "run"
+    p = _start(d)
+    _wait_for_step(d / "metrics.jsonl", 7, p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and f"hydra.run.dir={d}" in err
+    stopped_at = max(m["step"] for m in read_metrics(d / "metrics.jsonl"))
+    assert (d / "checkpoints" / f"step_{stopped_at:07d}").is_dir()  # checkpoint at the very step it stopped
+    r = run_cli([*OVR, f"hydra.run.dir={d}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [m["step"] for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
+    assert steps == list(range(1, 31))
+
+
+def test_multirun_sweep_summary_and_group(tmp_path):
+    d = tmp_path / "sweep"
+    r = run_cli(["-m", "masking.ratio=0.15,0.4", "trainer=smoke", "trainer.max_steps=20", "trainer.log_every=5",
+                 "trainer.eval_every=10", "trainer.save_every=10", "logger.mode=offline", f"hydra.sweep.dir={d}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(p for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(runs) == 2
+    for run, ratio in zip(runs, (0.15, 0.4)):
+        recs = [m for m in read_metrics(run / "metrics.jsonl") if "masking/realized_ratio" in m]
+        mean = sum(m["masking/realized_ratio"] for m in recs) / len(recs)
+        assert abs(mean - ratio) < 0.02
+        assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    summary = (d / "summary.md").read_text()
+    assert "masking.ratio" in summary and summary.count("completed") == 2
+    assert (d / "summary.csv").is_file() and (d / "summary.png").is_file()
+    assert "Sweep summary" in r.stdout
+    from wandb_reader import inspect, wandb_files
+
+    groups = {inspect(wandb_files(run)[0])["run"]["run_group"] for run in runs}
+    names = [inspect(wandb_files(run)[0])["run"]["display_name"] for run in runs]
+    assert len(groups) == 1 and groups.pop().startswith("sweep-")
+    assert names == ["masking.ratio=0.15", "masking.ratio=0.4"]

@@ -1,0 +1,135 @@
+"""Fast in-process runs on both data sources: metrics, checkpoints, W&B offline files, pretrained round
+trip, exact resume, and the non-finite loss stop."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertexp.checkpoint import checkpoint_dirs
+from bertexp.errors import TrainingError
+from bertexp.tracking import read_metrics
+from conftest import ESSAY, compose, run_in_process
+from wandb_reader import inspect, wandb_files
+
+REQUIRED_TRAIN = {"step", "train/loss", "train/mlm_loss", "train/nsp_loss", "train/lr", "throughput/tokens_per_s", "masking/realized_ratio"}
+REQUIRED_EVAL = {"step", "eval/mlm_loss", "eval/mlm_acc", "eval/perplexity", "eval/nsp_acc"}
+
+
+def test_peoples_daily_smoke_run_writes_everything(tmp_path):
+    final = run_in_process(tmp_path, ["trainer.max_steps=4"], name="smoke-pd")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/mlm_acc" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert REQUIRED_TRAIN <= set(train[0]) and REQUIRED_EVAL <= set(evals[0])
+    assert final["final/step"] == 4
+    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [2, 4]
+    last = tmp_path / "checkpoints" / "last"
+    assert last.resolve().name == "step_0000004"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
+        assert (last / f).is_file(), f
+    state = torch.load(last / "trainer_state.pt", weights_only=False)
+    assert {"optimizer", "scheduler", "rng", "position", "step"} <= set(state)
+
+
+def test_wandb_offline_run_reads_back(tmp_path):
+    run_in_process(tmp_path, ["trainer.max_steps=4", "masking.ratio=0.2"], name="readback")
+    files = wandb_files(tmp_path)
+    assert len(files) == 1
+    got = inspect(files[0])
+    run = got["run"]
+    assert run["display_name"] == "readback" and run["run_group"] == "tests"
+    assert run["tags"] == ["test"]
+    cfg = run["config"]["update"]
+    assert cfg["masking"]["ratio"] == 0.2 and cfg["optim"]["lr"] == 2e-3 and cfg["trainer"]["max_steps"] == 4
+    # history equals metrics.jsonl, record for record
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(got["history"]) == len(records)
+    for h, r in zip(got["history"], records):
+        for k, v in r.items():
+            assert h[k] == pytest.approx(v), k
+
+
+def test_essay_run(tmp_path):
+    # acceptance 3 of issue 2, in process
+    final = run_in_process(tmp_path, [
+        "data=text_file", f"data.path={ESSAY}", "data.max_length=25", "data.batch_size=16", "optim.lr=1e-3",
+        "trainer.max_steps=20", "trainer.eval_every=10", "trainer.save_every=10", "logger=none",
+    ])
+    assert final["final/step"] == 20
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    train = [r for r in records if "train/loss" in r]
+    assert len(train) == 20 and train[-1]["train/loss"] < train[0]["train/loss"]
+
+
+def test_pretrained_round_trip_uses_its_weights_and_heads(tmp_path, pd_data):
+    """A BertForPreTraining directory: our first-step loss equals what BertForPreTraining computes."""
+    from hydra.utils import instantiate
+    from transformers import BertConfig, BertForPreTraining
+
+    from bertexp.data.dataset import Position
+    from bertexp.masking import Vocab
+    from bertexp.train import step_seed
+
+    _, tok = pd_data
+    model_dir = tmp_path / "bert"
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(123)
+    ref = BertForPreTraining(cfg)
+    with torch.no_grad():  # heads that are clearly not a fresh initialisation
+        ref.cls.seq_relationship.bias.copy_(torch.tensor([2.0, -2.0]))
+    ref.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    overrides = ["model=pretrained", f"model.path={model_dir}", "trainer.max_steps=1", "logger=none"]
+    run_in_process(tmp_path / "run", overrides)
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+
+    # the same batch and mask, through BertForPreTraining itself
+    c = compose(["trainer=smoke", *overrides])
+    data = instantiate(c.data)
+    data.prepare(tok, seed=int(c.seed))
+    masker = instantiate(c.masking).bind(Vocab.from_tokenizer(tok))
+    batch, _ = next(data.train_batches(Position()))
+    ids, labels, _ = masker(batch, torch.Generator().manual_seed(step_seed(int(c.seed), 0, 1)))
+    ref.eval()
+    out = ref(input_ids=ids, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+              labels=labels, next_sentence_label=batch["next_sentence_label"])
+    assert first["train/loss"] == pytest.approx(float(out.loss), rel=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path):
+    overrides = ["trainer.max_steps=8", "trainer.save_every=4", "trainer.eval_every=4", "trainer.keep_checkpoints=0", "logger=none"]
+    run_in_process(tmp_path / "a", overrides)
+    run_in_process(tmp_path / "b", overrides)
+    # interrupt b after step 4: its later checkpoint and records never happened
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000008")
+    run_in_process(tmp_path / "b", overrides)
+    a = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r]
+    b = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in b] == list(range(1, 9))  # nothing missing, nothing twice
+    for ra, rb in zip(a, b):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], abs=1e-6), ra["step"]
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
+    import bertexp.train as train_mod
+
+    real = train_mod.pretraining_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, ids, labels):
+        out = real(model, batch, ids, labels)
+        calls["n"] += 1
+        if model.training and calls["n"] >= 4:  # 3 good steps (+1 eval), then NaN
+            return (out[0] * float("nan"), *out[1:])
+        return out
+
+    monkeypatch.setattr(train_mod, "pretraining_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 3; last good checkpoint: .*step_0000002"):
+        run_in_process(tmp_path, ["trainer.max_steps=6", "logger=none"])
+    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [2]
