@@ -5,6 +5,8 @@ Thin by design: Hydra composes conf/, bertexp.job runs one job.
 import hydra
 from omegaconf import DictConfig
 
+import bertexp.schema  # noqa: F401  registers the config schemas that conf/ names in its defaults
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:

@@ -99,7 +99,7 @@ def test_pretrained_round_trip_uses_its_weights_and_heads(tmp_path, pd_data):
     ref.eval()
     out = ref(input_ids=ids, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
               labels=labels, next_sentence_label=batch["next_sentence_label"])
-    assert first["train/loss"] == pytest.approx(float(out.loss), rel=1e-5)
+    assert first["train/loss"] == pytest.approx(float(out.loss.detach()), rel=1e-5)
 
 
 def test_resume_continues_exactly(tmp_path):

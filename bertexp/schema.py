@@ -1,0 +1,132 @@
+"""Structured config schemas, one per group option, registered in Hydra's ConfigStore.
+
+Each YAML in conf/ names its schema first in its defaults list, so a wrong type (`data.batch_size=abc`)
+or an unknown key (`optim.lrr=1e-4`) is rejected when the config is composed, before anything runs.
+Ranges (ratio in (0, 1), max_length >= 8, ...) are checked by the objects that use them, with messages
+that name the field, the value and the allowed range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class DataSchema:
+    _target_: str = "bertexp.data.dataset.PretrainingData.from_peoples_daily"
+    path: Optional[str] = None
+    max_length: int = 128
+    batch_size: int = 32
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    short_seq_prob: float = 0.1
+    pad_to_multiple_of: int = 8
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TextFileDataSchema(DataSchema):
+    encoding: str = "utf-8"
+    segmenter: str = "jieba"
+
+
+@dataclass
+class ScratchModelSchema:
+    _target_: str = "bertexp.modeling.ScratchBert"
+    vocab_size: int = 8000
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+
+@dataclass
+class PretrainedModelSchema:
+    _target_: str = "bertexp.modeling.PretrainedBert"
+    path: Optional[str] = None
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    optimizer: Any = None
+
+
+@dataclass
+class MaskingSchema:
+    _target_: str = "bertexp.masking.TokenMasking"
+    ratio: float = 0.15
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+
+
+@dataclass
+class SpanMaskingSchema(MaskingSchema):
+    p: float = 0.2
+    max_span: int = 10
+
+
+@dataclass
+class NgramMaskingSchema(MaskingSchema):
+    ngram_probs: List[float] = field(default_factory=lambda: [0.4, 0.3, 0.2, 0.1])
+
+
+@dataclass
+class TrainerSchema:
+    max_steps: int = 2000
+    log_every: int = 20
+    eval_every: int = 250
+    eval_batches: Optional[int] = 16
+    eval_mask_ratio: float = 0.15
+    save_every: int = 250
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    max_bad_steps: int = 0
+    measure_mfu: bool = True
+    grad_accum: int = 1
+
+
+@dataclass
+class LoggerSchema:
+    mode: str = "auto"
+    project: str = "bertexp"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    job_type: str = "pretrain"
+    init_timeout: float = 15.0
+    log_checkpoints: bool = False
+
+
+SCHEMAS = {
+    ("data", "data_schema"): DataSchema,
+    ("data", "text_file_schema"): TextFileDataSchema,
+    ("model", "scratch_schema"): ScratchModelSchema,
+    ("model", "pretrained_schema"): PretrainedModelSchema,
+    ("optim", "optim_schema"): OptimSchema,
+    ("masking", "masking_schema"): MaskingSchema,
+    ("masking", "span_schema"): SpanMaskingSchema,
+    ("masking", "ngram_schema"): NgramMaskingSchema,
+    ("trainer", "trainer_schema"): TrainerSchema,
+    ("logger", "logger_schema"): LoggerSchema,
+}
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)
+
+
+register()
