@@ -5,6 +5,7 @@ Thin by design: Hydra composes conf/, bertexp.job runs one job.
 import hydra
 from omegaconf import DictConfig
 
+import bertexp.resolvers  # noqa: F401  ${run_time:...}, the same on every torchrun rank
 import bertexp.schema  # noqa: F401  registers the config schemas that conf/ names in its defaults
 
 

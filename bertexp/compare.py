@@ -132,7 +132,8 @@ def to_markdown(header, rows) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], keys: list[str], path: Path) -> None:
+def figure(runs: list[dict], keys: list[str]):
+    """Eval MLM loss and accuracy against step, one line per run labelled by its differing values."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,6 +151,13 @@ def plot(runs: list[dict], keys: list[str], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(runs: list[dict], keys: list[str], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, keys)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

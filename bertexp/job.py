@@ -83,9 +83,14 @@ def run_job(cfg: DictConfig) -> float | None:
     """Entry point called by run.py's @hydra.main; returns eval/mlm_acc for sweepers to optimise."""
     from bertexp.train import run_training  # heavy imports after Hydra has parsed the command line
 
+    from bertexp.distributed import is_main_process
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     info = run_info(cfg)
+    if not is_main_process():  # under torchrun: rank 0 speaks and writes for all
+        logging.getLogger().setLevel(logging.WARNING)
+        return _run_quiet_rank(cfg, run_dir, info, run_training)
     write_status(run_dir, "running", name=info["name"])
     try:
         try:
@@ -105,6 +110,14 @@ def run_job(cfg: DictConfig) -> float | None:
         write_status(run_dir, "failed", name=info["name"], error=f"{type(e).__name__}: {e}".splitlines()[0])
         raise
     write_status(run_dir, "completed", name=info["name"])
+    return final.get("final/eval/mlm_acc")
+
+
+def _run_quiet_rank(cfg, run_dir, info, run_training):
+    try:
+        final = run_training(cfg, run_dir, info)
+    except BertexpError as e:  # rank 0 reports the same error; exit quietly with the same status
+        sys.exit(e.exit_code if isinstance(e, Interrupted) else 2)
     return final.get("final/eval/mlm_acc")
 
 

@@ -96,22 +96,35 @@ def encoder_params(model: BertForPreTraining) -> int:
     return sum(p.numel() for p in model.bert.encoder.parameters())
 
 
-def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor], input_ids, labels):
-    """MLM + NSP loss as `BertForPreTraining` defines it, with the decoder run on selected positions only.
+class PretrainingObjective(torch.nn.Module):
+    """MLM + NSP as `BertForPreTraining` defines them, with the MLM decoder run on selected positions only.
 
-    Returns (total, mlm, nsp, mlm_logits, mlm_targets, nsp_logits).
+    A module (not a function) so DistributedDataParallel can wrap it: its forward is where gradients are
+    hooked. It returns *sums*; the caller divides by the counts of the whole (global) batch, so the loss
+    is the same however a batch is split across micro-batches and devices.
     """
-    out = model.bert(
-        input_ids=input_ids,
-        attention_mask=batch["attention_mask"],
-        token_type_ids=batch["token_type_ids"],
+
+    def __init__(self, model: BertForPreTraining):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
+        out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        seq, pooled = out[0], out[1]
+        where = labels != -100
+        targets = labels[where]
+        logits = self.model.cls.predictions(seq[where])
+        mlm_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        nsp_logits = self.model.cls.seq_relationship(pooled)
+        nsp_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
+        return mlm_sum, nsp_sum, logits, targets, nsp_logits
+
+
+def pretraining_loss(objective: PretrainingObjective, batch: dict[str, torch.Tensor], input_ids, labels):
+    """Mean losses of one batch: (total, mlm, nsp, mlm logits, mlm targets, nsp logits)."""
+    mlm_sum, nsp_sum, logits, targets, nsp_logits = objective(
+        input_ids, batch["attention_mask"], batch["token_type_ids"], labels, batch["next_sentence_label"]
     )
-    seq, pooled = out[0], out[1]
-    where = labels != -100
-    targets = labels[where]
-    logits = model.cls.predictions(seq[where])
-    # A batch where nothing was selected (possible on a tiny corpus) contributes no MLM loss, not NaN.
-    mlm = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
-    nsp_logits = model.cls.seq_relationship(pooled)
-    nsp = F.cross_entropy(nsp_logits.float(), batch["next_sentence_label"])
+    mlm = mlm_sum / max(1, targets.numel())
+    nsp = nsp_sum / max(1, len(nsp_logits))
     return mlm + nsp, mlm, nsp, logits, targets, nsp_logits

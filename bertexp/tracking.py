@@ -13,7 +13,6 @@ import math
 import os
 import socket
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +121,7 @@ class Tracker:
             return None
         timeout = float(cfg.get("init_timeout", 15))
         if mode == "online" and not server_reachable(min(timeout, 5.0)):
-            warnings.warn("W&B server unreachable: logging this run offline (upload later with `wandb sync`)", stacklevel=2)
+            log.warning("W&B server unreachable: logging this run offline (upload it later with `wandb sync %s/wandb`)", self.run_dir)
             mode = "offline"
         kwargs = dict(
             project=cfg.get("project") or "bertexp",
@@ -143,13 +142,13 @@ class Tracker:
             run = wandb.init(mode=mode, settings=settings, **kwargs)
         except Exception as e:
             if mode != "online":
-                warnings.warn(f"W&B init failed ({type(e).__name__}: {e}); metrics go to metrics.jsonl only", stacklevel=2)
+                log.warning("W&B init failed (%s: %s); metrics go to metrics.jsonl only", type(e).__name__, e)
                 return None
-            warnings.warn(f"W&B online init failed ({type(e).__name__}); logging this run offline", stacklevel=2)
+            log.warning("W&B online init failed (%s); logging this run offline", type(e).__name__)
             try:
                 run = wandb.init(mode="offline", settings=settings, **kwargs)
             except Exception as e2:
-                warnings.warn(f"W&B offline init failed too ({e2}); metrics go to metrics.jsonl only", stacklevel=2)
+                log.warning("W&B offline init failed too (%s); metrics go to metrics.jsonl only", e2)
                 return None
         # Eval metrics share the step axis with training; summaries keep the best of what matters.
         run.define_metric("step")
@@ -160,6 +159,9 @@ class Tracker:
         run.define_metric("eval/mlm_loss", step_metric="step", summary="min,last")
         run.summary["run_dir"] = str(self.run_dir)
         return run
+
+    def truncate_after(self, step: int) -> None:
+        self.metrics.truncate_after(step)
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -180,6 +182,19 @@ class Tracker:
             except Exception as e:
                 log.warning("W&B summary update failed (%s)", e)
 
+    def log_checkpoint(self, path: Path) -> None:
+        """The final checkpoint as a W&B model artifact (stored with the offline run, uploaded by sync)."""
+        if self.run is None or not Path(path).is_dir():
+            return
+        try:
+            import wandb
+
+            art = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"run_dir": str(self.run_dir)})
+            art.add_dir(str(Path(path).resolve()))
+            self.run.log_artifact(art, aliases=["latest", "final"])
+        except Exception as e:
+            log.warning("W&B artifact upload failed (%s); the checkpoint stays in %s", e, path)
+
     def finish(self, exit_code: int = 0) -> None:
         self.metrics.close()
         if self.run is not None:
@@ -188,3 +203,16 @@ class Tracker:
             except Exception as e:
                 log.warning("W&B finish failed (%s)", e)
             self.run = None
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing."""
+
+    run_id = None
+    best: dict = {}
+
+    def truncate_after(self, step: int) -> None: ...
+    def log(self, record: dict) -> None: ...
+    def summary(self, values: dict) -> None: ...
+    def log_checkpoint(self, path: Path) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...

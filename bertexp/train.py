@@ -4,6 +4,10 @@ evaluating every `eval_every`, checkpointing every `save_every`; on a signal, ch
 
 Every random draw of step `s` is seeded from (seed, s): masking has its own generator, dropout the global
 one. So a resumed run sees exactly the batches, masks and dropout it would have seen uninterrupted.
+
+Under `torchrun`, every rank builds and masks the same global batch (`data.batch_size` x `grad_accum` x
+ranks pairs) and trains on its own rows; losses are normalised by the global batch's counts, so N ranks
+compute the same update as one process with the same global batch. Rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -22,14 +26,15 @@ from tqdm.auto import tqdm
 from transformers import BertForPreTraining
 from transformers.utils import logging as hf_logging
 
+from bertexp import distributed
 from bertexp.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from bertexp.data.dataset import Position
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from bertexp.masking import TokenMasking, Vocab
-from bertexp.modeling import encoder_params, pretraining_loss
+from bertexp.modeling import PretrainingObjective, encoder_params
 from bertexp.optim import build_optimizer, build_scheduler
-from bertexp.tracking import Tracker
+from bertexp.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 _SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}
@@ -93,17 +98,35 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def check_trainer(tc) -> None:
+    """Range checks of trainer.* (types were checked when the config was composed)."""
+    for name, low in (("max_steps", 1), ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("grad_accum", 1),
+                      ("keep_checkpoints", 0), ("max_bad_steps", 0)):
+        if int(tc[name]) < low:
+            raise ConfigError(f"trainer.{name}={tc[name]} must be >= {low}")
+    if tc.eval_batches is not None and int(tc.eval_batches) < 1:
+        raise ConfigError(f"trainer.eval_batches={tc.eval_batches} must be >= 1 (or null for the whole held-out set)")
+    if not 0.0 < float(tc.eval_mask_ratio) < 1.0:
+        raise ConfigError(f"trainer.eval_mask_ratio={tc.eval_mask_ratio} must be in (0, 1)")
+    if tc.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"trainer.precision={tc.precision!r} must be fp32 or bf16")
+
+
 def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
-    run_dir = Path(run_dir)
+    check_trainer(cfg.trainer)
+    device = resolve_device(str(cfg.trainer.device))
+    dist = distributed.setup(device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        return _train(cfg, Path(run_dir), run_info, device, dist)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device, dist: distributed.Dist) -> dict:
     tc = cfg.trainer
-    seed = int(cfg.seed)
-    max_steps = int(tc.max_steps)
-    if max_steps < 1:
-        raise ConfigError(f"trainer.max_steps={max_steps} must be >= 1")
-    for name in ("log_every", "eval_every", "save_every"):
-        if int(tc[name]) < 1:
-            raise ConfigError(f"trainer.{name}={tc[name]} must be >= 1")
-    device = resolve_device(str(tc.device))
+    seed, max_steps, accum = int(cfg.seed), int(tc.max_steps), int(tc.grad_accum)
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per checkpoint shard
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -131,9 +154,12 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
     model.to(device)
     if tc.compile:
         model.bert.compile(dynamic=True)
+    objective = PretrainingObjective(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(objective) if dist.enabled else objective
     n_enc = encoder_params(model)
-    log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s",
-             sum(p.numel() for p in model.parameters()) / 1e6, n_enc / 1e6, len(tokenizer), device)
+    log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s%s",
+             sum(p.numel() for p in model.parameters()) / 1e6, n_enc / 1e6, len(tokenizer), device,
+             f", {dist.world} ranks" if dist.enabled else "")
     log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, max_steps)
@@ -152,92 +178,110 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
         log.info("Resuming from step %d (%s)", step, resume_from)
 
     # Held-out set, masked once with a fixed generator: the same positions in every run on the same data
-    # and split seed, whatever the training strategy or ratio, so eval/mlm_acc compares across a sweep.
+    # and split seed, whatever the training strategy, ratio or seed, so eval/mlm_acc compares across a sweep.
     eval_masker = TokenMasking(float(tc.eval_mask_ratio), masker.mask_token_prob, masker.random_token_prob).bind(vocab)
     g_eval = torch.Generator().manual_seed(int(cfg.data.split_seed) + 12345)
-    eval_set = [(b, *eval_masker(b, g_eval)[:2]) for b in data.eval_batches(int(tc.eval_batches))]
+    eval_set = [(b, *eval_masker(b, g_eval)[:2]) for b in data.eval_batches(tc.eval_batches)]
     eval_targets = torch.cat([lab[lab != -100] for _, _, lab in eval_set])
     baseline_acc = float(torch.bincount(eval_targets).max() / max(1, eval_targets.numel()))
     log.info("Held-out set: %d pairs, %d masked tokens; always predicting the most frequent token scores %.4f",
              sum(len(b["input_ids"]) for b, _, _ in eval_set), eval_targets.numel(), baseline_acc)
 
-    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, OmegaConf.to_container(cfg, resolve=True), wandb_id)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, wandb_id) if dist.main else NullTracker()
     if resume_from:
-        tracker.metrics.truncate_after(step)
+        tracker.truncate_after(step)
     peak = matmul_flops(device) if tc.measure_mfu else float("nan")
-    flops_per_token_base = 6 * n_enc
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext())
-    if tc.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"trainer.precision={tc.precision!r} must be fp32 or bf16")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
 
     def evaluate() -> dict:
         model.eval()
-        tot_loss = tot_n = correct = nsp_correct = nsp_n = 0.0
+        sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # mlm loss sum, masked tokens, correct, nsp correct, pairs
         with torch.no_grad(), amp:
-            for b, ids, labels in eval_set:
+            for i, (b, ids, labels) in enumerate(eval_set):
+                if i % dist.world != dist.rank:
+                    continue
                 b = {k: v.to(device) for k, v in b.items()}
-                _, mlm, _, logits, targets, nsp_logits = pretraining_loss(model, b, ids.to(device), labels.to(device))
-                tot_loss += float(mlm) * targets.numel()
-                tot_n += targets.numel()
-                correct += float((logits.argmax(-1) == targets).sum())
-                nsp_correct += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
-                nsp_n += len(nsp_logits)
+                mlm_sum, _, logits, targets, nsp_logits = objective(
+                    ids.to(device), b["attention_mask"], b["token_type_ids"], labels.to(device), b["next_sentence_label"])
+                sums[0] += float(mlm_sum)
+                sums[1] += targets.numel()
+                sums[2] += float((logits.argmax(-1) == targets).sum())
+                sums[3] += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
+                sums[4] += len(nsp_logits)
         model.train()
-        mlm_loss = tot_loss / max(tot_n, 1)
+        loss_sum, n, correct, nsp_correct, pairs = dist.sum(sums)
+        mlm_loss = loss_sum / max(n, 1)
         return {
             "eval/mlm_loss": mlm_loss,
-            "eval/mlm_acc": correct / max(tot_n, 1),
+            "eval/mlm_acc": correct / max(n, 1),
             "eval/perplexity": math.exp(min(mlm_loss, 50.0)),
-            "eval/nsp_acc": nsp_correct / max(nsp_n, 1),
+            "eval/nsp_acc": nsp_correct / max(pairs, 1),
             "eval/baseline_acc": baseline_acc,
+            "eval/masked_tokens": int(n),
         }
 
-    def checkpoint() -> Path:
-        path = save_checkpoint(
+    def checkpoint() -> Path | None:
+        if not dist.main:
+            return None
+        return save_checkpoint(
             run_dir, step, model, tokenizer,
             {"step": step, "position": vars(position), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "bad_steps": bad_steps, "wandb_id": tracker.run_id,
-             "config": OmegaConf.to_container(cfg, resolve=True)},
+             "config": config},
             keep=int(tc.keep_checkpoints),
         )
-        log.debug("Saved checkpoint %s", path)
-        return path
 
     # ---- loop -------------------------------------------------------------------------------------
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    micro = data.batch_size
+    mine = dist.rank * micro * accum  # first row of this rank's share of the global batch
     gen = torch.Generator()
-    batches = data.train_batches(position)
-    win = {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "steps": 0, "tokens": 0, "selected": 0, "maskable": 0, "seq": 0, "rows": 0, "width": 0}
+    batches = data.train_batches(position, batch_size=micro * accum * dist.world)
+    win = dict.fromkeys(("loss", "mlm", "nsp", "steps", "tokens", "selected", "maskable", "seq", "rows", "width"), 0.0)
     win_time, total_tokens, total_time = 0.0, 0, 0.0
     last_eval: dict = {}
     exit_code = 1
-    pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
     try:
         with _StopFlag() as stop:
             while step < max_steps:
                 t0 = time.perf_counter()
                 batch, next_position = next(batches)
                 gen.manual_seed(step_seed(seed, step, 1))
-                torch.manual_seed(step_seed(seed, step, 2))  # dropout
+                torch.manual_seed(step_seed(seed, step, 2 + 7 * dist.rank))  # dropout
                 ids, labels, selected = masker(batch, gen)
+                n_masked = max(1, int((labels != -100).sum()))
+                n_pairs = len(ids)
                 lr_now = optimizer.param_groups[0]["lr"]
-                b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with amp:
-                    loss, mlm, nsp, *_ = pretraining_loss(model, b, ids.to(device), labels.to(device))
-                if not torch.isfinite(loss):
+                local = torch.zeros(2, dtype=torch.float64)
+                for k in range(accum):
+                    rows = slice(mine + k * micro, mine + (k + 1) * micro)
+                    b = {key: v[rows].to(device, non_blocking=True) for key, v in batch.items()}
+                    sync = ddp.no_sync() if dist.enabled and k < accum - 1 else nullcontext()
+                    with sync:
+                        with amp:
+                            mlm_sum, nsp_sum, *_ = ddp(ids[rows].to(device), b["attention_mask"], b["token_type_ids"],
+                                                       labels[rows].to(device), b["next_sentence_label"])
+                        # Global-batch normalisation; DDP averages over ranks, so scale back up by their number.
+                        loss = (mlm_sum / n_masked + nsp_sum / n_pairs) * dist.world
+                        loss.backward()
+                    local += torch.stack([mlm_sum.detach().double().cpu(), nsp_sum.detach().double().cpu()])
+                mlm_g, nsp_g, stop_votes = dist.sum([*local.tolist(), float(stop.signum is not None)])
+                mlm, nsp = mlm_g / n_masked, nsp_g / n_pairs
+                if not math.isfinite(mlm + nsp):
                     bad_steps += 1
                     if bad_steps > int(tc.max_bad_steps):
                         last = latest_checkpoint(run_dir)
                         raise TrainingError(
-                            f"non-finite loss ({float(loss)}) at step {step + 1}; last good checkpoint: "
+                            f"non-finite loss ({mlm + nsp}) at step {step + 1}; last good checkpoint: "
                             f"{last or 'none'} (lower optim.lr, or allow trainer.max_bad_steps)"
                         )
                     log.warning("Non-finite loss at step %d: update skipped (%d/%d allowed)", step + 1, bad_steps, tc.max_bad_steps)
                     optimizer.zero_grad(set_to_none=True)
                 else:
-                    loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, float(cfg.optim.grad_clip))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -247,19 +291,15 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
-                n_tok = int(batch["attention_mask"].sum())
+                n_tok = int(batch["attention_mask"].sum())  # the global batch: the same on every rank
                 win_time += dt
                 total_time += dt
                 total_tokens += n_tok
-                win["steps"] += 1
-                win["tokens"] += n_tok
-                win["loss"] += float(loss.detach()) if torch.isfinite(loss) else 0.0
-                win["mlm"] += float(mlm.detach())
-                win["nsp"] += float(nsp.detach())
-                win["selected"] += int(selected.sum())
-                win["maskable"] += int((~batch["special_tokens_mask"]).sum())
-                win["seq"] += int(batch["input_ids"].shape[1]) * len(batch["input_ids"])
-                win["rows"] += len(batch["input_ids"])
+                for key, v in (("steps", 1), ("tokens", n_tok), ("mlm", mlm if math.isfinite(mlm) else 0.0),
+                               ("nsp", nsp if math.isfinite(nsp) else 0.0),
+                               ("selected", int(selected.sum())), ("maskable", int((~batch["special_tokens_mask"]).sum())),
+                               ("seq", batch["input_ids"].numel()), ("rows", n_pairs)):
+                    win[key] += v
                 win["width"] = max(win["width"], int(batch["input_ids"].shape[1]))
                 pbar.update(1)
 
@@ -267,40 +307,41 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
                     n = win["steps"]
                     tps = win["tokens"] / max(win_time, 1e-9)
                     seq_len = win["seq"] / max(win["rows"], 1)
-                    fpt = flops_per_token_base + 12 * layers * hidden * seq_len
                     record = {
                         "step": step,
-                        "train/loss": win["loss"] / n,
+                        "train/loss": (win["mlm"] + win["nsp"]) / n,
                         "train/mlm_loss": win["mlm"] / n,
                         "train/nsp_loss": win["nsp"] / n,
                         "train/lr": lr_now,
+                        "train/epoch": position.epoch,
+                        "train/max_seq_len": int(win["width"]),  # widest padded batch of the window
                         "masking/realized_ratio": win["selected"] / max(win["maskable"], 1),
                         "throughput/tokens_per_s": tps,
-                        "train/epoch": position.epoch,
-                        "train/max_seq_len": win["width"],  # widest padded batch of the window
                     }
-                    if tc.measure_mfu:
-                        record["throughput/mfu"] = fpt * tps / peak
+                    if tc.measure_mfu:  # model FLOPs per token: 6N (encoder layers) + attention's 12 L H T
+                        record["throughput/mfu"] = (6 * n_enc + 12 * layers * hidden * seq_len) * tps / (peak * dist.world)
                     tracker.log(record)
-                    pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['train/lr']:.2e}", tok_s=f"{tps:.0f}")
-                    win = {k: 0 for k in win}
+                    pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:.0f}")
+                    win = dict.fromkeys(win, 0.0)
                     win_time = 0.0
                 if step % int(tc.eval_every) == 0 or step == max_steps:
                     last_eval = {"step": step, **evaluate()}
                     tracker.log(last_eval)
-                    pbar.write(
-                        f"step {step}: eval mlm_acc {last_eval['eval/mlm_acc']:.4f} (most-frequent-token baseline "
-                        f"{baseline_acc:.4f}), mlm_loss {last_eval['eval/mlm_loss']:.3f}, nsp_acc {last_eval['eval/nsp_acc']:.3f}"
-                    )
-                if step % int(tc.save_every) == 0 or step == max_steps:
+                    if dist.main:
+                        pbar.write(
+                            f"step {step}: eval mlm_acc {last_eval['eval/mlm_acc']:.4f} (most-frequent-token baseline "
+                            f"{baseline_acc:.4f}), mlm_loss {last_eval['eval/mlm_loss']:.3f}, nsp_acc {last_eval['eval/nsp_acc']:.3f}"
+                        )
+                saved = step % int(tc.save_every) == 0 or step == max_steps
+                if saved:
                     checkpoint()
-                if stop.signum is not None:
-                    if step % int(tc.save_every) != 0 and step != max_steps:
+                if stop_votes:
+                    if not saved:
                         checkpoint()
-                    name = signal.Signals(stop.signum).name
+                    signum = stop.signum or signal.SIGTERM
                     raise Interrupted(
-                        f"stopped by {name} at step {step}; checkpoint saved — resume with the same command and "
-                        f"hydra.run.dir={run_dir}", _SIGNALS[stop.signum]
+                        f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved — resume with the "
+                        f"same command and hydra.run.dir={run_dir}", _SIGNALS.get(signum, 143)
                     )
             if not last_eval:  # already finished earlier: report the last evaluation again
                 last_eval = {"step": step, **evaluate()}
@@ -315,6 +356,8 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
             "run_dir": str(run_dir),
         }
         tracker.summary(final)
+        if exit_code == 0 and cfg.get("logger") and cfg.logger.get("log_checkpoints"):
+            tracker.log_checkpoint(run_dir / "checkpoints" / "last")
         tracker.finish(exit_code)
     log.info(
         "Finished at step %d: eval/mlm_acc %.4f vs %.4f for always predicting the most frequent token; "

@@ -22,6 +22,7 @@ def compose(overrides: list[str] | None = None):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    import bertexp.resolvers  # noqa: F401
     import bertexp.schema  # noqa: F401
 
     GlobalHydra.instance().clear()

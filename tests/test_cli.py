@@ -164,3 +164,21 @@ def test_multirun_sweep_summary_and_group(tmp_path):
     names = [inspect(wandb_files(run)[0])["run"]["display_name"] for run in runs]
     assert len(groups) == 1 and groups.pop().startswith("sweep-")
     assert names == ["masking.ratio=0.15", "masking.ratio=0.4"]
+
+
+def test_fake_api_key_without_network_falls_back_offline(tmp_path):
+    base = ["trainer.max_steps=5", "trainer.eval_every=5", "trainer.save_every=5", "trainer.measure_mfu=false"]
+    t = time.time()
+    r0 = run_cli([*base, "logger.mode=offline", f"hydra.run.dir={tmp_path}/offline"], env={"WANDB_API_KEY": ""})
+    offline_s = time.time() - t
+    assert r0.returncode == 0, r0.stderr[-2000:]
+    t = time.time()
+    r = run_cli([*base, f"hydra.run.dir={tmp_path}/fake"],
+                env={"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_BASE_URL": "https://api.wandb.ai"})
+    fake_s = time.time() - t
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert out.count("logging this run offline") == 1
+    assert len(list((tmp_path / "fake" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert len([m for m in read_metrics(tmp_path / "fake" / "metrics.jsonl") if "train/loss" in m]) == 1
+    assert fake_s - offline_s < 30, f"online fallback cost {fake_s - offline_s:.0f} s"

@@ -117,19 +117,20 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
-    import bertexp.train as train_mod
+    from bertexp.modeling import PretrainingObjective
 
-    real = train_mod.pretraining_loss
+    real = PretrainingObjective.forward
     calls = {"n": 0}
 
-    def poisoned(model, batch, ids, labels):
-        out = real(model, batch, ids, labels)
-        calls["n"] += 1
-        if model.training and calls["n"] >= 4:  # 3 good steps (+1 eval), then NaN
-            return (out[0] * float("nan"), *out[1:])
+    def poisoned(self, *args):
+        out = real(self, *args)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 3:  # 2 good steps, then NaN
+                return (out[0] * float("nan"), *out[1:])
         return out
 
-    monkeypatch.setattr(train_mod, "pretraining_loss", poisoned)
+    monkeypatch.setattr(PretrainingObjective, "forward", poisoned)
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 3; last good checkpoint: .*step_0000002"):
         run_in_process(tmp_path, ["trainer.max_steps=6", "logger=none"])
     assert [s for s, _ in checkpoint_dirs(tmp_path)] == [2]

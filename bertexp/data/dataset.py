@@ -171,18 +171,23 @@ class PretrainingData:
             self._epoch_cache = (epoch, ex[rng.permutation(len(ex))])
         return self._epoch_cache[1]
 
-    def train_batches(self, position: Position) -> Iterator[tuple[dict, Position]]:
+    def train_batches(self, position: Position, batch_size: int | None = None) -> Iterator[tuple[dict, Position]]:
         """Endless stream of training batches from `position`; yields each batch with the position after it.
-        An epoch's last incomplete batch is dropped. Resuming costs one epoch's pair building, not a replay."""
+        An epoch's last incomplete batch is dropped. Resuming costs one epoch's pair building, not a replay.
+
+        `batch_size` defaults to `data.batch_size`; data-parallel training asks for the global batch (every
+        rank builds and masks the same global batch, then takes its own rows)."""
+        bs = batch_size or self.batch_size
         epoch, index = position.epoch, position.index
         while True:
             ex = self.epoch_examples(epoch)
-            n = min(self.batch_size, len(ex))  # a tiny corpus: every batch is the whole epoch
-            if index + n > len(ex):
+            if len(ex) < bs:  # a tiny corpus: repeat its pairs so every batch is full
+                ex = np.resize(ex, (bs, ex.shape[1]))
+            if index + bs > len(ex):
                 epoch, index = epoch + 1, 0
                 continue
-            batch = self.collate(ex[index : index + n])
-            index += n
+            batch = self.collate(ex[index : index + bs])
+            index += bs
             yield batch, Position(epoch, index)
 
     def eval_batches(self, max_batches: int | None) -> list[dict]:

@@ -1,0 +1,40 @@
+"""OmegaConf resolvers used by conf/config.yaml.
+
+`${run_time:FORMAT}` is Hydra's `${now:FORMAT}` made safe for `torchrun`: every rank of one launch must
+agree on the run dir, but each rank starts a few milliseconds apart and `now` could fall on different
+seconds. Under torchrun the time is that of the launching agent (the ranks' common parent process), the
+same for all of them.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from omegaconf import OmegaConf
+
+
+def _launch_time() -> datetime:
+    if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            ticks = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[19])
+            btime = next(int(l.split()[1]) for l in open("/proc/stat") if l.startswith("btime"))
+            return datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"))
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return datetime.now()
+
+
+_START = _launch_time()
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("run_time"):
+        OmegaConf.register_new_resolver("run_time", lambda fmt: _START.strftime(fmt), use_cache=True)
+    if not OmegaConf.has_resolver("rank_zero_only"):
+        # Ranks other than 0 write no .hydra/ folder (Hydra's output_subdir: null).
+        OmegaConf.register_new_resolver(
+            "rank_zero_only", lambda value: value if int(os.environ.get("RANK", "0")) == 0 else None
+        )
+
+
+register()

@@ -1,0 +1,51 @@
+"""Data-parallel training with torchrun on CPU (gloo): two ranks compute the same update as one process
+with the same global batch, and only rank 0 writes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bertexp.tracking import read_metrics
+from conftest import ROOT, run_in_process
+
+pytestmark = pytest.mark.slow
+
+NO_DROPOUT = ["model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0"]
+COMMON = ["trainer=smoke", "trainer.max_steps=3", "trainer.eval_every=3", "trainer.save_every=3", *NO_DROPOUT]
+
+
+def test_two_ranks_match_one_process_and_write_once(tmp_path):
+    ddp_dir = tmp_path / "ddp"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(ROOT / "run.py"),
+         *COMMON, "data.batch_size=8", "logger.mode=offline", f"hydra.run.dir={ddp_dir}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = tmp_path / "single"
+    run_in_process(single, [*COMMON, "data.batch_size=16", "logger=none"])  # the same global batch of 16
+    a = load_file(ddp_dir / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(single / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    init = torch.load(single / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    assert init["step"] == 3
+    # rank 0 alone wrote: one metrics record per step, one W&B run, one run dir
+    steps = [m["step"] for m in read_metrics(ddp_dir / "metrics.jsonl") if "train/loss" in m]
+    assert steps == [1, 2, 3]
+    assert len(list((ddp_dir / "wandb").glob("offline-run-*"))) == 1
+    ddp_loss = [m["train/loss"] for m in read_metrics(ddp_dir / "metrics.jsonl") if "train/loss" in m]
+    one_loss = [m["train/loss"] for m in read_metrics(single / "metrics.jsonl") if "train/loss" in m]
+    assert ddp_loss == pytest.approx(one_loss, abs=1e-5)
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path):
+    run_in_process(tmp_path / "accum", [*COMMON, "data.batch_size=8", "trainer.grad_accum=2", "logger=none"])
+    run_in_process(tmp_path / "big", [*COMMON, "data.batch_size=16", "logger=none"])
+    a = load_file(tmp_path / "accum" / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "big" / "checkpoints" / "last" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
