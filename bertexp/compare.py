@@ -98,8 +98,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _fmt_value(v) -> str:
+    return _fmt(v) if isinstance(v, float) else _short(v)
+
+
 def label_of(run: dict, keys: list[str]) -> str:
-    return ",".join(f"{k.split('._target_')[0]}={_short(run['config'].get(k))}" for k in keys) or run["path"].name
+    return ",".join(f"{k.split('._target_')[0]}={_fmt_value(run['config'].get(k))}" for k in keys) or run["path"].name
 
 
 def _short(v) -> str:
@@ -122,7 +126,7 @@ def table_rows(runs: list[dict], keys: list[str]) -> tuple[list[str], list[list[
     header = ["run", *keys, *[c for c, _ in COLUMNS], "error"]
     rows = []
     for r in runs:
-        rows.append([str(r["path"]), *[_short(r["config"].get(k)) for k in keys], *[_fmt(r[f]) for _, f in COLUMNS], r["error"]])
+        rows.append([str(r["path"]), *[_fmt_value(r["config"].get(k)) for k in keys], *[_fmt(r[f]) for _, f in COLUMNS], r["error"]])
     return header, rows
 
 
@@ -162,7 +166,8 @@ def plot(runs: list[dict], keys: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison", with_plot: bool = True) -> str:
+def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison", with_plot: bool = True) -> tuple[str, list[dict]]:
+    """Write {stem}.md, .csv and .png for the runs under `paths`; return (Markdown table, runs)."""
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise SystemExit(f"error: no runs found under {', '.join(map(str, paths))} (a run dir has .hydra/config.yaml)")
@@ -180,7 +185,7 @@ def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison"
     (out / f"{stem}.csv").write_text(buf.getvalue(), encoding="utf-8")
     if with_plot:
         plot(runs, keys, out / f"{stem}.png")
-    return md
+    return md, runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("paths", nargs="+", type=Path, help="run dirs, sweep dirs, or folders holding them")
     ap.add_argument("--out", type=Path, default=None, help="where comparison.{md,csv,png} go (default: the single PATH, else .)")
     args = ap.parse_args(argv)
-    md = compare(args.paths, args.out)
+    md, _ = compare(args.paths, args.out)
     print(md)
     out = args.out or (args.paths[0] if len(args.paths) == 1 else Path("."))
     print(f"\nWritten: {out}/comparison.md, comparison.csv, comparison.png")

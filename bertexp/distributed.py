@@ -40,6 +40,14 @@ class Dist:
 
 
 def setup(device: torch.device) -> Dist:
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        # One SLURM task per GPU (hydra/launcher=slurm): submitit knows the rank, the master and the port.
+        try:
+            import submitit
+
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        except (ImportError, RuntimeError):
+            pass
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()

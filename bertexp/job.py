@@ -72,6 +72,22 @@ def swept_keys(hc) -> set[str]:
     return keys
 
 
+def _share_cores(hc) -> None:
+    """Parallel local jobs (hydra/launcher=joblib) split the cores instead of each taking all of them."""
+    target = str(hc.launcher.get("_target_", "")) if hc.launcher else ""
+    if "Joblib" not in target:
+        return
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    n_jobs = int(hc.launcher.get("n_jobs", -1) or -1)
+    parallel = cores if n_jobs < 0 else max(1, n_jobs)
+    torch.set_num_threads(max(1, cores // parallel))
+    log.info("joblib launcher: %d parallel jobs share %d cores, %d torch threads each", parallel, cores, torch.get_num_threads())
+
+
 def write_status(run_dir: Path, status: str, **extra) -> None:
     path = Path(run_dir) / STATUS_FILE
     tmp = path.with_suffix(".tmp")
@@ -88,6 +104,7 @@ def run_job(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     info = run_info(cfg)
+    _share_cores(hc)
     if not is_main_process():  # under torchrun: rank 0 speaks and writes for all
         logging.getLogger().setLevel(logging.WARNING)
         return _run_quiet_rank(cfg, run_dir, info, run_training)
@@ -102,8 +119,10 @@ def run_job(cfg: DictConfig) -> float | None:
         status = "interrupted" if isinstance(e, Interrupted) else "failed"
         write_status(run_dir, status, name=info["name"], error=msg)
         if info["multirun"]:
+            # Not raised: Hydra's sweeper would stop at the first failed result and never write the
+            # sweep summary. The job is marked failed in status.json (and W&B); the sweep exits 1 at the end.
             log.error("job %s %s: %s", hc.job.num, status, msg)
-            raise  # Hydra records the job as failed and goes on with the others
+            return float("nan")
         print(f"error: {msg}" if status == "failed" else msg, file=sys.stderr)
         sys.exit(e.exit_code if isinstance(e, Interrupted) else 2)
     except BaseException as e:

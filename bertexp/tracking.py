@@ -182,6 +182,15 @@ class Tracker:
             except Exception as e:
                 log.warning("W&B summary update failed (%s)", e)
 
+    def flush(self) -> None:
+        """Before a possible hard exit (requeue): push what W&B has buffered to its files."""
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=1)
+            except Exception as e:
+                log.warning("W&B finish failed (%s)", e)
+            self.run = None
+
     def log_checkpoint(self, path: Path) -> None:
         """The final checkpoint as a W&B model artifact (stored with the offline run, uploaded by sync)."""
         if self.run is None or not Path(path).is_dir():
@@ -214,5 +223,6 @@ class NullTracker:
     def truncate_after(self, step: int) -> None: ...
     def log(self, record: dict) -> None: ...
     def summary(self, values: dict) -> None: ...
+    def flush(self) -> None: ...
     def log_checkpoint(self, path: Path) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...

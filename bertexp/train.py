@@ -37,7 +37,8 @@ from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
-_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}
+# Exit codes 128 + signal number. SIGUSR1 is SLURM's usual pre-emption warning; SIGUSR2 is submitit's.
+_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGUSR2: 140}
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -74,7 +75,12 @@ def matmul_flops(device: torch.device, dtype=torch.float32) -> float:
 
 
 class _StopFlag:
-    """Turns SIGTERM/SIGINT/SIGUSR1 into a request the loop honours after the current step."""
+    """Turns SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into a request the loop honours after the current step.
+
+    A handler that was installed before ours (submitit's requeue on SIGUSR2 under
+    hydra/launcher=submitit_slurm) is called after our checkpoint is written, so the requeued job
+    resumes from it.
+    """
 
     def __init__(self):
         self.signum: int | None = None
@@ -92,6 +98,12 @@ class _StopFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signum = signum
+
+    def chain(self) -> None:
+        """Call the handler that was there before ours for the signal received, if it was a Python one."""
+        previous = self._old.get(self.signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signum, None)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -338,6 +350,9 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                 if stop_votes:
                     if not saved:
                         checkpoint()
+                    tracker.flush()
+                    if stop.signum is not None:
+                        stop.chain()  # e.g. submitit: requeue this job; it resumes from the checkpoint above
                     signum = stop.signum or signal.SIGTERM
                     raise Interrupted(
                         f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved — resume with the "

@@ -54,7 +54,8 @@ def test_failed_and_running_runs_are_marked(sweep, tmp_path):
         d = tmp_path / name
         shutil.copytree(sweep / "0", d)
         (d / "status.json").write_text(json.dumps(status))
-    md = cmp.compare([sweep, tmp_path / "failed", tmp_path / "live"], out=tmp_path / "o")
+    md, runs = cmp.compare([sweep, tmp_path / "failed", tmp_path / "live"], out=tmp_path / "o")
+    assert [r["status"] for r in runs] == ["completed", "completed", "failed", "running"]
     assert "failed" in md and "file not found" in md and "running" in md
 
 

@@ -134,3 +134,62 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypa
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 3; last good checkpoint: .*step_0000002"):
         run_in_process(tmp_path, ["trainer.max_steps=6", "logger=none"])
     assert [s for s, _ in checkpoint_dirs(tmp_path)] == [2]
+
+
+def test_half_written_checkpoints_are_never_resumed(tmp_path):
+    """A kill during a checkpoint write leaves a .tmp-* folder (or a step folder without its state file):
+    resume ignores both and continues from the last complete checkpoint."""
+    overrides = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_checkpoints=0", "logger=none"]
+    run_in_process(tmp_path, overrides)
+    ck = tmp_path / "checkpoints"
+    shutil.rmtree(ck / "step_0000006")
+    shutil.rmtree(ck / "step_0000004")
+    (ck / ".tmp-step_0000004-999").mkdir()
+    (ck / ".tmp-step_0000004-999" / "model.safetensors").write_bytes(b"half")
+    (ck / "step_0000005").mkdir()  # no trainer_state.pt: incomplete
+    from bertexp.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+    run_in_process(tmp_path, overrides)
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not (ck / ".tmp-step_0000004-999").exists()
+
+
+def test_preemption_signal_checkpoints_then_calls_the_requeue_hook(tmp_path, monkeypatch):
+    """Under submitit (hydra/launcher=slurm) SIGUSR2 means "requeue": bertexp checkpoints the current step
+    first, then hands over to submitit's handler, and the requeued job resumes from that checkpoint."""
+    import os
+    import signal
+
+    from bertexp.modeling import PretrainingObjective
+
+    requeued = []
+
+    def fake_submitit_handler(signum, frame):
+        requeued.append(sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")))
+        raise SystemExit(-1)  # submitit exits after requeueing
+
+    real = PretrainingObjective.forward
+    calls = {"n": 0}
+
+    def forward(self, *args):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGUSR2)
+        return real(self, *args)
+
+    monkeypatch.setattr(PretrainingObjective, "forward", forward)
+    old = signal.signal(signal.SIGUSR2, fake_submitit_handler)
+    overrides = ["trainer.max_steps=8", "trainer.save_every=5", "logger=none"]
+    try:
+        with pytest.raises(SystemExit):
+            run_in_process(tmp_path, overrides)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert requeued == [["step_0000003"]]  # the checkpoint was written before the requeue
+    monkeypatch.setattr(PretrainingObjective, "forward", real)
+    run_in_process(tmp_path, overrides)  # the requeued job
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 9))
