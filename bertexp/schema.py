@@ -41,8 +41,8 @@ class ScratchModelSchema:
     num_attention_heads: int = 2
     intermediate_size: int = 512
     max_position_embeddings: int = 512
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
 
 
 @dataclass

@@ -41,6 +41,18 @@ log = logging.getLogger(__name__)
 _SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGUSR2: 140}
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux), for the start-to-first-step figure."""
+    try:
+        import os
+
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        btime = next(int(l.split()[1]) for l in open("/proc/stat") if l.startswith("btime"))
+        return time.time() - (btime + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return float("nan")
+
+
 def step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + stream) % (2**63 - 1)
 
@@ -255,6 +267,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     win = dict.fromkeys(("loss", "mlm", "nsp", "steps", "tokens", "selected", "maskable", "seq", "rows", "width"), 0.0)
     win_time, total_tokens, total_time = 0.0, 0, 0.0
     last_eval: dict = {}
+    first_step_s = None
     exit_code = 1
     pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
     try:
@@ -314,6 +327,9 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                     win[key] += v
                 win["width"] = max(win["width"], int(batch["input_ids"].shape[1]))
                 pbar.update(1)
+                if first_step_s is None:
+                    first_step_s = process_age()
+                    log.info("First step done %.1f s after the process started", first_step_s)
 
                 if step % int(tc.log_every) == 0 or step == max_steps:
                     n = win["steps"]
@@ -368,6 +384,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
             **{f"final/{k}": v for k, v in last_eval.items() if k != "step"},
             **{f"best/{k}": v for k, v in tracker.best.items()},
             "throughput/mean_tokens_per_s": total_tokens / total_time if total_time else None,
+            "time/to_first_step_s": first_step_s,
             "run_dir": str(run_dir),
         }
         tracker.summary(final)
