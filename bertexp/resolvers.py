@@ -13,14 +13,21 @@ from datetime import datetime
 from omegaconf import OmegaConf
 
 
+def process_start(pid: int | str = "self") -> float | None:
+    """When a process started (Unix time), from Linux's /proc; None elsewhere."""
+    try:
+        ticks = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _launch_time() -> datetime:
     if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
-        try:
-            ticks = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[19])
-            btime = next(int(l.split()[1]) for l in open("/proc/stat") if l.startswith("btime"))
-            return datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"))
-        except (OSError, ValueError, IndexError, StopIteration):
-            pass
+        started = process_start(os.getppid())
+        if started is not None:
+            return datetime.fromtimestamp(started)
     return datetime.now()
 
 

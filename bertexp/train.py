@@ -34,6 +34,7 @@ from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingEr
 from bertexp.masking import TokenMasking, Vocab
 from bertexp.modeling import PretrainingObjective, encoder_params
 from bertexp.optim import build_optimizer, build_scheduler
+from bertexp.resolvers import process_start
 from bertexp.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,9 @@ _SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal
 
 
 def process_age() -> float:
-    """Seconds since this process started (Linux), for the start-to-first-step figure."""
-    try:
-        import os
-
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        btime = next(int(l.split()[1]) for l in open("/proc/stat") if l.startswith("btime"))
-        return time.time() - (btime + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return float("nan")
+    """Seconds since this process started, for the start-to-first-step figure."""
+    started = process_start()
+    return time.time() - started if started is not None else float("nan")
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:

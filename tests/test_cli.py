@@ -43,6 +43,13 @@ def _bad_inputs(tmp: Path):
     (tmp / "nocfg").mkdir()
     (tmp / "noweights").mkdir()
     (tmp / "noweights" / "config.json").write_text("{}")
+    from transformers import BertConfig, BertForPreTraining, BertTokenizerFast
+
+    small = BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForPreTraining(small).save_pretrained(tmp / "novocab")
+    BertForPreTraining(small).save_pretrained(tmp / "mismatch")
+    (tmp / "mismatch" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"我们的是在有和人"]) + "\n")
+    BertTokenizerFast.from_pretrained(str(tmp / "mismatch")).save_pretrained(str(tmp / "mismatch"))
     return [
         ("missing file", ["data=text_file", f"data.path={tmp}/nope.txt"], "data.path: file not found"),
         ("directory", ["data=text_file", f"data.path={tmp}"], "is a directory"),
@@ -61,6 +68,14 @@ def _bad_inputs(tmp: Path):
         ("model.path missing", ["model=pretrained", f"model.path={tmp}/none"], "model.path: directory not found"),
         ("no config.json", ["model=pretrained", f"model.path={tmp}/nocfg"], "has no config.json"),
         ("no weights", ["model=pretrained", f"model.path={tmp}/noweights"], "has no weights"),
+        ("no vocab", ["model=pretrained", f"model.path={tmp}/novocab"], "has no vocab.txt or tokenizer.json"),
+        ("vocab bigger than embeddings", ["model=pretrained", f"model.path={tmp}/mismatch"], "vocab has 13 tokens but the model's embeddings have 8 rows"),
+        ("batch_size zero", ["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
+        ("lr negative", ["optim.lr=-1"], "optim.lr=-1.0 must be a positive number"),
+        ("max_steps zero", ["trainer.max_steps=0"], "trainer.max_steps=0 must be >= 1"),
+        ("val_fraction", ["data.val_fraction=0.9"], "data.val_fraction=0.9 must be in [0, 0.5]"),
+        ("mask+random > 1", ["masking.random_token_prob=0.5"], "must be <= 1"),
+        ("wrong type", ["data.batch_size=abc"], "data.batch_size"),
     ]
 
 

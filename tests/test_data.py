@@ -119,3 +119,12 @@ def test_dynamic_padding_to_multiple_of_8(pd_data):
     first_sep = int((row == tok.sep_token_id).nonzero()[0])
     assert types[: first_sep + 1].sum() == 0 and types[first_sep + 1 : int(lengths[0])].eq(1).all()
     assert set(batch["token_type_ids"].unique().tolist()) <= {0, 1}
+
+
+def test_gbk_text_reads_with_encoding(tmp_path):
+    f = tmp_path / "gbk.txt"
+    f.write_bytes(ESSAY.read_text(encoding="utf-8").encode("gb18030"))
+    corpus = PretrainingData.from_text_file(str(f), encoding="gb18030", cache_dir=str(tmp_path / "c")).corpus()
+    assert corpus.documents[0][0].text.startswith("我的家乡在江南")
+    with pytest.raises(DataError, match="data.encoding=gb18030"):
+        PretrainingData.from_text_file(str(f), cache_dir=str(tmp_path / "c")).source.fingerprint()
