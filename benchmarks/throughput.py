@@ -17,6 +17,7 @@ the data pipeline's share of a step.
     python benchmarks/throughput.py --precision bf16   # autocast bf16 (a and b)
     python benchmarks/throughput.py --compile          # torch.compile the encoder (a)
     python benchmarks/throughput.py --profile          # where the time of one bertexp step goes
+    python benchmarks/throughput.py --minutes 5        # (a) vs (b) at equal wall time: held-out MLM accuracy
 """
 from __future__ import annotations
 
@@ -122,18 +123,8 @@ def run_huggingface(args, cfg, data, spec, tok, examples):
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from bertexp.data.pairs import A0, A1, B0, B1, LABEL
-
     model = spec.build(tok)
-    ids = data.tokens.ids
-    rows = []
-    for e in examples:
-        a, b = ids[e[A0] : e[A1]].tolist(), ids[e[B0] : e[B1]].tolist()
-        rows.append({
-            "input_ids": [tok.cls_token_id, *a, tok.sep_token_id, *b, tok.sep_token_id],
-            "token_type_ids": [0] * (len(a) + 2) + [1] * (len(b) + 1),
-            "next_sentence_label": int(e[LABEL]),
-        })
+    rows = hf_rows(data, tok, examples)
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
     seen = []
 
@@ -221,10 +212,93 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
     return timed_loop(step, args.warmup + args.steps, args.warmup), model
 
 
+def equal_time(args, cfg, data, spec, tok, examples) -> dict:
+    """Train (a) or (b) for `--minutes` of wall time at the same lr and warm-up, then measure held-out MLM
+    accuracy with run.py's own fixed evaluation masking."""
+    import torch
+    from contextlib import nullcontext
+
+    from bertexp.data.dataset import Position
+    from bertexp.distributed import Dist
+    from bertexp.masking import TokenMasking, Vocab
+    from bertexp.modeling import PretrainingObjective
+    from bertexp.optim import build_optimizer
+    from bertexp.train import build_eval_set, evaluate_mlm
+
+    budget, lr, warmup = args.minutes * 60, 2e-3, 100
+    vocab = Vocab.from_tokenizer(tok)
+    eval_set = build_eval_set(data, vocab, 0.15, 0.8, 0.1, 16)
+    model = spec.build(tok)
+    steps = 0
+    if args.pipeline == "bertexp":
+        objective = PretrainingObjective(model)
+        opt = build_optimizer(cfg.optim, model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        masker = TokenMasking(0.15).bind(vocab)
+        g = torch.Generator().manual_seed(0)
+        params = list(model.parameters())
+        start = time.perf_counter()
+        for batch, _ in data.train_batches(Position()):
+            if time.perf_counter() - start > budget:
+                break
+            ids, labels, _ = masker(batch, g)
+            mlm, nsp, *_ = objective(ids, batch["attention_mask"], batch["token_type_ids"], labels, batch["next_sentence_label"])
+            (mlm / max(1, int((labels != -100).sum())) + nsp / len(ids)).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            steps += 1
+    else:
+        from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+        rows = hf_rows(data, tok, data.epoch_examples(0))
+
+        class Budget(TrainerCallback):
+            def on_train_begin(self, *a, **k):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, a, state, control, **k):
+                if time.perf_counter() - self.start > budget:
+                    control.should_training_stop = True
+
+        targs = TrainingArguments(
+            output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bertexp-bench-hf"), per_device_train_batch_size=32,
+            max_steps=100_000, learning_rate=lr, warmup_steps=warmup, lr_scheduler_type="constant_with_warmup",
+            weight_decay=0.01, report_to=[], logging_strategy="no", save_strategy="no", use_cpu=True,
+            remove_unused_columns=False, seed=0, max_grad_norm=1.0, adam_epsilon=1e-6,
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=rows,
+                          data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=0.15), callbacks=[Budget()])
+        trainer.train()
+        steps = trainer.state.global_step
+    result = evaluate_mlm(PretrainingObjective(model), eval_set, torch.device("cpu"), nullcontext(), Dist())
+    return {"pipeline": args.pipeline, "minutes": args.minutes, "steps": steps, **result}
+
+
+def hf_rows(data, tok, examples) -> list[dict]:
+    """The packed NSP examples as the token lists a Hugging Face collator expects."""
+    from bertexp.data.pairs import A0, A1, B0, B1, LABEL
+
+    ids = data.tokens.ids
+    rows = []
+    for e in examples:
+        a, b = ids[e[A0] : e[A1]].tolist(), ids[e[B0] : e[B1]].tolist()
+        rows.append({
+            "input_ids": [tok.cls_token_id, *a, tok.sep_token_id, *b, tok.sep_token_id],
+            "token_type_ids": [0] * (len(a) + 2) + [1] * (len(b) + 1),
+            "next_sentence_label": int(e[LABEL]),
+        })
+    return rows
+
+
 def child(args) -> None:
     import torch
 
     cfg, data, spec, tok, examples = setup(args)
+    if args.minutes:
+        print(json.dumps(equal_time(args, cfg, data, spec, tok, examples)))
+        return
     fn = {"bertexp": run_bertexp, "huggingface": run_huggingface, "tutorial": run_tutorial}[args.pipeline]
     steps, model = fn(args, cfg, data, spec, tok, examples)
     peak = matmul_peak(torch)
@@ -254,14 +328,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="print a profile of one bertexp step")
+    ap.add_argument("--minutes", type=float, default=0, help="instead: train (a) and (b) this long each, compare held-out MLM accuracy")
     ap.add_argument("--pipeline", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.pipeline:
         return child(args)
     results = {}
+    if args.minutes and args.pipelines == ap.get_default("pipelines"):
+        args.pipelines = "bertexp,huggingface"
     for name in args.pipelines.split(","):
         cmd = [sys.executable, __file__, "--pipeline", name, "--precision", args.precision, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--minutes", str(args.minutes)] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
         print(f"running {name} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode != 0:
@@ -270,6 +347,13 @@ def main() -> None:
         if args.profile:
             print(out.stderr, file=sys.stderr)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.minutes:
+        print(f"\nEqual wall time ({args.minutes:g} min each), bert_mini, lr 2e-3 after 100 warm-up steps; held-out "
+              "MLM accuracy under run.py's fixed evaluation masking:")
+        print("| pipeline | steps | eval mlm_acc | eval mlm_loss | eval nsp_acc |\n|---|---|---|---|---|")
+        for name, r in results.items():
+            print(f"| {name} | {r['steps']} | {r['eval/mlm_acc']:.4f} | {r['eval/mlm_loss']:.3f} | {r['eval/nsp_acc']:.3f} |")
+        return
     ref = results.get("huggingface", {}).get("tokens_per_s")
     import platform
 

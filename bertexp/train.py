@@ -117,6 +117,43 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def build_eval_set(data, vocab: Vocab, ratio: float, mask_token_prob: float, random_token_prob: float,
+                   max_batches: int | None) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+    """Held-out batches masked once, with token masking and a generator seeded by `data.split_seed`: the
+    same positions for every run on the same data, whatever its training strategy, ratio or seed."""
+    masker = TokenMasking(ratio, mask_token_prob, random_token_prob).bind(vocab)
+    g = torch.Generator().manual_seed(int(data.split_seed) + 12345)
+    return [(b, *masker(b, g)[:2]) for b in data.eval_batches(max_batches)]
+
+
+def evaluate_mlm(objective: PretrainingObjective, eval_set, device, amp, dist: distributed.Dist) -> dict:
+    """MLM loss/accuracy/perplexity and NSP accuracy on the held-out set (sharded over ranks, then summed)."""
+    objective.eval()
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # mlm loss sum, masked tokens, correct, nsp correct, pairs
+    with torch.no_grad(), amp:
+        for i, (b, ids, labels) in enumerate(eval_set):
+            if i % dist.world != dist.rank:
+                continue
+            b = {k: v.to(device) for k, v in b.items()}
+            mlm_sum, _, logits, targets, nsp_logits = objective(
+                ids.to(device), b["attention_mask"], b["token_type_ids"], labels.to(device), b["next_sentence_label"])
+            sums[0] += float(mlm_sum)
+            sums[1] += targets.numel()
+            sums[2] += float((logits.argmax(-1) == targets).sum())
+            sums[3] += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
+            sums[4] += len(nsp_logits)
+    objective.train()
+    loss_sum, n, correct, nsp_correct, pairs = dist.sum(sums)
+    mlm_loss = loss_sum / max(n, 1)
+    return {
+        "eval/mlm_loss": mlm_loss,
+        "eval/mlm_acc": correct / max(n, 1),
+        "eval/perplexity": math.exp(min(mlm_loss, 50.0)),
+        "eval/nsp_acc": nsp_correct / max(pairs, 1),
+        "eval/masked_tokens": int(n),
+    }
+
+
 def check_trainer(tc) -> None:
     """Range checks of trainer.* (types were checked when the config was composed)."""
     for name, low in (("max_steps", 1), ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("grad_accum", 1),
@@ -194,13 +231,12 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         step, position = int(state["step"]), Position(**state["position"])
         bad_steps, wandb_id = int(state.get("bad_steps", 0)), state.get("wandb_id")
         set_rng_state(state["rng"])
-        log.info("Resuming from step %d (%s)", step, resume_from)
+        log.info("Checkpoint found: resuming from step %d (%s)", step, resume_from)
 
     # Held-out set, masked once with a fixed generator: the same positions in every run on the same data
     # and split seed, whatever the training strategy, ratio or seed, so eval/mlm_acc compares across a sweep.
-    eval_masker = TokenMasking(float(tc.eval_mask_ratio), masker.mask_token_prob, masker.random_token_prob).bind(vocab)
-    g_eval = torch.Generator().manual_seed(int(cfg.data.split_seed) + 12345)
-    eval_set = [(b, *eval_masker(b, g_eval)[:2]) for b in data.eval_batches(tc.eval_batches)]
+    eval_set = build_eval_set(data, vocab, float(tc.eval_mask_ratio), masker.mask_token_prob,
+                              masker.random_token_prob, tc.eval_batches)
     eval_targets = torch.cat([lab[lab != -100] for _, _, lab in eval_set])
     baseline_acc = float(torch.bincount(eval_targets).max() / max(1, eval_targets.numel()))
     log.info("Held-out set: %d pairs, %d masked tokens; always predicting the most frequent token scores %.4f",
@@ -215,31 +251,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
 
     def evaluate() -> dict:
-        model.eval()
-        sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # mlm loss sum, masked tokens, correct, nsp correct, pairs
-        with torch.no_grad(), amp:
-            for i, (b, ids, labels) in enumerate(eval_set):
-                if i % dist.world != dist.rank:
-                    continue
-                b = {k: v.to(device) for k, v in b.items()}
-                mlm_sum, _, logits, targets, nsp_logits = objective(
-                    ids.to(device), b["attention_mask"], b["token_type_ids"], labels.to(device), b["next_sentence_label"])
-                sums[0] += float(mlm_sum)
-                sums[1] += targets.numel()
-                sums[2] += float((logits.argmax(-1) == targets).sum())
-                sums[3] += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
-                sums[4] += len(nsp_logits)
-        model.train()
-        loss_sum, n, correct, nsp_correct, pairs = dist.sum(sums)
-        mlm_loss = loss_sum / max(n, 1)
-        return {
-            "eval/mlm_loss": mlm_loss,
-            "eval/mlm_acc": correct / max(n, 1),
-            "eval/perplexity": math.exp(min(mlm_loss, 50.0)),
-            "eval/nsp_acc": nsp_correct / max(pairs, 1),
-            "eval/baseline_acc": baseline_acc,
-            "eval/masked_tokens": int(n),
-        }
+        return {**evaluate_mlm(objective, eval_set, device, amp, dist), "eval/baseline_acc": baseline_acc}
 
     def checkpoint() -> Path | None:
         if not dist.main:

@@ -134,7 +134,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted, kill
     p.wait()
     r = run_cli([*OVR, f"hydra.run.dir={d}"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "Resuming from step" in r.stdout + r.stderr
+    assert "resuming from step" in r.stdout + r.stderr
     got = [m for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
     assert [m["step"] for m in got] == list(range(1, 31))
     for a, b in zip(uninterrupted, got):

@@ -193,3 +193,56 @@ def test_preemption_signal_checkpoints_then_calls_the_requeue_hook(tmp_path, mon
     run_in_process(tmp_path, overrides)  # the requeued job
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 9))
+
+
+def test_last_checkpoint_loads_as_a_pretrained_model(tmp_path):
+    run_in_process(tmp_path / "a", ["trainer.max_steps=2", "logger=none"])
+    last = tmp_path / "a" / "checkpoints" / "last"
+    final = run_in_process(tmp_path / "b", ["model=pretrained", f"model.path={last}", "trainer.max_steps=2", "logger=none"])
+    assert final["final/step"] == 2
+
+
+def test_bad_steps_can_be_skipped_within_a_bound(tmp_path, monkeypatch):
+    from bertexp.modeling import PretrainingObjective
+
+    real = PretrainingObjective.forward
+    calls = {"n": 0}
+
+    def one_bad(self, *args):
+        out = real(self, *args)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return (out[0] * float("nan"), *out[1:])
+        return out
+
+    monkeypatch.setattr(PretrainingObjective, "forward", one_bad)
+    final = run_in_process(tmp_path, ["trainer.max_steps=4", "trainer.max_bad_steps=1", "logger=none"])
+    assert final["final/step"] == 4
+    state = torch.load(tmp_path / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    assert state["bad_steps"] == 1
+
+
+@pytest.mark.parametrize("mode", ["bf16", "compile"])
+def test_bf16_and_compile_match_fp32_eager(tmp_path, mode):
+    base = ["trainer.max_steps=3", "trainer.log_every=1", "logger=none"]
+    run_in_process(tmp_path / "ref", base)
+    extra = ["trainer.precision=bf16"] if mode == "bf16" else ["trainer.compile=true"]
+    run_in_process(tmp_path / mode, [*base, *extra])
+    ref = [r["train/loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "train/loss" in r]
+    got = [r["train/loss"] for r in read_metrics(tmp_path / mode / "metrics.jsonl") if "train/loss" in r]
+    tol = 2e-2 if mode == "bf16" else 1e-4  # bf16 keeps 8 bits of mantissa
+    assert got == pytest.approx(ref, rel=tol)
+
+
+def test_final_checkpoint_logged_as_wandb_artifact(tmp_path):
+    run_in_process(tmp_path, ["trainer.max_steps=2", "logger.log_checkpoints=true"])
+    import subprocess
+    import sys
+    from pathlib import Path as P
+
+    f = wandb_files(tmp_path)[0]
+    exe = shutil.which("wandb") or str(P(sys.executable).parent / "wandb")
+    out = subprocess.run([exe, "leet", "inspect", "--json", str(f)], capture_output=True, text=True, check=True).stdout
+    arts = [json.loads(l) for l in out.splitlines() if '"artifact"' in l]
+    assert any(a.get("type") == "artifact" and a["artifact"]["type"] == "model" for a in arts)
