@@ -32,7 +32,7 @@ from bertexp.data.dataset import Position
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from bertexp.masking import TokenMasking, Vocab
-from bertexp.modeling import PretrainingObjective, encoder_params
+from bertexp.modeling import PretrainingObjective, encoder_params, fit_attention_to_precision
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.tracking import NullTracker, Tracker
@@ -208,6 +208,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     else:
         model = spec.build(tokenizer)
     model.to(device)
+    fit_attention_to_precision(model, device.type, str(tc.precision))
     if tc.compile:
         model.bert.compile(dynamic=True)
     objective = PretrainingObjective(model)

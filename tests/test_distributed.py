@@ -17,13 +17,17 @@ COMMON = ["trainer=smoke", "trainer.max_steps=3", "trainer.eval_every=3", "train
 
 
 def test_two_ranks_match_one_process_and_write_once(tmp_path):
-    ddp_dir = tmp_path / "ddp"
+    # no hydra.run.dir: both ranks must still agree on the timestamped outputs/DATE/TIME dir
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(ROOT / "run.py"),
-         *COMMON, "data.batch_size=8", "logger.mode=offline", f"hydra.run.dir={ddp_dir}"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+         *COMMON, "data.batch_size=8", "logger.mode=offline"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs
+    ddp_dir = run_dirs[0]
+    assert (ddp_dir / ".hydra" / "config.yaml").is_file()
     single = tmp_path / "single"
     run_in_process(single, [*COMMON, "data.batch_size=16", "logger=none"])  # the same global batch of 16
     a = load_file(ddp_dir / "checkpoints" / "last" / "model.safetensors")

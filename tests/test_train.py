@@ -35,22 +35,26 @@ def test_peoples_daily_smoke_run_writes_everything(tmp_path):
     assert {"optimizer", "scheduler", "rng", "position", "step"} <= set(state)
 
 
-def test_wandb_offline_run_reads_back(tmp_path):
-    run_in_process(tmp_path, ["trainer.max_steps=4", "masking.ratio=0.2"], name="readback")
-    files = wandb_files(tmp_path)
-    assert len(files) == 1
-    got = inspect(files[0])
-    run = got["run"]
-    assert run["display_name"] == "readback" and run["run_group"] == "tests"
-    assert run["tags"] == ["test"]
-    cfg = run["config"]["update"]
-    assert cfg["masking"]["ratio"] == 0.2 and cfg["optim"]["lr"] == 2e-3 and cfg["trainer"]["max_steps"] == 4
-    # history equals metrics.jsonl, record for record
-    records = read_metrics(tmp_path / "metrics.jsonl")
-    assert len(got["history"]) == len(records)
-    for h, r in zip(got["history"], records):
-        for k, v in r.items():
-            assert h[k] == pytest.approx(v), k
+def test_wandb_offline_runs_read_back(tmp_path):
+    """Two tiny offline runs, read back with wandb's own reader: identity, nested config and history."""
+    for ratio in (0.2, 0.4):
+        d = tmp_path / str(ratio)
+        run_in_process(d, ["trainer.max_steps=4", f"masking.ratio={ratio}"], name=f"masking.ratio={ratio}")
+        files = wandb_files(d)
+        assert len(files) == 1
+        got = inspect(files[0])
+        run = got["run"]
+        assert run["display_name"] == f"masking.ratio={ratio}" and run["run_group"] == "tests"
+        assert run["tags"] == ["test"]
+        cfg = run["config"]["update"]
+        assert cfg["masking"]["ratio"] == ratio and cfg["optim"]["lr"] == 2e-3 and cfg["trainer"]["max_steps"] == 4
+        assert cfg["model"]["hidden_size"] == 128
+        # history equals metrics.jsonl, record for record
+        records = read_metrics(d / "metrics.jsonl")
+        assert len(got["history"]) == len(records)
+        for h, r in zip(got["history"], records):
+            for k, v in r.items():
+                assert h[k] == pytest.approx(v), k
 
 
 def test_essay_run(tmp_path):
