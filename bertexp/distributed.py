@@ -41,7 +41,7 @@ class Dist:
 
 def setup(device: torch.device) -> Dist:
     if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        # One SLURM task per GPU (hydra/launcher=slurm): submitit knows the rank, the master and the port.
+        # One SLURM task per GPU (hydra/launcher=submitit_slurm): submitit knows the rank, the master and the port.
         try:
             import submitit
 

@@ -17,7 +17,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def compose(overrides: list[str] | None = None):
+def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -27,7 +27,7 @@ def compose(overrides: list[str] | None = None):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides or [])
+        return hydra_compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)
 
 
 def run_in_process(run_dir: Path, overrides: list[str] | None = None, name: str = "test") -> dict:

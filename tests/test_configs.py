@@ -55,3 +55,17 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         assert cfg.trainer.max_steps >= 1
     elif group == "logger":
         assert cfg.logger is None or cfg.logger.mode == "auto"
+
+
+def test_slurm_preset_composes_with_requeue_settings():
+    """SLURM cannot run here: its preset is checked by composing it (the requeue hook has its own test)."""
+    cfg = compose(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4"],
+                  return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.tasks_per_node == 4  # one task per GPU
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # requeue, with time to checkpoint
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    known = set(SlurmQueueConf.__dataclass_fields__)
+    assert set(launcher) <= known, set(launcher) - known  # every key is one the plugin understands

@@ -161,7 +161,7 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path):
 
 
 def test_preemption_signal_checkpoints_then_calls_the_requeue_hook(tmp_path, monkeypatch):
-    """Under submitit (hydra/launcher=slurm) SIGUSR2 means "requeue": bertexp checkpoints the current step
+    """Under submitit (hydra/launcher=submitit_slurm) SIGUSR2 means "requeue": bertexp checkpoints the current step
     first, then hands over to submitit's handler, and the requeued job resumes from that checkpoint."""
     import os
     import signal
