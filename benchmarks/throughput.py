@@ -121,7 +121,6 @@ def run_bertexp(args, cfg, data, spec, tok, examples):
 
 
 def run_huggingface(args, cfg, data, spec, tok, examples):
-    import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
     model = spec.build(tok)
@@ -161,7 +160,6 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
 
     import torch
 
-    from bertexp.data.pairs import A0, A1, B0, B1, LABEL
 
     model = spec.build(tok)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)

@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from bertexp.errors import BertexpError, Interrupted
@@ -146,7 +146,3 @@ def _user_error(e: BaseException) -> BertexpError | None:
             return e
         e = e.__cause__ or e.__context__
     return None
-
-
-def resolved(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

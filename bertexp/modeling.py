@@ -125,13 +125,3 @@ class PretrainingObjective(torch.nn.Module):
         nsp_logits = self.model.cls.seq_relationship(pooled)
         nsp_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
         return mlm_sum, nsp_sum, logits, targets, nsp_logits
-
-
-def pretraining_loss(objective: PretrainingObjective, batch: dict[str, torch.Tensor], input_ids, labels):
-    """Mean losses of one batch: (total, mlm, nsp, mlm logits, mlm targets, nsp logits)."""
-    mlm_sum, nsp_sum, logits, targets, nsp_logits = objective(
-        input_ids, batch["attention_mask"], batch["token_type_ids"], labels, batch["next_sentence_label"]
-    )
-    mlm = mlm_sum / max(1, targets.numel())
-    nsp = nsp_sum / max(1, len(nsp_logits))
-    return mlm + nsp, mlm, nsp, logits, targets, nsp_logits

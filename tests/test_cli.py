@@ -1,7 +1,6 @@
 """The real CLI, as users type it: overrides, one-line errors for bad input, kill -9 / SIGTERM and resume,
 and a multirun sweep with its summary. Each test is a subprocess of `python run.py` (seconds each)."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bertexp.tracking import read_metrics
-from conftest import ESSAY, ROOT, run_cli, run_in_process
+from conftest import ROOT, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,4 @@
 """Every option of every config group composes and instantiates (lightning-hydra-template style)."""
-from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate

@@ -4,7 +4,7 @@ import pytest
 
 from bertexp.data.dataset import PretrainingData
 from bertexp.data.pairs import A0, A1, B0, B1, LABEL, build_pairs
-from bertexp.data.sources import PeoplesDaily, TextFile
+from bertexp.data.sources import PeoplesDaily
 from bertexp.data.tokenized import split_sentences
 from bertexp.errors import DataError
 from conftest import ESSAY

@@ -2,7 +2,6 @@
 trip, exact resume, and the non-finite loss stop."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

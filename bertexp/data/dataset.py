@@ -19,7 +19,7 @@ from bertexp.data.cache import cache_root, cached_dir, key_of
 from bertexp.data.pairs import A0, A1, B0, B1, LABEL, build_pairs, sentence_pieces
 from bertexp.data.sources import Corpus
 from bertexp.data.tokenized import TokenizedCorpus, tokenize_corpus
-from bertexp.data.tokenizer import load_tokenizer, train_wordpiece
+from bertexp.data.tokenizer import train_wordpiece
 from bertexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
