@@ -119,7 +119,8 @@ def test_resume_continues_exactly(tmp_path):
         assert rb["train/loss"] == pytest.approx(ra["train/loss"], abs=1e-6), ra["step"]
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
+def _nan_loss_on(monkeypatch, is_bad) -> None:
+    """Make the training forward return a NaN MLM loss on the calls (numbered from 1) where is_bad(n)."""
     from bertexp.modeling import PretrainingObjective
 
     real = PretrainingObjective.forward
@@ -129,11 +130,15 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypa
         out = real(self, *args)
         if self.training:
             calls["n"] += 1
-            if calls["n"] >= 3:  # 2 good steps, then NaN
+            if is_bad(calls["n"]):
                 return (out[0] * float("nan"), *out[1:])
         return out
 
     monkeypatch.setattr(PretrainingObjective, "forward", poisoned)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
+    _nan_loss_on(monkeypatch, lambda n: n >= 3)  # 2 good steps, then NaN
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 3; last good checkpoint: .*step_0000002"):
         run_in_process(tmp_path, ["trainer.max_steps=6", "logger=none"])
     assert [s for s, _ in checkpoint_dirs(tmp_path)] == [2]
@@ -206,20 +211,7 @@ def test_last_checkpoint_loads_as_a_pretrained_model(tmp_path):
 
 
 def test_bad_steps_can_be_skipped_within_a_bound(tmp_path, monkeypatch):
-    from bertexp.modeling import PretrainingObjective
-
-    real = PretrainingObjective.forward
-    calls = {"n": 0}
-
-    def one_bad(self, *args):
-        out = real(self, *args)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                return (out[0] * float("nan"), *out[1:])
-        return out
-
-    monkeypatch.setattr(PretrainingObjective, "forward", one_bad)
+    _nan_loss_on(monkeypatch, lambda n: n == 2)
     final = run_in_process(tmp_path, ["trainer.max_steps=4", "trainer.max_bad_steps=1", "logger=none"])
     assert final["final/step"] == 4
     state = torch.load(tmp_path / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
