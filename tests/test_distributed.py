@@ -53,3 +53,16 @@ def test_grad_accum_matches_one_big_batch(tmp_path):
     b = load_file(tmp_path / "big" / "checkpoints" / "last" / "model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+
+
+def test_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
+    d = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(ROOT / "run.py"),
+         *COMMON, "data.batch_size=8", "logger=none", f"hydra.run.dir={d}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_in_process(d, [*COMMON, "trainer.max_steps=5", "data.batch_size=16", "logger=none"])
+    steps = [m["step"] for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
+    assert steps == [1, 2, 3, 4, 5]
