@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from bertexp.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -92,8 +94,6 @@ def server_reachable(timeout: float) -> bool:
 
 def resolve_mode(mode: str) -> str:
     if mode not in ("auto", "online", "offline", "disabled"):
-        from bertexp.errors import ConfigError
-
         raise ConfigError(f"logger.mode={mode!r} must be one of: auto, online, offline, disabled")
     if mode == "auto":
         return "online" if api_key_configured() else "offline"

@@ -272,7 +272,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     mine = dist.rank * micro * accum  # first row of this rank's share of the global batch
     gen = torch.Generator()
     batches = data.train_batches(position, batch_size=micro * accum * dist.world)
-    win = dict.fromkeys(("loss", "mlm", "nsp", "steps", "tokens", "selected", "maskable", "seq", "rows", "width"), 0.0)
+    win = dict.fromkeys(("mlm", "nsp", "steps", "tokens", "selected", "maskable", "seq", "rows", "width"), 0.0)
     win_time, total_tokens, total_time = 0.0, 0, 0.0
     last_eval: dict = {}
     first_step_s = None
