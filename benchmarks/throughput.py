@@ -46,7 +46,7 @@ def setup(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["model=bert_mini", "data.batch_size=32", "data.max_length=128"])
+        cfg = compose("config", overrides=[f"model={args.model}", "data.batch_size=32", "data.max_length=128"])
     data = instantiate(cfg.data)
     spec = instantiate(cfg.model)
     tok = spec.tokenizer(data)
@@ -329,6 +329,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="bert_mini", help="model option (the reference workload is bert_mini)")
     ap.add_argument("--profile", action="store_true", help="print a profile of one bertexp step")
     ap.add_argument("--minutes", type=float, default=0, help="instead: train (a) and (b) this long each, compare held-out MLM accuracy")
     ap.add_argument("--pipeline", help=argparse.SUPPRESS)
@@ -340,7 +341,7 @@ def main() -> None:
         args.pipelines = "bertexp,huggingface"
     for name in args.pipelines.split(","):
         cmd = [sys.executable, __file__, "--pipeline", name, "--precision", args.precision, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--minutes", str(args.minutes)] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--minutes", str(args.minutes), "--model", args.model] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
         print(f"running {name} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode != 0:
@@ -350,7 +351,7 @@ def main() -> None:
             print(out.stderr, file=sys.stderr)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     if args.minutes:
-        print(f"\nEqual wall time ({args.minutes:g} min each), bert_mini, lr 2e-3 after 100 warm-up steps; held-out "
+        print(f"\nEqual wall time ({args.minutes:g} min each), {args.model}, lr 2e-3 after 100 warm-up steps; held-out "
               "MLM accuracy under run.py's fixed evaluation masking:")
         print("| pipeline | steps | eval mlm_acc | eval mlm_loss | eval nsp_acc |\n|---|---|---|---|---|")
         for name, r in results.items():
@@ -364,7 +365,7 @@ def main() -> None:
         print("no results")
         return
     bf16 = args.precision == "bf16"
-    print(f"\nbert_mini, batch 32, max_length 128, {args.precision}{', compiled' if args.compile else ''}, "
+    print(f"\n{args.model}, batch 32, max_length 128, {args.precision}{', compiled' if args.compile else ''}, "
           f"{args.threads} threads, {args.steps} timed steps; {platform.processor() or platform.machine()}, "
           f"fp32 matmul {first['peak_gflops']:.0f} GFLOP/s" + (f", bf16 {first['peak_gflops_at_precision']:.0f}" if bf16 else ""))
     extra = " | MFU vs bf16 peak" if bf16 else ""
