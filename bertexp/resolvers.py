@@ -1,4 +1,6 @@
-"""OmegaConf resolvers used by conf/config.yaml.
+"""OmegaConf resolvers used by conf/.
+
+`${wandb_mode:}` is logger.mode's default: `offline` when no W&B API key is configured, `online` when one is.
 
 `${run_time:FORMAT}` is Hydra's `${now:FORMAT}` made safe for `torchrun`: every rank of one launch must
 agree on the run dir, but each rank starts a few milliseconds apart and `now` could fall on different
@@ -34,7 +36,16 @@ def _launch_time() -> datetime:
 _START = _launch_time()
 
 
+def _wandb_mode() -> str:
+    from bertexp.tracking import api_key_configured
+
+    return "online" if api_key_configured() else "offline"
+
+
 def register() -> None:
+    if not OmegaConf.has_resolver("wandb_mode"):
+        # logger.mode's default: offline without an API key, online with one (decided once per process).
+        OmegaConf.register_new_resolver("wandb_mode", _wandb_mode, use_cache=True)
     if not OmegaConf.has_resolver("run_time"):
         OmegaConf.register_new_resolver("run_time", lambda fmt: _START.strftime(fmt), use_cache=True)
     if not OmegaConf.has_resolver("rank_zero_only"):

@@ -101,7 +101,7 @@ class TrainerSchema:
 
 @dataclass
 class LoggerSchema:
-    mode: str = "auto"
+    mode: str = "auto"  # the YAML's default is ${wandb_mode:}: offline or online by API key
     project: str = "bertexp"
     entity: Optional[str] = None
     group: Optional[str] = None
