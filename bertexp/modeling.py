@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForPreTraining
 
+from bertexp.data.sources import user_path
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError
 
@@ -53,7 +52,7 @@ class PretrainedBert:
     def __init__(self, path: str | None = None):
         if not path or str(path) in ("???", "None"):
             raise ConfigError("model.path is not set: model=pretrained needs model.path=DIR (a Hugging Face BERT directory)")
-        self.path = Path(os.path.expanduser(str(path)))
+        self.path = user_path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"model.path: directory not found: {self.path}")
         if not (self.path / "config.json").is_file():

@@ -70,6 +70,16 @@ def _read_text(path: Path, encoding: str, field_name: str = "data.path") -> str:
     return text
 
 
+def user_path(path: str) -> Path:
+    """A path the user typed, relative to where they typed it (even if hydra.job.chdir moved us)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute() and HydraConfig.initialized():
+        p = Path(HydraConfig.get().runtime.cwd) / p
+    return p
+
+
 def _file_fingerprint(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -90,7 +100,7 @@ class PeoplesDaily:
     _ENDS = ("。", "！", "？", "!", "?", "”")
 
     def __init__(self, path: str | None = None):
-        self.path = Path(os.path.expanduser(path)) if path else peoples_daily_path()
+        self.path = user_path(path) if path else peoples_daily_path()
 
     def fingerprint(self) -> str:
         if not self.path.is_file():
@@ -136,7 +146,7 @@ class TextFile:
             raise DataError("data.path is not set: data=text_file needs data.path=FILE (a UTF-8 text file)")
         if segmenter not in ("jieba", "char"):
             raise DataError(f"data.segmenter: unknown segmenter {segmenter!r}, expected one of: jieba, char")
-        self.path = Path(os.path.expanduser(str(path)))
+        self.path = user_path(path)
         self.encoding = encoding
         self.segmenter = segmenter
 
