@@ -92,7 +92,7 @@ class TrainerSchema:
     keep_checkpoints: int = 2
     resume: str = "auto"
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     compile: bool = False
     max_bad_steps: int = 0
     measure_mfu: bool = True

@@ -164,8 +164,22 @@ def check_trainer(tc) -> None:
         raise ConfigError(f"trainer.eval_batches={tc.eval_batches} must be >= 1 (or null for the whole held-out set)")
     if not 0.0 < float(tc.eval_mask_ratio) < 1.0:
         raise ConfigError(f"trainer.eval_mask_ratio={tc.eval_mask_ratio} must be in (0, 1)")
-    if tc.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"trainer.precision={tc.precision!r} must be fp32 or bf16")
+    if tc.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"trainer.precision={tc.precision!r} must be auto, fp32 or bf16")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 autocast where the hardware multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 would be slower than fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
 
 
 def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
@@ -208,14 +222,15 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     else:
         model = spec.build(tokenizer)
     model.to(device)
-    fit_attention_to_precision(model, device.type, str(tc.precision))
+    precision = resolve_precision(str(tc.precision), device)
+    fit_attention_to_precision(model, device.type, precision)
     if tc.compile:
         model.bert.compile(dynamic=True)
     objective = PretrainingObjective(model)
     ddp = torch.nn.parallel.DistributedDataParallel(objective) if dist.enabled else objective
     n_enc = encoder_params(model)
-    log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s%s",
-             sum(p.numel() for p in model.parameters()) / 1e6, n_enc / 1e6, len(tokenizer), device,
+    log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s, %s%s",
+             sum(p.numel() for p in model.parameters()) / 1e6, n_enc / 1e6, len(tokenizer), device, precision,
              f", {dist.world} ranks" if dist.enabled else "")
     log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
     optimizer = build_optimizer(cfg.optim, model)
@@ -247,9 +262,10 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, wandb_id) if dist.main else NullTracker()
     if resume_from:
         tracker.truncate_after(step)
-    peak = matmul_flops(device) if tc.measure_mfu else float("nan")
+    # MFU against the matmul throughput of the precision the run computes in
+    peak = matmul_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32) if tc.measure_mfu else float("nan")
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def evaluate() -> dict:
         return {**evaluate_mlm(objective, eval_set, device, amp, dist), "eval/baseline_acc": baseline_acc}

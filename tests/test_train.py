@@ -88,7 +88,7 @@ def test_pretrained_round_trip_uses_its_weights_and_heads(tmp_path, pd_data):
     ref.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
 
-    overrides = ["model=pretrained", f"model.path={model_dir}", "trainer.max_steps=1", "logger=none"]
+    overrides = ["model=pretrained", f"model.path={model_dir}", "trainer.max_steps=1", "trainer.precision=fp32", "logger=none"]
     run_in_process(tmp_path / "run", overrides)
     first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
 
@@ -220,7 +220,7 @@ def test_bad_steps_can_be_skipped_within_a_bound(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["bf16", "compile"])
 def test_bf16_and_compile_match_fp32_eager(tmp_path, mode):
-    base = ["trainer.max_steps=3", "trainer.log_every=1", "logger=none"]
+    base = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.precision=fp32", "logger=none"]
     run_in_process(tmp_path / "ref", base)
     extra = ["trainer.precision=bf16"] if mode == "bf16" else ["trainer.compile=true"]
     run_in_process(tmp_path / mode, [*base, *extra])
