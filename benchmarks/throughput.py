@@ -56,15 +56,6 @@ def setup(args):
     return cfg, data, spec, tok, examples
 
 
-def matmul_peak(torch, n=4096, reps=3, dtype=None):
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
 def timed_loop(step_fn, n_steps, warmup):
     """Run step_fn() n_steps times; returns per-step (seconds, real tokens, padded length, data seconds)."""
     out = []
@@ -300,8 +291,11 @@ def child(args) -> None:
         return
     fn = {"bertexp": run_bertexp, "huggingface": run_huggingface, "tutorial": run_tutorial}[args.pipeline]
     steps, model = fn(args, cfg, data, spec, tok, examples)
-    peak = matmul_peak(torch)  # fp32: the MFU denominator the issue defines
-    peak_run = matmul_peak(torch, dtype=torch.bfloat16) if args.precision == "bf16" else peak
+    from bertexp.train import matmul_flops
+
+    cpu = torch.device("cpu")
+    peak = matmul_flops(cpu, torch.float32, n=4096, reps=3)  # fp32: the MFU denominator the issue defines
+    peak_run = matmul_flops(cpu, torch.bfloat16, n=4096, reps=3) if args.precision == "bf16" else peak
     tps = statistics.median(tokens / t for t, tokens, _, _ in steps)
     width = statistics.mean(w for _, _, w, _ in steps)
     n_enc = sum(p.numel() for p in model.bert.encoder.parameters())

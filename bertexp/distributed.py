@@ -34,10 +34,6 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
 
 def setup(device: torch.device) -> Dist:
     if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:

@@ -64,13 +64,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def matmul_flops(device: torch.device, dtype=torch.float32) -> float:
+def matmul_flops(device: torch.device, dtype=torch.float32, n: int | None = None, reps: int | None = None) -> float:
     """This machine's matrix-multiply throughput (FLOP/s), measured now: the MFU denominator."""
-    n = 2048 if device.type == "cpu" else 8192
+    n = n or (2048 if device.type == "cpu" else 8192)
+    reps = reps or (2 if device.type == "cpu" else 20)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    reps = 2 if device.type == "cpu" else 20
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()

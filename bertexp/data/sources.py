@@ -43,8 +43,10 @@ def peoples_daily_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tag" / "199801.txt"
 
 
-def _read_text(path: Path, encoding: str, field_name: str = "data.path") -> str:
-    """Read a user's text file, turning every way it can be unusable into a one-line message."""
+def _read_text(path: Path, encoding: str, field_name: str = "data.path") -> tuple[str, str]:
+    """Read a user's text file, turning every way it can be unusable into a one-line message.
+
+    Returns (text, a hash of its bytes)."""
     if not str(path):
         raise DataError(f"{field_name} is empty: give a UTF-8 text file, e.g. {field_name}=essay.txt")
     if not path.exists():
@@ -67,7 +69,7 @@ def _read_text(path: Path, encoding: str, field_name: str = "data.path") -> str:
         text = text[1:]
     if not text.strip():
         raise DataError(f"{field_name}: {path} contains only whitespace (no text to train on)")
-    return text
+    return text, hashlib.sha1(raw).hexdigest()[:16]
 
 
 def user_path(path: str) -> Path:
@@ -78,14 +80,6 @@ def user_path(path: str) -> Path:
     if not p.is_absolute() and HydraConfig.initialized():
         p = Path(HydraConfig.get().runtime.cwd) / p
     return p
-
-
-def _file_fingerprint(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 class PeoplesDaily:
@@ -109,7 +103,7 @@ class PeoplesDaily:
         return f"pd-{PARSER_VERSION}-{st.st_size}-{int(st.st_mtime)}"
 
     def load(self) -> Corpus:
-        text = _read_text(self.path, "utf-8", "data.source.path")
+        text, _ = _read_text(self.path, "utf-8", "data.source.path")
         corpus = Corpus()
         doc: list[Paragraph] = []
         prev_was_body = False
@@ -149,13 +143,17 @@ class TextFile:
         self.path = user_path(path)
         self.encoding = encoding
         self.segmenter = segmenter
+        self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
-        _read_text(self.path, self.encoding)  # validates the file before anything else is done
-        return f"tf-{PARSER_VERSION}-{self.segmenter}-{self.encoding}-{_file_fingerprint(self.path)}"
+        """Validates the file (before anything else is done) and keys the caches by its content."""
+        if self._fingerprint is None:
+            _, digest = _read_text(self.path, self.encoding)
+            self._fingerprint = f"tf-{PARSER_VERSION}-{self.segmenter}-{self.encoding}-{digest}"
+        return self._fingerprint
 
     def load(self) -> Corpus:
-        text = _read_text(self.path, self.encoding)
+        text, _ = _read_text(self.path, self.encoding)
         lines = text.splitlines()
         has_blank = any(not ln.strip() for ln in lines) and sum(1 for ln in lines if ln.strip()) > 1
         blocks: list[list[str]] = []
