@@ -203,21 +203,22 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
 
 
 def equal_time(args, cfg, data, spec, tok, examples) -> dict:
-    """Train (a) or (b) for `--minutes` of wall time at the same lr and warm-up, then measure held-out MLM
-    accuracy with run.py's own fixed evaluation masking."""
+    """Train (a) or (b) for `--minutes` of wall time at the same lr and warm-up, then score both on run.py's
+    exam (bertexp.exam: held-out pairs, 15% blanks, every one [MASK]), next to the counting baselines."""
     import torch
     from contextlib import nullcontext
 
     from bertexp.data.dataset import Position
     from bertexp.distributed import Dist
+    from bertexp.exam import evaluate
     from bertexp.masking import TokenMasking, Vocab
     from bertexp.modeling import PretrainingObjective
     from bertexp.optim import build_optimizer
-    from bertexp.train import build_eval_set, evaluate_mlm
+    from bertexp.train import prepare_exam
 
     budget, lr, warmup = args.minutes * 60, 2e-3, 100
     vocab = Vocab.from_tokenizer(tok)
-    eval_set = build_eval_set(data, vocab, 0.15, 0.8, 0.1, 16)
+    exam, exam_batches, baselines = prepare_exam(cfg, data, 32)
     model = spec.build(tok)
     steps = 0
     if args.pipeline == "bertexp":
@@ -262,8 +263,9 @@ def equal_time(args, cfg, data, spec, tok, examples) -> dict:
                           data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=0.15), callbacks=[Budget()])
         trainer.train()
         steps = trainer.state.global_step
-    result = evaluate_mlm(PretrainingObjective(model), eval_set, torch.device("cpu"), nullcontext(), Dist())
-    return {"pipeline": args.pipeline, "minutes": args.minutes, "steps": steps, **result}
+    result = evaluate(PretrainingObjective(model), exam_batches, torch.device("cpu"), nullcontext(), Dist())
+    return {"pipeline": args.pipeline, "minutes": args.minutes, "steps": steps, **result, **baselines,
+            "eval/exam_id": exam.exam_id}
 
 
 def hf_rows(data, tok, examples) -> list[dict]:
@@ -345,11 +347,17 @@ def main() -> None:
             print(out.stderr, file=sys.stderr)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     if args.minutes:
-        print(f"\nEqual wall time ({args.minutes:g} min each), {args.model}, lr 2e-3 after 100 warm-up steps; held-out "
-              "MLM accuracy under run.py's fixed evaluation masking:")
-        print("| pipeline | steps | eval mlm_acc | eval mlm_loss | eval nsp_acc |\n|---|---|---|---|---|")
+        first = next(iter(results.values()), {})
+        print(f"\nEqual wall time ({args.minutes:g} min each), {args.model}, lr 2e-3 after 100 warm-up steps; scored on "
+              f"run.py's exam {first.get('eval/exam_id')} (held-out pairs, 15% blanks, all [MASK]):")
+        print("| pipeline | steps | exam mlm_acc | top-5 | exam mlm_loss | nsp_acc |\n|---|---|---|---|---|---|")
         for name, r in results.items():
-            print(f"| {name} | {r['steps']} | {r['eval/mlm_acc']:.4f} | {r['eval/mlm_loss']:.3f} | {r['eval/nsp_acc']:.3f} |")
+            print(f"| {name} | {r['steps']} | {r['eval/mlm_acc']:.4f} | {r['eval/mlm_top5_acc']:.4f} | "
+                  f"{r['eval/mlm_loss']:.3f} | {r['eval/nsp_acc']:.3f} |")
+        if first:
+            print("| counting: most frequent token / left-neighbour table / neighbours table | | "
+                  f"{first['eval/baseline/most_frequent_acc']:.4f} / {first['eval/baseline/left_neighbour_acc']:.4f} / "
+                  f"{first['eval/baseline/neighbours_acc']:.4f} | | | |")
         return
     ref = results.get("huggingface", {}).get("tokens_per_s")
     import platform

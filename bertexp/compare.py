@@ -2,8 +2,12 @@
 
 PATH is a run directory, a multirun sweep directory, or any folder holding them. Each run's composed
 config (`.hydra/config.yaml`), `metrics.jsonl` and `status.json` are read; the table shows the config values
-that differ between the runs, final and best evaluation metrics, throughput, steps and status, and is
-written as Markdown and CSV next to a plot of the eval curves (one labelled line per run).
+that differ between the runs, final and best evaluation metrics, the exam they were scored on and the
+neighbours-counting baseline on it, throughput, steps and status, and is written as Markdown and CSV next to
+a plot of the eval curves (one labelled line per run).
+
+Runs are ranked by final exam accuracy only among runs that took the same exam (`eval/exam_id`); when the
+runs took different exams, the table says so instead of ranking them together.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ def load_run(path: Path) -> dict:
     status_file = path / "status.json"
     status = json.loads(status_file.read_text()) if status_file.is_file() else {"status": "unknown"}
     evals = [m for m in metrics if "eval/mlm_acc" in m]
+    exams = {m.get("eval/exam_id") for m in evals}
     tps = [m["throughput/tokens_per_s"] for m in metrics if m.get("throughput/tokens_per_s")]
     last = evals[-1] if evals else {}
 
@@ -78,6 +83,10 @@ def load_run(path: Path) -> dict:
         "final/eval/mlm_loss": last.get("eval/mlm_loss"),
         "best/eval/mlm_loss": best("eval/mlm_loss", min),
         "final/eval/nsp_acc": last.get("eval/nsp_acc"),
+        "final/eval/mlm_top5_acc": last.get("eval/mlm_top5_acc"),
+        "baseline": last.get("eval/baseline/neighbours_acc"),
+        # one exam per run; a run whose records name several (or none) cannot be ranked against others
+        "exam_id": exams.pop() if len(exams) == 1 else None,
         "tokens_per_s": sum(tps) / len(tps) if tps else None,
         "steps": max((m.get("step", 0) for m in metrics), default=0),
         "status": status.get("status", "unknown"),
@@ -112,14 +121,35 @@ def _short(v) -> str:
 
 
 COLUMNS = [
+    ("rank", "rank"),
     ("final eval mlm_acc", "final/eval/mlm_acc"),
     ("best eval mlm_acc", "best/eval/mlm_acc"),
+    ("final eval mlm_top5_acc", "final/eval/mlm_top5_acc"),
+    ("neighbours table", "baseline"),
     ("final eval mlm_loss", "final/eval/mlm_loss"),
     ("final eval nsp_acc", "final/eval/nsp_acc"),
+    ("exam", "exam_id"),
     ("tokens/s", "tokens_per_s"),
     ("steps", "steps"),
     ("status", "status"),
 ]
+
+
+def rank_within_exams(runs: list[dict]) -> str:
+    """Set each run's "rank" by final exam accuracy among the runs that took the same exam; return a note
+    when the runs took more than one exam (empty otherwise)."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        r["rank"] = None
+        if r["exam_id"] and r["final/eval/mlm_acc"] is not None:
+            groups.setdefault(r["exam_id"], []).append(r)
+    for group in groups.values():
+        for i, r in enumerate(sorted(group, key=lambda r: -r["final/eval/mlm_acc"])):
+            r["rank"] = i + 1
+    if len(groups) > 1:
+        return (f"Note: these runs took {len(groups)} different exams ({', '.join(sorted(groups))}): eval/mlm_acc "
+                "is ranked within each exam only; accuracies on different exams are not comparable.")
+    return ""
 
 
 def table_rows(runs: list[dict], keys: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -149,8 +179,8 @@ def figure(runs: list[dict], keys: list[str]):
         label = label_of(r, keys) + ("" if r["status"] == "completed" else f" ({r['status']})")
         axes[0].plot(steps, [m["eval/mlm_loss"] for m in r["evals"]], marker="o", label=label)
         axes[1].plot(steps, [m["eval/mlm_acc"] for m in r["evals"]], marker="o", label=label)
-    axes[0].set(xlabel="step", ylabel="eval/mlm_loss", title="Held-out MLM loss")
-    axes[1].set(xlabel="step", ylabel="eval/mlm_acc", title="Held-out MLM accuracy")
+    axes[0].set(xlabel="step", ylabel="eval/mlm_loss", title="Exam MLM loss")
+    axes[1].set(xlabel="step", ylabel="eval/mlm_acc", title="Exam accuracy (blanks, all [MASK])")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
@@ -173,8 +203,9 @@ def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison"
         raise SystemExit(f"error: no runs found under {', '.join(map(str, paths))} (a run dir has .hydra/config.yaml)")
     runs = [load_run(p) for p in run_dirs]
     keys = differing_keys(runs)
+    note = rank_within_exams(runs)
     header, rows = table_rows(runs, keys)
-    md = to_markdown(header, rows)
+    md = to_markdown(header, rows) + (f"\n\n{note}" if note else "")
     out = Path(out) if out else (Path(paths[0]) if len(paths) == 1 and Path(paths[0]).is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(md + "\n", encoding="utf-8")

@@ -53,12 +53,23 @@ _SWEEP_FUNCS = ("choice(", "range(", "interval(", "glob(", "tag(")
 
 def swept_keys(hc) -> set[str]:
     """Keys a multirun varies: `hydra.sweeper.params` of a sweep file plus command-line overrides with
-    several values (a,b or choice/range/interval/glob)."""
+    several values (a,b or choice/range/interval/glob).
+
+    The command line is read from the sweep's own record (`multirun.yaml`, written by Hydra's sweeper in the
+    sweep dir before any job starts), not from this process's argv: under submitit a job runs in a worker
+    whose argv is submitit's, not the user's."""
     keys = set()
     params = hc.sweeper.get("params") if hc.sweeper else None
     if params:
         keys.update(str(k) for k in params.keys())
-    for arg in sys.argv[1:]:
+    record = Path(hc.sweep.dir) / "multirun.yaml"
+    if record.is_file():
+        from omegaconf import OmegaConf
+
+        args = list(OmegaConf.load(record).hydra.overrides.task)
+    else:
+        args = sys.argv[1:]
+    for arg in args:
         if "=" not in arg or arg.startswith("-"):
             continue
         key, value = arg.split("=", 1)
@@ -114,22 +125,55 @@ def run_job(cfg: DictConfig) -> float | None:
             final = run_training(cfg, run_dir, info)
         except InstantiationException as e:  # Hydra wraps what a _target_ raised: show the user's error
             raise _user_error(e) or e
+    except Interrupted as e:
+        write_status(run_dir, "interrupted", name=info["name"], error=str(e))
+        if info["multirun"]:
+            _stop_sweep(hc, e)
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
     except (BertexpError, OmegaConfBaseException) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        status = "interrupted" if isinstance(e, Interrupted) else "failed"
-        write_status(run_dir, status, name=info["name"], error=msg)
+        write_status(run_dir, "failed", name=info["name"], error=msg)
         if info["multirun"]:
             # Not raised: Hydra's sweeper would stop at the first failed result and never write the
             # sweep summary. The job is marked failed in status.json (and W&B); the sweep exits 1 at the end.
-            log.error("job %s %s: %s", hc.job.num, status, msg)
+            log.error("job %s failed: %s", hc.job.num, msg)
             return float("nan")
-        print(f"error: {msg}" if status == "failed" else msg, file=sys.stderr)
-        sys.exit(e.exit_code if isinstance(e, Interrupted) else 2)
-    except BaseException as e:
-        write_status(run_dir, "failed", name=info["name"], error=f"{type(e).__name__}: {e}".splitlines()[0])
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit:  # a launcher's pre-emption handler (submitit) requeues the job after our checkpoint
+        write_status(run_dir, "interrupted", name=info["name"], error="requeued after a checkpoint")
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, and stop the sweep too
+        write_status(run_dir, "interrupted", name=info["name"], error="KeyboardInterrupt")
+        if info["multirun"]:
+            _stop_sweep(hc, Interrupted("stopped by a second Ctrl-C (no checkpoint of the current step)", 130))
+        raise
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}".splitlines()[0]
+        write_status(run_dir, "failed", name=info["name"], error=msg)
+        if info["multirun"]:
+            # A bug or the machine (out of memory, a dead GPU) failed this job: record it with its traceback
+            # and go on, so the rest of the sweep runs and its summary is written.
+            log.exception("job %s failed", hc.job.num)
+            return float("nan")
         raise
     write_status(run_dir, "completed", name=info["name"])
     return final.get("final/eval/mlm_acc")
+
+
+def _stop_sweep(hc, e: Interrupted) -> None:
+    """A signal stops the whole sweep, not just this job: summarise what ran, say how to go on, exit."""
+    from bertexp.sweep import write_summary
+
+    sweep_dir = Path(hc.sweep.dir)
+    write_summary(sweep_dir)
+    print(
+        f"{e}\nSweep stopped at job {hc.job.num}. Resume it with the same command and hydra.sweep.dir={sweep_dir}: "
+        "every job continues from its last checkpoint, and finished jobs only report their result again.",
+        file=sys.stderr,
+    )
+    sys.exit(e.exit_code)
 
 
 def _run_quiet_rank(cfg, run_dir, info, run_training):

@@ -42,6 +42,8 @@ class Masker:
     """Base class. Subclasses implement `select`; this class validates and applies the replacement split."""
 
     name = "base"
+    # Decide [MASK] / random / keep once per span instead of per token (SpanBERT); adjacent spans count as one.
+    replace_per_span = False
 
     def __init__(self, ratio: float = 0.15, mask_token_prob: float = 0.8, random_token_prob: float = 0.1):
         if not 0.0 < float(ratio) < 1.0:
@@ -74,6 +76,10 @@ class Masker:
         selected = self.select(batch, generator) & ~batch["special_tokens_mask"]
         labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
         u = torch.rand(ids.shape, generator=generator)
+        if self.replace_per_span:  # one draw per run of selected positions: its first position's
+            first = selected.clone()
+            first[:, 1:] &= ~selected[:, :-1]
+            u = u.gather(1, _word_index(first))
         to_mask = selected & (u < self.mask_token_prob)
         to_random = selected & (u >= self.mask_token_prob) & (u < self.mask_token_prob + self.random_token_prob)
         pick = torch.randint(len(self._replacements), ids.shape, generator=generator)
@@ -166,9 +172,14 @@ def _next_special(special_row: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 class SpanMasking(_SpanMasking):
-    """SpanBERT: span lengths (in words) ~ Geometric(p), clipped at `max_span`; spans start at word starts."""
+    """SpanBERT: span lengths (in words) ~ Geometric(p), clipped at `max_span`; spans start at word starts.
+
+    As in SpanBERT, the [MASK] / random / keep choice is made once per span (a random replacement still
+    draws a token per position), and the last span is cut where the row's budget runs out, mid-word if need
+    be (SpanBERT stops adding tokens the moment its budget is met)."""
 
     name = "span"
+    replace_per_span = True
 
     def __init__(self, ratio=0.15, mask_token_prob=0.8, random_token_prob=0.1, p: float = 0.2, max_span: int = 10):
         super().__init__(ratio, mask_token_prob, random_token_prob)

@@ -103,16 +103,41 @@ def encoder_params(model: BertForPreTraining) -> int:
 
 
 class PretrainingObjective(torch.nn.Module):
-    """MLM + NSP as `BertForPreTraining` defines them, with the MLM decoder run on selected positions only.
+    """MLM + NSP as `BertForPreTraining` defines them, with the MLM decoder run on selected positions only,
+    and NSP weighted by `nsp_weight` (0 switches it off: RoBERTa's ablation; its head is still scored).
 
     A module (not a function) so DistributedDataParallel can wrap it: its forward is where gradients are
     hooked. It returns *sums*; the caller divides by the counts of the whole (global) batch, so the loss
     is the same however a batch is split across micro-batches and devices.
+
+    `mlm_bias_init=unigram` starts the MLM output bias at the log-frequencies of the training tokens, so
+    a fresh model predicts the unigram distribution from step 0 instead of spending its first steps
+    learning it (scratch models only; a loaded or resumed model keeps its own).
     """
 
-    def __init__(self, model: BertForPreTraining):
+    def __init__(self, model: BertForPreTraining, nsp_weight: float = 1.0, mlm_bias_init: str = "zero"):
         super().__init__()
+        if not (0.0 <= float(nsp_weight) < float("inf")):
+            raise ConfigError(f"objective.nsp_weight={nsp_weight} must be a number >= 0 (0: MLM only)")
+        if mlm_bias_init not in ("zero", "unigram"):
+            raise ConfigError(f"objective.mlm_bias_init={mlm_bias_init!r} must be zero or unigram")
         self.model = model
+        self.nsp_weight = float(nsp_weight)
+        self.mlm_bias_init = mlm_bias_init
+
+    def init_heads(self, train_ids) -> None:
+        """Initialise the MLM output bias of a fresh model (see the class docstring)."""
+        if self.mlm_bias_init != "unigram":
+            return
+        bias = self.model.cls.predictions.bias
+        counts = torch.bincount(torch.as_tensor(train_ids[:10_000_000], dtype=torch.long), minlength=bias.numel())
+        counts = counts[: bias.numel()].double() + 1.0  # add-one: every entry gets a finite log-probability
+        with torch.no_grad():
+            bias.copy_((counts / counts.sum()).log().to(bias.dtype))
+
+    def loss(self, mlm_mean: torch.Tensor, nsp_mean: torch.Tensor) -> torch.Tensor:
+        # At weight 0 the NSP term stays in the graph (times 0), so DDP still sees a gradient for every parameter.
+        return mlm_mean + self.nsp_weight * nsp_mean
 
     def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
         out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)

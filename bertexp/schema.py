@@ -58,7 +58,7 @@ class OptimSchema:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: Optional[float] = 1.0
     optimizer: Any = None
 
 
@@ -82,12 +82,20 @@ class NgramMaskingSchema(MaskingSchema):
 
 
 @dataclass
+class ObjectiveSchema:
+    _target_: str = "bertexp.modeling.PretrainingObjective"
+    _partial_: bool = True
+    nsp_weight: float = 1.0
+    mlm_bias_init: str = "zero"
+
+
+@dataclass
 class TrainerSchema:
     max_steps: int = 2000
     log_every: int = 20
     eval_every: int = 250
-    eval_batches: Optional[int] = 16
-    eval_mask_ratio: float = 0.15
+    exam_length: int = 128
+    exam_pairs: Optional[int] = 2048
     save_every: int = 250
     keep_checkpoints: int = 2
     resume: str = "auto"
@@ -119,6 +127,7 @@ SCHEMAS = {
     ("masking", "masking_schema"): MaskingSchema,
     ("masking", "span_schema"): SpanMaskingSchema,
     ("masking", "ngram_schema"): NgramMaskingSchema,
+    ("objective", "objective_schema"): ObjectiveSchema,
     ("trainer", "trainer_schema"): TrainerSchema,
     ("logger", "logger_schema"): LoggerSchema,
 }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -105,7 +104,6 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
         self.run = None
-        self.best: dict[str, float] = {}
         if logger_cfg:
             self.run = self._init_wandb(logger_cfg, run_info, config, resume_id)
 
@@ -155,20 +153,19 @@ class Tracker:
         for pattern in ("train/*", "eval/*", "throughput/*", "masking/*"):
             run.define_metric(pattern, step_metric="step")
         run.define_metric("eval/mlm_acc", step_metric="step", summary="max,last")
+        run.define_metric("eval/mlm_top5_acc", step_metric="step", summary="max,last")
         run.define_metric("eval/nsp_acc", step_metric="step", summary="max,last")
         run.define_metric("eval/mlm_loss", step_metric="step", summary="min,last")
         run.summary["run_dir"] = str(self.run_dir)
         return run
 
     def truncate_after(self, step: int) -> None:
+        """Drop records after `step`: all of them on a fresh start (step 0), so a run dir that is reused
+        (a kill before the first checkpoint, or trainer.resume=never) never mixes two runs' records."""
         self.metrics.truncate_after(step)
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
-        for k, v in record.items():
-            if k.startswith("eval/") and isinstance(v, (int, float)) and math.isfinite(v):
-                better = max if k.endswith("acc") else min
-                self.best[k] = better(self.best.get(k, v), v)
         if self.run is not None:
             try:
                 self.run.log(record)
@@ -181,15 +178,6 @@ class Tracker:
                 self.run.summary.update(values)
             except Exception as e:
                 log.warning("W&B summary update failed (%s)", e)
-
-    def flush(self) -> None:
-        """Before a possible hard exit (requeue): push what W&B has buffered to its files."""
-        if self.run is not None:
-            try:
-                self.run.finish(exit_code=1)
-            except Exception as e:
-                log.warning("W&B finish failed (%s)", e)
-            self.run = None
 
     def log_checkpoint(self, path: Path) -> None:
         """The final checkpoint as a W&B model artifact (stored with the offline run, uploaded by sync)."""
@@ -218,11 +206,9 @@ class NullTracker:
     """What ranks other than 0 log to: nothing."""
 
     run_id = None
-    best: dict = {}
 
     def truncate_after(self, step: int) -> None: ...
     def log(self, record: dict) -> None: ...
     def summary(self, values: dict) -> None: ...
-    def flush(self) -> None: ...
     def log_checkpoint(self, path: Path) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...

@@ -1,6 +1,7 @@
-"""The training run, top to bottom: build data, model and optimizer from the config; restore the last
-checkpoint if there is one; then loop — mask, forward, backward, clip, step — logging every `log_every`,
-evaluating every `eval_every`, checkpointing every `save_every`; on a signal, checkpoint and stop.
+"""The training run, top to bottom: `build` data, model, objective and optimizer from the config; `restore`
+the run state of the last checkpoint if there is one; `prepare_exam`; then loop — one `Stepper` call (mask,
+forward, backward, clip, update), log every `log_every`, score the exam every `eval_every`, checkpoint every
+`save_every`; on a signal, checkpoint and stop. What the loop carries lives in one `RunState`.
 
 Every random draw of step `s` is seeded from (seed, s): masking has its own generator, dropout the global
 one. So a resumed run sees exactly the batches, masks and dropout it would have seen uninterrupted.
@@ -16,6 +17,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +30,15 @@ from transformers.utils import logging as hf_logging
 
 from bertexp import distributed
 from bertexp.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from bertexp.data.dataset import Position
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
-from bertexp.masking import TokenMasking, Vocab
+from bertexp.exam import BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
+from bertexp.exam import evaluate as evaluate_exam
+from bertexp.masking import Vocab
 from bertexp.modeling import PretrainingObjective, encoder_params, fit_attention_to_precision
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
+from bertexp.run_state import RunState
 from bertexp.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -117,53 +121,16 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def build_eval_set(data, vocab: Vocab, ratio: float, mask_token_prob: float, random_token_prob: float,
-                   max_batches: int | None) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
-    """Held-out batches masked once, with token masking and a generator seeded by `data.split_seed`: the
-    same positions for every run on the same data, whatever its training strategy, ratio or seed."""
-    masker = TokenMasking(ratio, mask_token_prob, random_token_prob).bind(vocab)
-    g = torch.Generator().manual_seed(int(data.split_seed) + 12345)
-    return [(b, *masker(b, g)[:2]) for b in data.eval_batches(max_batches)]
-
-
-def evaluate_mlm(objective: PretrainingObjective, eval_set, device, amp, dist: distributed.Dist) -> dict:
-    """MLM loss/accuracy/perplexity and NSP accuracy on the held-out set (sharded over ranks, then summed)."""
-    objective.eval()
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # mlm loss sum, masked tokens, correct, nsp correct, pairs
-    with torch.no_grad(), amp:
-        for i, (b, ids, labels) in enumerate(eval_set):
-            if i % dist.world != dist.rank:
-                continue
-            b = {k: v.to(device) for k, v in b.items()}
-            mlm_sum, _, logits, targets, nsp_logits = objective(
-                ids.to(device), b["attention_mask"], b["token_type_ids"], labels.to(device), b["next_sentence_label"])
-            sums[0] += float(mlm_sum)
-            sums[1] += targets.numel()
-            sums[2] += float((logits.argmax(-1) == targets).sum())
-            sums[3] += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
-            sums[4] += len(nsp_logits)
-    objective.train()
-    loss_sum, n, correct, nsp_correct, pairs = dist.sum(sums)
-    mlm_loss = loss_sum / max(n, 1)
-    return {
-        "eval/mlm_loss": mlm_loss,
-        "eval/mlm_acc": correct / max(n, 1),
-        "eval/perplexity": math.exp(min(mlm_loss, 50.0)),
-        "eval/nsp_acc": nsp_correct / max(pairs, 1),
-        "eval/masked_tokens": int(n),
-    }
-
-
 def check_trainer(tc) -> None:
     """Range checks of trainer.* (types were checked when the config was composed)."""
     for name, low in (("max_steps", 1), ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("grad_accum", 1),
                       ("keep_checkpoints", 0), ("max_bad_steps", 0)):
         if int(tc[name]) < low:
             raise ConfigError(f"trainer.{name}={tc[name]} must be >= {low}")
-    if tc.eval_batches is not None and int(tc.eval_batches) < 1:
-        raise ConfigError(f"trainer.eval_batches={tc.eval_batches} must be >= 1 (or null for the whole held-out set)")
-    if not 0.0 < float(tc.eval_mask_ratio) < 1.0:
-        raise ConfigError(f"trainer.eval_mask_ratio={tc.eval_mask_ratio} must be in (0, 1)")
+    if tc.exam_pairs is not None and int(tc.exam_pairs) < 1:
+        raise ConfigError(f"trainer.exam_pairs={tc.exam_pairs} must be >= 1 (or null for every held-out pair)")
+    if int(tc.exam_length) < 8:
+        raise ConfigError(f"trainer.exam_length={tc.exam_length} must be >= 8 (room for [CLS] A [SEP] B [SEP])")
     if tc.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"trainer.precision={tc.precision!r} must be auto, fp32 or bf16")
 
@@ -194,235 +161,314 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
         distributed.teardown(dist)
 
 
+@dataclass
+class Parts:
+    """What a run is built from: data, model, objective, optimizer and the exam it is scored on."""
+
+    data: object
+    tokenizer: object
+    masker: object
+    model: BertForPreTraining
+    objective: PretrainingObjective
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    precision: str
+    amp: object
+    resume_from: Path | None
+
+
+def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distributed.Dist) -> Parts:
+    tc = cfg.trainer
+    log.info("Instantiating data <%s>", cfg.data._target_)
+    data = instantiate(cfg.data)
+    log.info("Instantiating model <%s>", cfg.model._target_)
+    spec = instantiate(cfg.model)
+    for name, length in (("data.max_length", data.max_length), ("trainer.exam_length", int(tc.exam_length))):
+        if length > spec.max_positions:
+            raise ConfigError(
+                f"{name}={length} exceeds the model's position limit ({spec.max_positions}); "
+                f"use {name} between 8 and {spec.max_positions}"
+            )
+    masker = instantiate(cfg.masking)  # validates masking.* before any slow work
+    make_objective = instantiate(cfg.objective)  # likewise objective.*
+    resume_from = _resume_checkpoint(run_dir, str(tc.resume))
+    tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
+    data.prepare(tokenizer, int(cfg.seed))
+    masker.bind(Vocab.from_tokenizer(tokenizer))
+    if resume_from:
+        model = BertForPreTraining.from_pretrained(str(resume_from), local_files_only=True, attn_implementation="sdpa")
+    else:
+        model = spec.build(tokenizer)
+    objective = make_objective(model)
+    if not resume_from:
+        objective.init_heads(data.train_token_ids())
+    model.to(device)
+    precision = resolve_precision(str(tc.precision), device)
+    fit_attention_to_precision(model, device.type, precision)
+    if tc.compile:
+        model.bert.compile(dynamic=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(objective) if dist.enabled else objective
+    log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s, %s%s",
+             sum(p.numel() for p in model.parameters()) / 1e6, encoder_params(model) / 1e6, len(tokenizer), device,
+             precision, f", {dist.world} ranks" if dist.enabled else "")
+    log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.optim, optimizer, int(tc.max_steps))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from)
+
+
+def restore(parts: Parts) -> RunState:
+    """The run state of the checkpoint to resume from (optimizer, scheduler and RNG restored in place), or a
+    fresh one."""
+    if not parts.resume_from:
+        return RunState()
+    saved = load_trainer_state(parts.resume_from)
+    try:
+        parts.optimizer.load_state_dict(saved["optimizer"])
+        parts.scheduler.load_state_dict(saved["scheduler"])
+        state = RunState.from_dict(saved["run"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {parts.resume_from}: its state does not fit this config ({e})") from None
+    set_rng_state(saved["rng"])
+    log.info("Checkpoint found: resuming from step %d (%s)", state.step, parts.resume_from)
+    return state
+
+
+def prepare_exam(cfg: DictConfig, data, batch_size: int):
+    """The exam, its batches and the counting baselines' scores on it (logged once, and with every eval)."""
+    tc = cfg.trainer
+    length = int(tc.exam_length)
+    examples, on_train = data.heldout_examples(length, SHORT_SEQ_PROB)
+    exam = build_exam(examples, data.tokens.ids, length, int(data.split_seed), tc.exam_pairs)
+    batches = exam.batches(data, batch_size)
+    baselines = CountingBaselines(data.train_token_ids(), data.vocab_size).score(batches)
+    log.info(
+        "Exam %s: %d %s pairs of up to %d tokens, %d blanks (%.0f%% of their tokens, every one [MASK]). Counting "
+        "the training split scores: most frequent token %.4f, left-neighbour table %.4f, neighbours table %.4f",
+        exam.exam_id, exam.num_pairs, "training" if on_train else "held-out", length, exam.num_blanks,
+        100 * BLANK_SHARE, baselines["most_frequent"], baselines["left_neighbour"], baselines["neighbours"],
+    )
+    if data.max_length < length:
+        log.warning("The exam has pairs of up to %d tokens, but this run trains on at most data.max_length=%d: "
+                    "positions beyond that are never trained", length, data.max_length)
+    return exam, batches, {f"eval/baseline/{k}_acc": v for k, v in baselines.items()}
+
+
 def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device, dist: distributed.Dist) -> dict:
     tc = cfg.trainer
     seed, max_steps, accum = int(cfg.seed), int(tc.max_steps), int(tc.grad_accum)
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per checkpoint shard
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-
-    # ---- build ------------------------------------------------------------------------------------
-    log.info("Instantiating data <%s>", cfg.data._target_)
-    data = instantiate(cfg.data)
-    log.info("Instantiating model <%s>", cfg.model._target_)
-    spec = instantiate(cfg.model)
-    if data.max_length > spec.max_positions:
-        raise ConfigError(
-            f"data.max_length={data.max_length} exceeds the model's position limit ({spec.max_positions}); "
-            f"use data.max_length between 8 and {spec.max_positions}"
-        )
-    masker = instantiate(cfg.masking)  # validates masking.* before any slow work
-    resume_from = _resume_checkpoint(run_dir, str(tc.resume))
-    tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
-    data.prepare(tokenizer, seed)
-    vocab = Vocab.from_tokenizer(tokenizer)
-    masker.bind(vocab)
-    if resume_from:
-        model = BertForPreTraining.from_pretrained(str(resume_from), local_files_only=True, attn_implementation="sdpa")
-    else:
-        model = spec.build(tokenizer)
-    model.to(device)
-    precision = resolve_precision(str(tc.precision), device)
-    fit_attention_to_precision(model, device.type, precision)
-    if tc.compile:
-        model.bert.compile(dynamic=True)
-    objective = PretrainingObjective(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(objective) if dist.enabled else objective
-    n_enc = encoder_params(model)
-    log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s, %s%s",
-             sum(p.numel() for p in model.parameters()) / 1e6, n_enc / 1e6, len(tokenizer), device, precision,
-             f", {dist.world} ranks" if dist.enabled else "")
-    log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
-    optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer, max_steps)
-
-    step, position, bad_steps, wandb_id = 0, Position(), 0, None
-    if resume_from:
-        state = load_trainer_state(resume_from)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {resume_from}: optimizer state does not fit this config ({e})") from None
-        step, position = int(state["step"]), Position(**state["position"])
-        bad_steps, wandb_id = int(state.get("bad_steps", 0)), state.get("wandb_id")
-        set_rng_state(state["rng"])
-        log.info("Checkpoint found: resuming from step %d (%s)", step, resume_from)
-
-    # Held-out set, masked once with a fixed generator: the same positions in every run on the same data
-    # and split seed, whatever the training strategy, ratio or seed, so eval/mlm_acc compares across a sweep.
-    eval_set = build_eval_set(data, vocab, float(tc.eval_mask_ratio), masker.mask_token_prob,
-                              masker.random_token_prob, tc.eval_batches)
-    eval_targets = torch.cat([lab[lab != -100] for _, _, lab in eval_set])
-    baseline_acc = float(torch.bincount(eval_targets).max() / max(1, eval_targets.numel()))
-    log.info("Held-out set: %d pairs, %d masked tokens; always predicting the most frequent token scores %.4f",
-             sum(len(b["input_ids"]) for b, _, _ in eval_set), eval_targets.numel(), baseline_acc)
-
+    parts = build(cfg, run_dir, device, dist)
+    state = restore(parts)
+    exam, exam_batches, baselines = prepare_exam(cfg, parts.data, parts.data.batch_size)
     config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, wandb_id) if dist.main else NullTracker()
-    if resume_from:
-        tracker.truncate_after(step)
+    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, state.wandb_id) if dist.main else NullTracker()
+    tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
+    state.wandb_id = tracker.run_id
     # MFU against the matmul throughput of the precision the run computes in
-    peak = matmul_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32) if tc.measure_mfu else float("nan")
-    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    peak = (matmul_flops(device, torch.bfloat16 if parts.precision == "bf16" else torch.float32)
+            if tc.measure_mfu else float("nan"))
 
     def evaluate() -> dict:
-        return {**evaluate_mlm(objective, eval_set, device, amp, dist), "eval/baseline_acc": baseline_acc}
+        record = {"step": state.step, **evaluate_exam(parts.objective, exam_batches, device, parts.amp, dist),
+                  **baselines, "eval/exam_id": exam.exam_id}
+        state.note_eval(record)
+        return record
 
     def checkpoint() -> Path | None:
         if not dist.main:
             return None
         return save_checkpoint(
-            run_dir, step, model, tokenizer,
-            {"step": step, "position": vars(position), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "bad_steps": bad_steps, "wandb_id": tracker.run_id,
-             "config": config},
+            run_dir, state.step, parts.model, parts.tokenizer,
+            {"run": state.to_dict(), "optimizer": parts.optimizer.state_dict(),
+             "scheduler": parts.scheduler.state_dict(), "config": config},
             keep=int(tc.keep_checkpoints),
         )
 
-    # ---- loop -------------------------------------------------------------------------------------
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    micro = data.batch_size
-    mine = dist.rank * micro * accum  # first row of this rank's share of the global batch
-    gen = torch.Generator()
-    batches = data.train_batches(position, batch_size=micro * accum * dist.world)
-    win = dict.fromkeys(("mlm", "nsp", "steps", "tokens", "selected", "maskable", "seq", "rows", "width"), 0.0)
-    win_time, total_tokens, total_time = 0.0, 0, 0.0
+    step_fn = Stepper(cfg, parts, run_dir, dist, device)
+    batches = parts.data.train_batches(state.position, batch_size=parts.data.batch_size * accum * dist.world)
     last_eval: dict = {}
     first_step_s = None
     exit_code = 1
-    pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
+    pbar = tqdm(total=max_steps, initial=state.step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
     try:
         with _StopFlag() as stop:
-            while step < max_steps:
+            while state.step < max_steps:
                 t0 = time.perf_counter()
                 batch, next_position = next(batches)
-                gen.manual_seed(step_seed(seed, step, 1))
-                torch.manual_seed(step_seed(seed, step, 2 + 7 * dist.rank))  # dropout
-                ids, labels, selected = masker(batch, gen)
-                n_masked = max(1, int((labels != -100).sum()))
-                n_pairs = len(ids)
-                lr_now = optimizer.param_groups[0]["lr"]
-                local = torch.zeros(2, dtype=torch.float64)
-                for k in range(accum):
-                    rows = slice(mine + k * micro, mine + (k + 1) * micro)
-                    b = {key: v[rows].to(device, non_blocking=True) for key, v in batch.items()}
-                    sync = ddp.no_sync() if dist.enabled and k < accum - 1 else nullcontext()
-                    with sync:
-                        with amp:
-                            mlm_sum, nsp_sum, *_ = ddp(ids[rows].to(device), b["attention_mask"], b["token_type_ids"],
-                                                       labels[rows].to(device), b["next_sentence_label"])
-                        # Global-batch normalisation; DDP averages over ranks, so scale back up by their number.
-                        loss = (mlm_sum / n_masked + nsp_sum / n_pairs) * dist.world
-                        loss.backward()
-                    local += torch.stack([mlm_sum.detach().double().cpu(), nsp_sum.detach().double().cpu()])
-                mlm_g, nsp_g, stop_votes = dist.sum([*local.tolist(), float(stop.signum is not None)])
-                mlm, nsp = mlm_g / n_masked, nsp_g / n_pairs
-                if not math.isfinite(mlm + nsp):
-                    bad_steps += 1
-                    if bad_steps > int(tc.max_bad_steps):
-                        last = latest_checkpoint(run_dir)
-                        raise TrainingError(
-                            f"non-finite loss ({mlm + nsp}) at step {step + 1}; last good checkpoint: "
-                            f"{last or 'none'} (lower optim.lr, or allow trainer.max_bad_steps)"
-                        )
-                    log.warning("Non-finite loss at step %d: update skipped (%d/%d allowed)", step + 1, bad_steps, tc.max_bad_steps)
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, float(cfg.optim.grad_clip))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                position = next_position
+                sums, stop_votes = step_fn(state, batch, stop)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                n_tok = int(batch["attention_mask"].sum())  # the global batch: the same on every rank
-                win_time += dt
-                total_time += dt
-                total_tokens += n_tok
-                for key, v in (("steps", 1), ("tokens", n_tok), ("mlm", mlm if math.isfinite(mlm) else 0.0),
-                               ("nsp", nsp if math.isfinite(nsp) else 0.0),
-                               ("selected", int(selected.sum())), ("maskable", int((~batch["special_tokens_mask"]).sum())),
-                               ("seq", batch["input_ids"].numel()), ("rows", n_pairs)):
-                    win[key] += v
-                win["width"] = max(win["width"], int(batch["input_ids"].shape[1]))
+                state.advance(next_position, time.perf_counter() - t0, **sums)
                 pbar.update(1)
                 if first_step_s is None:
                     first_step_s = process_age()
                     log.info("First step done %.1f s after the process started", first_step_s)
 
-                if step % int(tc.log_every) == 0 or step == max_steps:
-                    n = win["steps"]
-                    tps = win["tokens"] / max(win_time, 1e-9)
-                    seq_len = win["seq"] / max(win["rows"], 1)
-                    record = {
-                        "step": step,
-                        "train/loss": (win["mlm"] + win["nsp"]) / n,
-                        "train/mlm_loss": win["mlm"] / n,
-                        "train/nsp_loss": win["nsp"] / n,
-                        "train/lr": lr_now,
-                        "train/epoch": position.epoch,
-                        "train/max_seq_len": int(win["width"]),  # widest padded batch of the window
-                        "masking/realized_ratio": win["selected"] / max(win["maskable"], 1),
-                        "throughput/tokens_per_s": tps,
-                    }
-                    if tc.measure_mfu:  # model FLOPs per token: 6N (encoder layers) + attention's 12 L H T
-                        record["throughput/mfu"] = (6 * n_enc + 12 * layers * hidden * seq_len) * tps / (peak * dist.world)
+                if state.step % int(tc.log_every) == 0 or state.step == max_steps:
+                    record = train_record(state, parts.optimizer, step_fn.lr, peak, step_fn.flops_per_token, dist)
                     tracker.log(record)
-                    pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:.0f}")
-                    win = dict.fromkeys(win, 0.0)
-                    win_time = 0.0
-                if step % int(tc.eval_every) == 0 or step == max_steps:
-                    last_eval = {"step": step, **evaluate()}
+                    pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{step_fn.lr:.2e}",
+                                     tok_s=f"{record['throughput/tokens_per_s']:.0f}")
+                if state.step % int(tc.eval_every) == 0 or state.step == max_steps:
+                    last_eval = evaluate()
                     tracker.log(last_eval)
                     if dist.main:
-                        pbar.write(
-                            f"step {step}: eval mlm_acc {last_eval['eval/mlm_acc']:.4f} (most-frequent-token baseline "
-                            f"{baseline_acc:.4f}), mlm_loss {last_eval['eval/mlm_loss']:.3f}, nsp_acc {last_eval['eval/nsp_acc']:.3f}"
-                        )
-                saved = step % int(tc.save_every) == 0 or step == max_steps
+                        pbar.write(describe_eval(last_eval))
+                saved = state.step % int(tc.save_every) == 0 or state.step == max_steps
                 if saved:
                     checkpoint()
                 if stop_votes:
                     if not saved:
                         checkpoint()
-                    tracker.flush()
-                    if stop.signum is not None:
-                        stop.chain()  # e.g. submitit: requeue this job; it resumes from the checkpoint above
                     signum = stop.signum or signal.SIGTERM
-                    raise Interrupted(
-                        f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved — resume with the "
-                        f"same command and hydra.run.dir={run_dir}", _SIGNALS.get(signum, 143)
+                    interrupted = Interrupted(
+                        f"stopped by {signal.Signals(signum).name} at step {state.step}; checkpoint saved — resume "
+                        f"with the same command and hydra.run.dir={run_dir}", _SIGNALS.get(signum, 143)
                     )
+                    if stop.signum is not None:  # e.g. submitit: requeue this job; it resumes from the checkpoint
+                        _close(tracker, state, last_eval, first_step_s, run_dir, interrupted.exit_code)
+                        stop.chain()
+                    raise interrupted
             if not last_eval:  # already finished earlier: report the last evaluation again
-                last_eval = {"step": step, **evaluate()}
+                last_eval = evaluate()
         exit_code = 0
+    except Interrupted as e:
+        exit_code = e.exit_code
+        raise
     finally:
         pbar.close()
-        final = {
-            "final/step": step,
-            **{f"final/{k}": v for k, v in last_eval.items() if k != "step"},
-            **{f"best/{k}": v for k, v in tracker.best.items()},
-            "throughput/mean_tokens_per_s": total_tokens / total_time if total_time else None,
-            "time/to_first_step_s": first_step_s,
-            "run_dir": str(run_dir),
-        }
-        tracker.summary(final)
-        if exit_code == 0 and cfg.get("logger") and cfg.logger.get("log_checkpoints"):
-            tracker.log_checkpoint(run_dir / "checkpoints" / "last")
-        tracker.finish(exit_code)
-    log.info(
-        "Finished at step %d: eval/mlm_acc %.4f vs %.4f for always predicting the most frequent token; "
-        "eval/nsp_acc %.3f; %s tokens/s",
-        step, last_eval.get("eval/mlm_acc", float("nan")), baseline_acc, last_eval.get("eval/nsp_acc", float("nan")),
-        f"{final['throughput/mean_tokens_per_s']:.0f}" if final["throughput/mean_tokens_per_s"] else "n/a",
-    )
+        final = _close(tracker, state, last_eval, first_step_s, run_dir, exit_code,
+                       log_checkpoint=exit_code == 0 and bool(cfg.get("logger")) and bool(cfg.logger.get("log_checkpoints")))
+    log.info(describe_final(final, baselines))
     return final
 
+
+def _close(tracker, state: RunState, last_eval: dict, first_step_s, run_dir: Path, exit_code: int,
+           log_checkpoint: bool = False) -> dict:
+    """The run's summary (final and best evaluation, throughput), written before W&B is finished; safe to
+    call twice (the second call only returns the summary)."""
+    final = {
+        "final/step": state.step,
+        **{f"final/{k}": v for k, v in last_eval.items() if k != "step"},
+        **{f"best/{k}": v for k, v in state.best.items()},
+        "throughput/mean_tokens_per_s": state.tokens / state.train_time if state.train_time else None,
+        "time/to_first_step_s": first_step_s,
+        "run_dir": str(run_dir),
+    }
+    tracker.summary(final)
+    if log_checkpoint:
+        tracker.log_checkpoint(run_dir / "checkpoints" / "last")
+    tracker.finish(exit_code)
+    return final
+
+
+class Stepper:
+    """One optimizer step on a global batch: mask, forward and backward over micro-batches (and ranks),
+    clip, update. Every draw is seeded from (seed, step), so a resumed run repeats it exactly."""
+
+    def __init__(self, cfg: DictConfig, parts: Parts, run_dir: Path, dist: distributed.Dist, device: torch.device):
+        self.p, self.run_dir, self.dist, self.device = parts, run_dir, dist, device
+        self.seed, self.accum = int(cfg.seed), int(cfg.trainer.grad_accum)
+        self.max_bad_steps = int(cfg.trainer.max_bad_steps)
+        clip = cfg.optim.grad_clip
+        self.clip = float(clip) if clip is not None and float(clip) > 0 else None  # <= 0 or null: no clipping
+        self.micro = parts.data.batch_size
+        self.mine = dist.rank * self.micro * self.accum  # first row of this rank's share of the global batch
+        self.params = [q for q in parts.model.parameters() if q.requires_grad]
+        self.gen = torch.Generator()
+        self.lr = 0.0
+        c = parts.model.config  # model FLOPs per token: 6N (encoder layers) + attention's 12 L H T
+        self.flops_per_token = lambda seq_len: 6 * encoder_params(parts.model) + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+    def __call__(self, state: RunState, batch: dict, stop: _StopFlag) -> tuple[dict, bool]:
+        p, dist = self.p, self.dist
+        self.gen.manual_seed(step_seed(self.seed, state.step, 1))
+        torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
+        ids, labels, selected = p.masker(batch, self.gen)
+        n_masked = max(1, int((labels != -100).sum()))
+        n_pairs = len(ids)
+        self.lr = p.optimizer.param_groups[0]["lr"]
+        local = torch.zeros(2, dtype=torch.float64)
+        for k in range(self.accum):
+            rows = slice(self.mine + k * self.micro, self.mine + (k + 1) * self.micro)
+            b = {key: v[rows].to(self.device, non_blocking=True) for key, v in batch.items()}
+            sync = p.ddp.no_sync() if dist.enabled and k < self.accum - 1 else nullcontext()
+            with sync:
+                with p.amp:
+                    mlm_sum, nsp_sum, *_ = p.ddp(ids[rows].to(self.device), b["attention_mask"], b["token_type_ids"],
+                                                 labels[rows].to(self.device), b["next_sentence_label"])
+                # Global-batch normalisation; DDP averages over ranks, so scale back up by their number.
+                loss = p.objective.loss(mlm_sum / n_masked, nsp_sum / n_pairs) * dist.world
+                loss.backward()
+            local += torch.stack([mlm_sum.detach().double().cpu(), nsp_sum.detach().double().cpu()])
+        # a signal that came during this step is seen now, by every rank at once
+        mlm_g, nsp_g, stop_votes = dist.sum([*local.tolist(), float(stop.signum is not None)])
+        mlm, nsp = mlm_g / n_masked, nsp_g / n_pairs
+        if math.isfinite(mlm + nsp):
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            p.optimizer.step()
+        else:
+            state.bad_steps += 1
+            if state.bad_steps > self.max_bad_steps:
+                raise TrainingError(
+                    f"non-finite loss ({mlm + nsp}) at step {state.step + 1}; last good checkpoint: "
+                    f"{latest_checkpoint(self.run_dir) or 'none'} (lower optim.lr, or allow trainer.max_bad_steps)"
+                )
+            log.warning("Non-finite loss at step %d: update skipped (%d/%d allowed)", state.step + 1, state.bad_steps, self.max_bad_steps)
+        p.optimizer.zero_grad(set_to_none=True)
+        p.scheduler.step()
+        sums = {
+            "mlm": mlm if math.isfinite(mlm) else 0.0, "nsp": nsp if math.isfinite(nsp) else 0.0,
+            "tokens": int(batch["attention_mask"].sum()),  # the global batch: the same on every rank
+            "selected": int(selected.sum()), "maskable": int((~batch["special_tokens_mask"]).sum()),
+            "seq": batch["input_ids"].numel(), "rows": n_pairs, "width": int(batch["input_ids"].shape[1]),
+        }
+        return sums, bool(stop_votes)
+
+
+def train_record(state: RunState, optimizer, lr: float, peak: float, flops_per_token, dist) -> dict:
+    """The `train/*` record of the logging window that ends at this step."""
+    w = state.take_window()
+    n = max(w["steps"], 1)
+    tps = w["tokens"] / max(w["time"], 1e-9)
+    record = {
+        "step": state.step,
+        "train/loss": (w["mlm"] + w["nsp"]) / n,
+        "train/mlm_loss": w["mlm"] / n,
+        "train/nsp_loss": w["nsp"] / n,
+        "train/lr": lr,
+        "train/epoch": state.epoch,
+        "train/max_seq_len": int(w["width"]),  # widest padded batch of the window
+        "masking/realized_ratio": w["selected"] / max(w["maskable"], 1),
+        "throughput/tokens_per_s": tps,
+    }
+    if math.isfinite(peak):
+        record["throughput/mfu"] = flops_per_token(w["seq"] / max(w["rows"], 1)) * tps / (peak * dist.world)
+    return record
+
+
+def describe_eval(e: dict) -> str:
+    mf = e["eval/baseline/most_frequent_acc"]
+    return (f"step {e['step']}: exam mlm_acc {e['eval/mlm_acc']:.4f} ({e['eval/mlm_acc'] / max(mf, 1e-9):.2f}x the "
+            f"most-frequent-token {mf:.4f}; neighbours table {e['eval/baseline/neighbours_acc']:.4f}), top-5 "
+            f"{e['eval/mlm_top5_acc']:.4f}, mlm_loss {e['eval/mlm_loss']:.3f}, nsp_acc {e['eval/nsp_acc']:.3f}")
+
+
+def describe_final(final: dict, baselines: dict) -> str:
+    acc = final.get("final/eval/mlm_acc", float("nan"))
+    mf, table = baselines["eval/baseline/most_frequent_acc"], baselines["eval/baseline/neighbours_acc"]
+    tps = final["throughput/mean_tokens_per_s"]
+    verdict = ("below what counting neighbours in the training split scores: the model has learned less than a "
+               "lookup table" if acc < table else "above the neighbours-counting table")
+    return (f"Finished at step {final['final/step']}: exam mlm_acc {acc:.4f} = {acc / max(mf, 1e-9):.2f}x the "
+            f"most-frequent-token baseline ({mf:.4f}); {verdict} ({table:.4f}). eval/nsp_acc "
+            f"{final.get('final/eval/nsp_acc', float('nan')):.3f}; {f'{tps:.0f}' if tps else 'n/a'} tokens/s")
 
 def _resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     if resume in ("never", "false", "False", "none", "None"):

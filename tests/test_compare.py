@@ -62,3 +62,22 @@ def test_failed_and_running_runs_are_marked(sweep, tmp_path):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no runs found"):
         cmp.compare([tmp_path])
+
+
+def test_runs_on_different_exams_are_not_ranked_together(tmp_path):
+    """Two runs scored on different exams (another exam length): the table ranks each within its own exam
+    and says so, instead of ranking their accuracies against each other."""
+    from omegaconf import OmegaConf
+
+    for i, length in enumerate((128, 64)):
+        d = tmp_path / str(i)
+        ov = [f"trainer.exam_length={length}", "trainer.max_steps=2", "logger=none"]
+        run_in_process(d, ov)
+        (d / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(compose(["trainer=smoke", *ov]), d / ".hydra" / "config.yaml")
+        (d / "status.json").write_text(json.dumps({"status": "completed"}))
+    md, runs = cmp.compare([tmp_path], out=tmp_path, with_plot=False)
+    exams = {r["exam_id"] for r in runs}
+    assert len(exams) == 2 and None not in exams
+    assert [r["rank"] for r in runs] == [1, 1]
+    assert "took 2 different exams" in md and "not comparable" in md

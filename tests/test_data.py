@@ -59,8 +59,10 @@ def test_nsp_pairs_balanced_and_labels_correct(pd_data):
     n = len(ex)
     assert n > 10_000
     share = ex[:, LABEL].mean()
-    # 50% random B: a binomial share within 5 standard errors
-    assert abs(share - 0.5) < 5 * np.sqrt(0.25 / n)
+    # Half of the chunks of two or more segments get a random B, and every one-segment chunk does (Google's
+    # recipe); about one chunk in ten has one segment, so the share lies above 0.5 (by up to 5 standard
+    # errors below) and well under 0.6.
+    assert 0.5 - 5 * np.sqrt(0.25 / n) < share < 0.6
     starts, ends, offs = data.train_segs
     doc_of_token = np.zeros(int(ends.max()) + 1, dtype=np.int64)
     for d in range(len(offs) - 1):
@@ -75,6 +77,22 @@ def test_nsp_pairs_balanced_and_labels_correct(pd_data):
     assert (doc_of_token[ex[~is_next, A0]] != doc_of_token[ex[~is_next, B0]]).all()
     # packed: the original recipe fills most pairs close to max_length
     assert lengths.mean() > 0.85 * data.max_length
+
+
+def test_document_final_sentences_are_not_lost(pd_data):
+    """A one-segment chunk (typically a document's last sentence) becomes a random-next pair, as in Google's
+    create_instances_from_document; it used to be dropped, losing half of the documents' last sentences."""
+    data, _ = pd_data
+    ex = data.epoch_examples(0)
+    starts, ends, offs = data.train_segs
+    covered = np.zeros(int(ends.max()) + 1, dtype=bool)
+    for a0, a1, b0, b1, label in ex:
+        covered[a0:a1] = True
+        if label == 0:  # a random B is another document's text, not this one's
+            covered[b0:b1] = True
+    last = offs[1:] - 1
+    share = np.mean([covered[starts[s] : ends[s]].any() for s in last])
+    assert share > 0.99, share
 
 
 def test_three_sentence_corpus_terminates_deterministically():
@@ -108,7 +126,7 @@ def test_long_line_without_punctuation_is_chunked(tmp_path):
 
 def test_dynamic_padding_to_multiple_of_8(pd_data):
     data, tok = pd_data
-    batch = data.collate(data.eval_examples[:4])
+    batch = data.collate(data.epoch_examples(0)[:4])
     width = batch["input_ids"].shape[1]
     lengths = batch["attention_mask"].sum(1)
     assert width % 8 == 0 and width - int(lengths.max()) < 8

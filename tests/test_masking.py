@@ -23,9 +23,17 @@ def batches(pd_data):
 
 def _run(masker, batches, seed=0):
     g = torch.Generator().manual_seed(seed)
-    stats = {"selected": 0, "maskable": 0, "mask": 0, "random": 0, "same": 0, "special_hit": 0, "random_special": 0}
+    stats = {"selected": 0, "maskable": 0, "mask": 0, "random": 0, "same": 0, "special_hit": 0, "random_special": 0,
+             "unit_sq": 0}
     for b in batches:
         ids, labels, sel = masker(b, g)
+        # the replacement is drawn per unit: a token, or a run of selected positions for per-span strategies
+        if masker.replace_per_span:
+            edges = np.diff(np.pad(sel.numpy().astype(np.int8), ((0, 0), (1, 1))), axis=1)
+            runs = np.flatnonzero(edges.ravel() == -1) - np.flatnonzero(edges.ravel() == 1)
+            stats["unit_sq"] += int((runs**2).sum())
+        else:
+            stats["unit_sq"] += int(sel.sum())
         special = b["special_tokens_mask"]
         stats["selected"] += int(sel.sum())
         stats["maskable"] += int((~special).sum())
@@ -52,10 +60,12 @@ def test_ratio_split_and_specials(cls, ratio, batches):
     realized = s["selected"] / s["maskable"]
     assert abs(realized - ratio) < 0.01, f"{cls.name}: realised ratio {realized:.4f} vs {ratio}"
     n = s["selected"]
-    # 80/10/10 among the selected; bounds of 5 standard errors. A random draw can equal the original
-    # token (p ~ 1/vocab), which moves a tiny share from "random" to "same".
+    # 80/10/10 among the selected; bounds of 5 standard errors of a share drawn per unit (token, or span:
+    # variance p(1-p) * sum(len^2) / n^2). A random draw can equal the original token (p ~ 1/vocab), which
+    # moves a tiny share from "random" to "same".
     for key, p in (("mask", 0.8), ("random", 0.1), ("same", 0.1)):
-        assert abs(s[key] / n - p) < 5 * np.sqrt(p * (1 - p) / n) + 0.002, f"{key}: {s[key] / n:.4f} vs {p}"
+        se = np.sqrt(p * (1 - p) * s["unit_sq"]) / n
+        assert abs(s[key] / n - p) < 5 * se + 0.002, f"{key}: {s[key] / n:.4f} vs {p}"
     assert s["special_hit"] == 0, "a special or padding token was selected"
     assert s["random_special"] == 0, "a random replacement drew a special token"
 
@@ -106,6 +116,26 @@ def test_span_spans_start_at_word_starts(batches):
         _, _, sel = m(b, g)
         starts = sel & ~torch.cat([torch.zeros_like(sel[:, :1]), sel[:, :-1]], 1)
         assert bool(b["word_start"][starts].all())
+
+
+def test_span_replacement_is_decided_once_per_span(batches):
+    """SpanBERT: a span is all [MASK], all random, or all kept; token strategies decide per token."""
+    data, vocab = batches
+    for cls, per_span in ((SpanMasking, True), (TokenMasking, False)):
+        m = cls(0.4, mask_token_prob=0.5, random_token_prob=0.25).bind(vocab)
+        g = torch.Generator().manual_seed(11)
+        mixed = spans = 0
+        for b in data[:5]:
+            ids, _, sel = m(b, g)
+            is_mask = (ids == vocab.mask_id).numpy()
+            for r in range(len(sel)):
+                edges = np.diff(np.pad(sel[r].numpy().astype(np.int8), 1))
+                for a, z in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+                    if z - a >= 2:
+                        spans += 1
+                        mixed += 0 < is_mask[r, a:z].sum() < z - a
+        assert spans > 200
+        assert (mixed == 0) if per_span else (mixed > 0.3 * spans), (cls.name, mixed, spans)
 
 
 def test_ngram_lengths_follow_probs():

@@ -30,8 +30,9 @@ def test_peoples_daily_smoke_run_writes_everything(tmp_path):
     assert last.resolve().name == "step_0000004"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
         assert (last / f).is_file(), f
-    state = torch.load(last / "trainer_state.pt", weights_only=False)
-    assert {"optimizer", "scheduler", "rng", "position", "step"} <= set(state)
+    state = torch.load(last / "trainer_state.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "rng", "run"} <= set(state)
+    assert {"step", "epoch", "index", "window", "best", "bad_steps"} <= set(state["run"])
 
 
 def test_wandb_offline_runs_read_back(tmp_path):
@@ -53,7 +54,7 @@ def test_wandb_offline_runs_read_back(tmp_path):
         assert len(got["history"]) == len(records)
         for h, r in zip(got["history"], records):
             for k, v in r.items():
-                assert h[k] == pytest.approx(v), k
+                assert h[k] == (v if isinstance(v, str) else pytest.approx(v)), k
 
 
 def test_essay_run(tmp_path):
@@ -106,17 +107,108 @@ def test_pretrained_round_trip_uses_its_weights_and_heads(tmp_path, pd_data):
 
 
 def test_resume_continues_exactly(tmp_path):
-    overrides = ["trainer.max_steps=8", "trainer.save_every=4", "trainer.eval_every=4", "trainer.keep_checkpoints=0", "logger=none"]
-    run_in_process(tmp_path / "a", overrides)
+    """Checkpoints at steps that are not multiples of log_every: the logging window, best-so-far values and
+    every record after the resume equal an uninterrupted run's."""
+    overrides = ["trainer.max_steps=10", "trainer.log_every=3", "trainer.save_every=4", "trainer.eval_every=2",
+                 "trainer.keep_checkpoints=0", "trainer.precision=fp32", "optim.lr=5e-3", "logger=none"]
+    final_a = run_in_process(tmp_path / "a", overrides)
     run_in_process(tmp_path / "b", overrides)
-    # interrupt b after step 4: its later checkpoint and records never happened
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000008")
-    run_in_process(tmp_path / "b", overrides)
-    a = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r]
-    b = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "train/loss" in r]
-    assert [r["step"] for r in b] == list(range(1, 9))  # nothing missing, nothing twice
+    # interrupt b after step 4: its later checkpoints and records never happened
+    for step in (8, 10):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / f"step_{step:07d}")
+    final_b = run_in_process(tmp_path / "b", overrides)
+    a = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    train_b = [r for r in b if "train/loss" in r]
+    assert [r["step"] for r in train_b] == [3, 6, 9, 10]  # nothing missing, nothing twice
+    assert len(a) == len(b)
     for ra, rb in zip(a, b):
-        assert rb["train/loss"] == pytest.approx(ra["train/loss"], abs=1e-6), ra["step"]
+        assert ra.keys() == rb.keys() and ra["step"] == rb["step"]
+        for k in ra:
+            if k.startswith(("train/", "eval/", "masking/")) and isinstance(ra[k], float):
+                assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
+    best = {k: v for k, v in final_a.items() if k.startswith("best/")}
+    assert best and {k: final_b[k] for k in best} == pytest.approx(best)
+    # best-so-far comes from the whole run, also the part before the resume
+    evals = [r for r in a if "eval/nsp_acc" in r]
+    assert final_b["best/eval/nsp_acc"] == max(r["eval/nsp_acc"] for r in evals)
+
+
+def test_a_fresh_start_never_keeps_old_records(tmp_path):
+    """A run dir reused without a checkpoint to resume (a kill before the first save, or resume=never)
+    starts metrics.jsonl afresh instead of appending a second run's steps to the first's."""
+    ov = ["trainer.max_steps=4", "trainer.log_every=1", "trainer.save_every=100", "logger=none"]
+    run_in_process(tmp_path, ov)  # saves only at the end (step 4)...
+    shutil.rmtree(tmp_path / "checkpoints")  # ...as if killed before any checkpoint
+    run_in_process(tmp_path, ov)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4]
+    run_in_process(tmp_path, [*ov, "trainer.resume=never"])
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4]
+
+
+def test_grad_clip_zero_or_null_means_no_clipping(tmp_path):
+    """grad_clip=0 used to scale every gradient by 0: no learning at all."""
+    losses = {}
+    for clip in ("null", "0", "-1", "1e9"):
+        run_in_process(tmp_path / clip, ["trainer.max_steps=4", "trainer.log_every=1", "trainer.precision=fp32",
+                                         "optim.warmup_steps=0", "optim.lr=1e-2", f"optim.grad_clip={clip}", "logger=none"])
+        losses[clip] = [r["train/loss"] for r in read_metrics(tmp_path / clip / "metrics.jsonl") if "train/loss" in r]
+    assert losses["null"][-1] < losses["null"][0] - 0.1  # it learns
+    for clip in ("0", "-1", "1e9"):
+        assert losses[clip] == pytest.approx(losses["null"], abs=1e-5), clip
+
+
+def test_checkpoint_state_cannot_run_code(tmp_path):
+    """trainer.resume=PATH of a checkpoint from elsewhere: trainer_state.pt is read with weights_only, so a
+    pickle that would run code is refused with a one-line error, and the code never runs."""
+    import os
+    import pickle
+
+    from bertexp.errors import CheckpointError
+
+    run_in_process(tmp_path / "a", ["trainer.max_steps=2", "logger=none"])
+    ck = tmp_path / "a" / "checkpoints" / "last"
+    state = torch.load(ck / "trainer_state.pt", weights_only=True)  # our own checkpoints load safely
+    assert state["run"]["step"] == 2
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(ck / "trainer_state.pt", "wb") as f:
+        pickle.dump({"run": Payload()}, f)
+    with pytest.raises(CheckpointError, match=r"cannot read trainer_state.pt safely"):
+        run_in_process(tmp_path / "b", ["trainer.max_steps=4", f"trainer.resume={ck.resolve()}", "logger=none"])
+    assert not marker.exists()
+
+
+def test_interrupted_run_has_its_summary_in_wandb(tmp_path, monkeypatch):
+    """On SIGTERM the final and best values reach the W&B run before it is finished."""
+    import os
+    import signal
+
+    from bertexp.errors import Interrupted
+    from bertexp.modeling import PretrainingObjective
+    from wandb_reader import summary
+
+    real = PretrainingObjective.forward
+    calls = {"n": 0}
+
+    def forward(self, *args):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args)
+
+    monkeypatch.setattr(PretrainingObjective, "forward", forward)
+    with pytest.raises(Interrupted):
+        run_in_process(tmp_path, ["trainer.max_steps=8", "trainer.eval_every=2", "trainer.save_every=100"])
+    got = summary(wandb_files(tmp_path)[0])
+    assert got["summary"]["final/step"] == 3
+    assert "best/eval/mlm_acc" in got["summary"] and "final/eval/exam_id" in got["summary"]
+    assert got["exit_code"] == 143
 
 
 def _nan_loss_on(monkeypatch, is_bad) -> None:
@@ -214,8 +306,8 @@ def test_bad_steps_can_be_skipped_within_a_bound(tmp_path, monkeypatch):
     _nan_loss_on(monkeypatch, lambda n: n == 2)
     final = run_in_process(tmp_path, ["trainer.max_steps=4", "trainer.max_bad_steps=1", "logger=none"])
     assert final["final/step"] == 4
-    state = torch.load(tmp_path / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
-    assert state["bad_steps"] == 1
+    state = torch.load(tmp_path / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)
+    assert state["run"]["bad_steps"] == 1
 
 
 @pytest.mark.parametrize("mode", ["bf16", "compile"])

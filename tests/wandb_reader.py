@@ -27,3 +27,11 @@ def inspect(wandb_file: Path) -> dict:
             item = {k: v for k, v in rec["history"]["item"].items() if not k.startswith("_")}
             history.append(item)
     return {"run": run, "history": history}
+
+
+def summary(wandb_file: Path) -> dict:
+    """The run's final state as W&B stored it: summary, exit code and state."""
+    exe = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
+    out = subprocess.run([exe, "leet", "inspect", "--summary", "--json", str(wandb_file)], capture_output=True,
+                         text=True, timeout=120, check=True)
+    return json.loads(out.stdout)

@@ -106,7 +106,7 @@ class PretrainingData:
         return path
 
     def prepare(self, tokenizer, seed: int) -> None:
-        """Tokenise (or load the cached tokens), split off held-out documents, build the eval set."""
+        """Tokenise (or load the cached tokens) and split off the held-out documents."""
         vocab_hash = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
         key = key_of(
             corpus=self.source.fingerprint(), vocab=vocab_hash,
@@ -126,14 +126,13 @@ class PretrainingData:
         self.seed = seed
         self.vocab_size = len(tokenizer)
         self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        self.mask_id = tokenizer.mask_token_id
         self._split()
 
     def _split(self) -> None:
+        """Choose the held-out documents (a function of `split_seed` and `val_fraction` alone) and cut the
+        training documents into segments of at most half a pair each."""
         t = self.tokens
-        max_piece = max(1, (self.max_length - 3) // 2)
-        starts, ends, sent_of_piece = sentence_pieces(t.sent_offsets, max_piece)
-        piece_doc_offsets = np.searchsorted(sent_of_piece, t.doc_offsets[:-1], side="left")
-        piece_doc_offsets = np.append(piece_doc_offsets, len(starts))
         n_docs = t.num_docs
         rng = np.random.default_rng([self.split_seed, 1])
         if n_docs >= 2:
@@ -141,25 +140,42 @@ class PretrainingData:
             n_val = min(max(n_val, 1 if self.val_fraction > 0 else 0), n_docs - 1)
             order = rng.permutation(n_docs)
             val_docs, train_docs = np.sort(order[:n_val]), np.sort(order[n_val:])
-            groups = [(piece_doc_offsets[d], piece_doc_offsets[d + 1]) for d in range(n_docs)]
-            train_groups = [groups[d] for d in train_docs]
-            val_groups = [groups[d] for d in val_docs]
+            sent_ranges = lambda docs: [(int(t.doc_offsets[d]), int(t.doc_offsets[d + 1])) for d in docs]  # noqa: E731
+            self._train_sents, self._val_sents = sent_ranges(train_docs), sent_ranges(val_docs)
         else:  # a single document (one essay): hold out its last sentences instead
-            n = len(starts)
+            n = t.num_sentences
             n_val = int(round(self.val_fraction * n)) if self.val_fraction > 0 else 0
-            train_groups, val_groups = [(0, n - n_val)], ([(n - n_val, n)] if n_val else [])
-        self.train_segs = _gather(starts, ends, train_groups)
-        val_segs = _gather(starts, ends, val_groups) if val_groups else None
-        self.eval_on_train = False
-        try:
-            if val_segs is None:
-                raise DataError("no held-out documents (data.val_fraction=0)")
-            self.eval_examples = build_pairs(*val_segs, self.max_length, np.random.default_rng([self.split_seed, 2]), self.short_seq_prob)
-        except DataError as e:
-            log.warning("Held-out split unusable (%s); evaluating on training documents instead", e)
-            self.eval_on_train = True
-            self.eval_examples = build_pairs(*self.train_segs, self.max_length, np.random.default_rng([self.split_seed, 2]), self.short_seq_prob)
+            self._train_sents = [(0, n - n_val)]
+            self._val_sents = [(n - n_val, n)] if n_val else []
+        self.train_segs = self._segments(self._train_sents, self.max_length)
         self.epoch_examples(0)  # fails early, with the data error, if the training part cannot make pairs
+
+    def _segments(self, sent_ranges: list[tuple[int, int]], max_length: int):
+        """Segments (sentences, long ones cut into pieces that fit half a pair) of the given documents, given
+        as sentence ranges, with their document offsets."""
+        max_piece = max(1, (max_length - 3) // 2)
+        starts, ends, sent_of_piece = sentence_pieces(self.tokens.sent_offsets, max_piece)
+        bounds = np.searchsorted(sent_of_piece, np.asarray(sent_ranges, dtype=np.int64).reshape(-1, 2), side="left")
+        return _gather(starts, ends, [(int(a), int(b)) for a, b in bounds])
+
+    def heldout_examples(self, length: int, short_seq_prob: float) -> tuple[np.ndarray, bool]:
+        """NSP pairs of the held-out documents at `length` tokens, drawn from `split_seed` alone; returns
+        (examples, on_train). When there is no usable held-out part, the pairs come from the training
+        documents instead (on_train=True), with a warning."""
+        rng = np.random.default_rng([self.split_seed, length, 2])
+        try:
+            if not self._val_sents:
+                raise DataError("no held-out documents (data.val_fraction=0)")
+            return build_pairs(*self._segments(self._val_sents, length), length, rng, short_seq_prob), False
+        except DataError as e:
+            log.warning("Held-out split unusable (%s); the exam is made of training documents instead", e)
+            return build_pairs(*self._segments(self._train_sents, length), length, rng, short_seq_prob), True
+
+    def train_token_ids(self) -> np.ndarray:
+        """The training documents' tokens, in corpus order (held-out documents left out)."""
+        t = self.tokens
+        parts = [t.ids[t.sent_offsets[a] : t.sent_offsets[b]] for a, b in self._train_sents]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     # ---- examples and batches --------------------------------------------------------------------
 
@@ -189,12 +205,6 @@ class PretrainingData:
             batch = self.collate(ex[index : index + bs])
             index += bs
             yield batch, Position(epoch, index)
-
-    def eval_batches(self, max_batches: int | None) -> list[dict]:
-        ex = self.eval_examples
-        if max_batches is not None:
-            ex = ex[: max_batches * self.batch_size]
-        return [self.collate(ex[i : i + self.batch_size]) for i in range(0, len(ex), self.batch_size)]
 
     def collate(self, ex: np.ndarray) -> dict[str, torch.Tensor]:
         """[CLS] A [SEP] B [SEP], padded to the batch's longest row rounded up to `pad_to_multiple_of`."""

@@ -2,7 +2,8 @@
 
 Segments A and B are runs of whole sentences filling up to `max_length - 3` tokens; half the time B is the
 true continuation (label 0, as `BertForPreTraining` expects), half the time a run of sentences from another
-document (label 1). Since the sentences of a document are contiguous in the flat token array, A and B are
+document (label 1). A chunk of one sentence always gets a random B, as in Google's code, so somewhat more
+than half of the pairs are random-next (about 55% on People's Daily). Since the sentences of a document are contiguous in the flat token array, A and B are
 each one `[start, end)` range, so an epoch's examples are a small int array, not lists of tokens.
 
 No step samples "until different": the random document is drawn from the others directly, so a corpus of
@@ -74,10 +75,13 @@ def build_pairs(
             cur += seg_len[i]
             if i == hi - 1 or cur >= target:
                 n_in_chunk = i - chunk_start + 1
-                if n_in_chunk >= 2:
-                    a_end = chunk_start + int(rng.integers(1, n_in_chunk))
+                # A one-segment chunk (often a document's last sentence) becomes A of a random-next pair, as
+                # in Google's create_instances_from_document, rather than being lost; that needs a segment
+                # elsewhere to draw B from.
+                if n_in_chunk >= 2 or total_segs >= 2:
+                    a_end = chunk_start + (int(rng.integers(1, n_in_chunk)) if n_in_chunk >= 2 else 1)
                     a0, a1 = int(seg_start[chunk_start]), int(seg_end[a_end - 1])
-                    if rng.random() < 0.5:
+                    if n_in_chunk == 1 or rng.random() < 0.5:
                         b0, b1 = random_b(d, a_end, max(1, target - (a1 - a0)))
                         label = 1
                         i = a_end - 1  # the unused sentences go back for the next chunk, as in BERT
