@@ -22,6 +22,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 class ScratchBert:
     """A randomly initialised BERT; its vocabulary is trained on the corpus (`vocab_size` entries at most)."""
 
+    fresh = True  # its heads may be initialised from the data (objective.mlm_bias_init)
+
     def __init__(self, vocab_size: int = 8000, **config):
         if vocab_size < 16:
             raise ConfigError(f"model.vocab_size={vocab_size} must be >= 16")
@@ -48,6 +50,8 @@ class ScratchBert:
 
 class PretrainedBert:
     """A local directory in the layout of bert-base-chinese (config.json, weights, vocab.txt)."""
+
+    fresh = False  # its pretrained heads are kept as they are
 
     def __init__(self, path: str | None = None):
         if not path or str(path) in ("???", "None"):

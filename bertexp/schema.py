@@ -44,6 +44,7 @@ class ScratchModelSchema:
     max_position_embeddings: int = 512
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
 
 
 @dataclass
@@ -86,7 +87,7 @@ class ObjectiveSchema:
     _target_: str = "bertexp.modeling.PretrainingObjective"
     _partial_: bool = True
     nsp_weight: float = 1.0
-    mlm_bias_init: str = "zero"
+    mlm_bias_init: str = "unigram"
 
 
 @dataclass

@@ -163,7 +163,7 @@ def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
 
 @dataclass
 class Parts:
-    """What a run is built from: data, model, objective, optimizer and the exam it is scored on."""
+    """What a run is built from: data, tokenizer, masking, model, objective, optimizer and precision."""
 
     data: object
     tokenizer: object
@@ -201,7 +201,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     else:
         model = spec.build(tokenizer)
     objective = make_objective(model)
-    if not resume_from:
+    if spec.fresh and not resume_from:
         objective.init_heads(data.train_token_ids())
     model.to(device)
     precision = resolve_precision(str(tc.precision), device)
