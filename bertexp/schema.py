@@ -86,13 +86,13 @@ class NgramMaskingSchema(MaskingSchema):
 class ObjectiveSchema:
     _target_: str = "bertexp.modeling.PretrainingObjective"
     _partial_: bool = True
-    nsp_weight: float = 1.0
+    nsp_weight: float = 0.1
     mlm_bias_init: str = "unigram"
 
 
 @dataclass
 class TrainerSchema:
-    max_steps: int = 2000
+    max_steps: int = 2500
     log_every: int = 20
     eval_every: int = 250
     exam_length: int = 128

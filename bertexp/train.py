@@ -310,7 +310,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                     log.info("First step done %.1f s after the process started", first_step_s)
 
                 if state.step % int(tc.log_every) == 0 or state.step == max_steps:
-                    record = train_record(state, parts.optimizer, step_fn.lr, peak, step_fn.flops_per_token, dist)
+                    record = train_record(state, parts.objective.nsp_weight, step_fn.lr, peak, step_fn.flops_per_token, dist)
                     tracker.log(record)
                     pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{step_fn.lr:.2e}",
                                      tok_s=f"{record['throughput/tokens_per_s']:.0f}")
@@ -432,14 +432,14 @@ class Stepper:
         return sums, bool(stop_votes)
 
 
-def train_record(state: RunState, optimizer, lr: float, peak: float, flops_per_token, dist) -> dict:
+def train_record(state: RunState, nsp_weight: float, lr: float, peak: float, flops_per_token, dist) -> dict:
     """The `train/*` record of the logging window that ends at this step."""
     w = state.take_window()
     n = max(w["steps"], 1)
     tps = w["tokens"] / max(w["time"], 1e-9)
     record = {
         "step": state.step,
-        "train/loss": (w["mlm"] + w["nsp"]) / n,
+        "train/loss": (w["mlm"] + nsp_weight * w["nsp"]) / n,  # what is minimised
         "train/mlm_loss": w["mlm"] / n,
         "train/nsp_loss": w["nsp"] / n,
         "train/lr": lr,

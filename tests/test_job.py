@@ -64,6 +64,7 @@ def test_a_crashing_job_is_recorded_and_the_sweep_still_summarised(tmp_path, mon
     assert code == 1
     assert _status(tmp_path / "0") == {"status": "failed", "name": "seed=1", "error": "RuntimeError: CUDA out of memory (simulated)"}
     assert _status(tmp_path / "1")["status"] == "completed"
+    assert (tmp_path / "summary.md").is_file(), "the sweep ended without its summary"
     summary = (tmp_path / "summary.md").read_text()
     assert "CUDA out of memory" in summary and "completed" in summary
 
