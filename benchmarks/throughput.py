@@ -210,9 +210,11 @@ def equal_time(args, cfg, data, spec, tok, examples) -> dict:
 
     from bertexp.data.dataset import Position
     from bertexp.distributed import Dist
+    import torch.nn.functional as F
+    from hydra.utils import instantiate
+
     from bertexp.exam import evaluate
     from bertexp.masking import TokenMasking, Vocab
-    from bertexp.modeling import PretrainingObjective
     from bertexp.optim import build_optimizer
     from bertexp.train import prepare_exam
 
@@ -220,9 +222,12 @@ def equal_time(args, cfg, data, spec, tok, examples) -> dict:
     vocab = Vocab.from_tokenizer(tok)
     exam, exam_batches, baselines = prepare_exam(cfg, data, 32)
     model = spec.build(tok)
+    # Both pipelines train run.py's objective from run.py's initialisation: MLM + objective.nsp_weight x NSP,
+    # the MLM bias at the unigram log-frequencies (conf/objective), so only the pipeline differs.
+    objective = instantiate(cfg.objective)(model)
+    objective.init_heads(data.train_token_ids())
     steps = 0
     if args.pipeline == "bertexp":
-        objective = PretrainingObjective(model)
         opt = build_optimizer(cfg.optim, model)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         masker = TokenMasking(0.15).bind(vocab)
@@ -234,7 +239,7 @@ def equal_time(args, cfg, data, spec, tok, examples) -> dict:
                 break
             ids, labels, _ = masker(batch, g)
             mlm, nsp, *_ = objective(ids, batch["attention_mask"], batch["token_type_ids"], labels, batch["next_sentence_label"])
-            (mlm / max(1, int((labels != -100).sum())) + nsp / len(ids)).backward()
+            objective.loss(mlm / max(1, int((labels != -100).sum())), nsp / len(ids)).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -259,12 +264,23 @@ def equal_time(args, cfg, data, spec, tok, examples) -> dict:
             weight_decay=0.01, report_to=[], logging_strategy="no", save_strategy="no", use_cpu=True,
             remove_unused_columns=False, seed=0, max_grad_norm=1.0, adam_epsilon=1e-6,
         )
-        trainer = Trainer(model=model, args=targs, train_dataset=rows,
+        class WeightedNSP(Trainer):
+            """BertForPreTraining's MLM + NSP, with NSP weighted as run.py weights it."""
+
+            def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+                labels, nsp_labels = inputs.pop("labels"), inputs.pop("next_sentence_label")
+                out = model(**inputs)
+                mlm = F.cross_entropy(out.prediction_logits.flatten(0, 1).float(), labels.flatten())
+                nsp = F.cross_entropy(out.seq_relationship_logits.float(), nsp_labels)
+                loss = objective.loss(mlm, nsp)
+                return (loss, out) if return_outputs else loss
+
+        trainer = WeightedNSP(model=model, args=targs, train_dataset=rows,
                           data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=0.15), callbacks=[Budget()])
         trainer.train()
         steps = trainer.state.global_step
-    result = evaluate(PretrainingObjective(model), exam_batches, torch.device("cpu"), nullcontext(), Dist())
-    return {"pipeline": args.pipeline, "minutes": args.minutes, "steps": steps, **result, **baselines,
+    result = evaluate(objective, exam_batches, torch.device("cpu"), nullcontext(), Dist())
+    return {"pipeline": args.pipeline, "minutes": args.minutes, "steps": steps, "nsp_weight": objective.nsp_weight, **result, **baselines,
             "eval/exam_id": exam.exam_id}
 
 
@@ -348,7 +364,8 @@ def main() -> None:
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     if args.minutes:
         first = next(iter(results.values()), {})
-        print(f"\nEqual wall time ({args.minutes:g} min each), {args.model}, lr 2e-3 after 100 warm-up steps; scored on "
+        print(f"\nEqual wall time ({args.minutes:g} min each), {args.model}, lr 2e-3 after 100 warm-up steps, MLM + "
+              f"{first.get('nsp_weight', float('nan')):g} x NSP; scored on "
               f"run.py's exam {first.get('eval/exam_id')} (held-out pairs, 15% blanks, all [MASK]):")
         print("| pipeline | steps | exam mlm_acc | top-5 | exam mlm_loss | nsp_acc |\n|---|---|---|---|---|---|")
         for name, r in results.items():
