@@ -50,6 +50,24 @@ def run_cli(args: list[str], timeout: float = 300, env: dict | None = None, cwd:
     )
 
 
+def signal_at_training_call(monkeypatch, signum: int, call: int) -> None:
+    """Deliver `signum` to this process during the `call`-th training forward (numbered from 1): a signal
+    that arrives mid-step, as a user's Ctrl-C or a scheduler's SIGTERM does."""
+    from bertexp.modeling import PretrainingObjective
+
+    real = PretrainingObjective.forward
+    calls = {"n": 0}
+
+    def forward(self, *args):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == call:
+                os.kill(os.getpid(), signum)
+        return real(self, *args)
+
+    monkeypatch.setattr(PretrainingObjective, "forward", forward)
+
+
 @pytest.fixture(scope="session")
 def pd_data():
     """People's Daily, tokenised with the corpus vocabulary of the default model (cached on disk)."""

@@ -9,19 +9,22 @@ from bertexp import compare as cmp
 from conftest import compose, run_in_process
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """A two-run 'sweep' directory, laid out as Hydra's multirun lays it out."""
+def _sweep_job(d, overrides):
+    """One finished job laid out as Hydra's multirun lays it out: run dir, .hydra/config.yaml, status.json."""
     from omegaconf import OmegaConf
 
+    run_in_process(d, overrides)
+    (d / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(compose(["trainer=smoke", *overrides]), d / ".hydra" / "config.yaml")
+    (d / "status.json").write_text(json.dumps({"status": "completed"}))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A two-run 'sweep' directory."""
     root = tmp_path_factory.mktemp("sweep")
     for i, ratio in enumerate((0.15, 0.4)):
-        d = root / str(i)
-        ov = [f"masking.ratio={ratio}", "trainer.max_steps=4", "logger=none"]
-        run_in_process(d, ov)
-        (d / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(compose(["trainer=smoke", *ov]), d / ".hydra" / "config.yaml")
-        (d / "status.json").write_text(json.dumps({"status": "completed"}))
+        _sweep_job(root / str(i), [f"masking.ratio={ratio}", "trainer.max_steps=4", "logger=none"])
     return root
 
 
@@ -67,15 +70,8 @@ def test_no_runs_is_a_clear_error(tmp_path):
 def test_runs_on_different_exams_are_not_ranked_together(tmp_path):
     """Two runs scored on different exams (another exam length): the table ranks each within its own exam
     and says so, instead of ranking their accuracies against each other."""
-    from omegaconf import OmegaConf
-
     for i, length in enumerate((128, 64)):
-        d = tmp_path / str(i)
-        ov = [f"trainer.exam_length={length}", "trainer.max_steps=2", "logger=none"]
-        run_in_process(d, ov)
-        (d / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(compose(["trainer=smoke", *ov]), d / ".hydra" / "config.yaml")
-        (d / "status.json").write_text(json.dumps({"status": "completed"}))
+        _sweep_job(tmp_path / str(i), [f"trainer.exam_length={length}", "trainer.max_steps=2", "logger=none"])
     md, runs = cmp.compare([tmp_path], out=tmp_path, with_plot=False)
     exams = {r["exam_id"] for r in runs}
     assert len(exams) == 2 and None not in exams

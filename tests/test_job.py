@@ -1,15 +1,13 @@
 """One Hydra job inside a sweep: how it is named, and what a signal or a crash in it does to the sweep.
 In process (Hydra's real multirun, the basic launcher), so failures can be injected where they happen."""
 import json
-import os
 import signal
 import sys
 from types import SimpleNamespace
 
-import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT
+from conftest import ROOT, signal_at_training_call
 
 TINY = ["trainer=smoke", "trainer.max_steps=2", "logger=none"]
 
@@ -72,19 +70,7 @@ def test_a_crashing_job_is_recorded_and_the_sweep_still_summarised(tmp_path, mon
 def test_a_signal_stops_the_whole_sweep_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
     """SIGTERM during job 0: it checkpoints, the sweep stops there (job 1 never starts), the summary of what
     ran is written, and the message names the sweep dir to resume with."""
-    from bertexp.modeling import PretrainingObjective
-
-    real = PretrainingObjective.forward
-    calls = {"n": 0}
-
-    def forward(self, *args):
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, *args)
-
-    monkeypatch.setattr(PretrainingObjective, "forward", forward)
+    signal_at_training_call(monkeypatch, signal.SIGTERM, 2)
     code = _multirun(monkeypatch, tmp_path, ["seed=1,2", "trainer=smoke", "trainer.max_steps=50", "logger=none"])
     err = capsys.readouterr().err
     assert code == 143

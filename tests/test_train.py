@@ -9,7 +9,7 @@ import torch
 from bertexp.checkpoint import checkpoint_dirs
 from bertexp.errors import TrainingError
 from bertexp.tracking import read_metrics
-from conftest import ESSAY, compose, run_in_process
+from conftest import ESSAY, compose, run_in_process, signal_at_training_call
 from wandb_reader import inspect, wandb_files
 
 REQUIRED_TRAIN = {"step", "train/loss", "train/mlm_loss", "train/nsp_loss", "train/lr", "throughput/tokens_per_s", "masking/realized_ratio"}
@@ -203,24 +203,12 @@ def test_checkpoint_state_cannot_run_code(tmp_path):
 
 def test_interrupted_run_has_its_summary_in_wandb(tmp_path, monkeypatch):
     """On SIGTERM the final and best values reach the W&B run before it is finished."""
-    import os
     import signal
 
     from bertexp.errors import Interrupted
-    from bertexp.modeling import PretrainingObjective
     from wandb_reader import summary
 
-    real = PretrainingObjective.forward
-    calls = {"n": 0}
-
-    def forward(self, *args):
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, *args)
-
-    monkeypatch.setattr(PretrainingObjective, "forward", forward)
+    signal_at_training_call(monkeypatch, signal.SIGTERM, 3)
     with pytest.raises(Interrupted):
         run_in_process(tmp_path, ["trainer.max_steps=8", "trainer.eval_every=2", "trainer.save_every=100"])
     got = summary(wandb_files(tmp_path)[0])
@@ -278,7 +266,6 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path):
 def test_preemption_signal_checkpoints_then_calls_the_requeue_hook(tmp_path, monkeypatch):
     """Under submitit (hydra/launcher=submitit_slurm) SIGUSR2 means "requeue": bertexp checkpoints the current step
     first, then hands over to submitit's handler, and the requeued job resumes from that checkpoint."""
-    import os
     import signal
 
     from bertexp.modeling import PretrainingObjective
@@ -290,16 +277,7 @@ def test_preemption_signal_checkpoints_then_calls_the_requeue_hook(tmp_path, mon
         raise SystemExit(-1)  # submitit exits after requeueing
 
     real = PretrainingObjective.forward
-    calls = {"n": 0}
-
-    def forward(self, *args):
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                os.kill(os.getpid(), signal.SIGUSR2)
-        return real(self, *args)
-
-    monkeypatch.setattr(PretrainingObjective, "forward", forward)
+    signal_at_training_call(monkeypatch, signal.SIGUSR2, 3)
     old = signal.signal(signal.SIGUSR2, fake_submitit_handler)
     overrides = ["trainer.max_steps=8", "trainer.save_every=5", "logger=none"]
     try:
