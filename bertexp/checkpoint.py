@@ -99,5 +99,11 @@ def load_trainer_state(path: Path) -> dict:
     try:
         return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            reason = (f"it holds a {found.group(1)} object, not only tensors and plain values: a checkpoint of an older "
+                      "bertexp, or not bertexp's; start afresh with trainer.resume=never")
+        else:
+            reason = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE} safely ({reason})") from None

@@ -146,10 +146,15 @@ def rank_within_exams(runs: list[dict]) -> str:
     for group in groups.values():
         for i, r in enumerate(sorted(group, key=lambda r: -r["final/eval/mlm_acc"])):
             r["rank"] = i + 1
+    notes = []
     if len(groups) > 1:
-        return (f"Note: these runs took {len(groups)} different exams ({', '.join(sorted(groups))}): eval/mlm_acc "
-                "is ranked within each exam only; accuracies on different exams are not comparable.")
-    return ""
+        notes.append(f"Note: these runs took {len(groups)} different exams ({', '.join(sorted(groups))}): eval/mlm_acc "
+                     "is ranked within each exam only; accuracies on different exams are not comparable.")
+    unscored = [r["path"].name for r in runs if r["evals"] and not r["exam_id"]]
+    if unscored:
+        notes.append(f"Note: {len(unscored)} run(s) ({', '.join(unscored)}) have no single exam id (an older bertexp, or "
+                     "scored on more than one exam): they are not ranked.")
+    return "\n".join(notes)
 
 
 def table_rows(runs: list[dict], keys: list[str]) -> tuple[list[str], list[list[str]]]:

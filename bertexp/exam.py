@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 BLANK_SHARE = 0.15  # of each pair's non-special tokens, the share BERT predicts; fixed so exams compare
 SHORT_SEQ_PROB = 0.1  # BERT's share of shorter pairs, fixed for the exam (not data.short_seq_prob)
-BASELINE_MAX_TOKENS = 20_000_000  # the neighbour tables count at most this many training tokens
 
 
 @dataclass
@@ -111,7 +111,7 @@ class CountingBaselines:
     """
 
     def __init__(self, train_ids: np.ndarray, vocab_size: int):
-        ids = np.asarray(train_ids[:BASELINE_MAX_TOKENS], dtype=np.int64)
+        ids = np.asarray(train_ids, dtype=np.int64)
         v = int(vocab_size)
         self.vocab_size = v
         self.most_frequent = int(np.bincount(ids, minlength=v).argmax()) if len(ids) else 0
@@ -125,9 +125,11 @@ class CountingBaselines:
         return {"most_frequent": mf, "left_neighbour": by_left, "neighbours": _lookup(self._pair, left * v + right, by_left)}
 
     def score(self, exam_batches) -> dict[str, float]:
-        """Accuracy of each rule at the exam's blanks."""
-        correct, n = {}, 0
-        for _, ids, labels in exam_batches:
+        """Accuracy of each rule at the exam's blanks, and of always guessing the exam's more common NSP label
+        (a chunk of one sentence always gets a random next, so "random" is the more common one)."""
+        correct, n, nsp = {}, 0, []
+        for batch, ids, labels in exam_batches:
+            nsp.append(batch["next_sentence_label"])
             r, p = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
             left = ids[r, p - 1].numpy()
             right = ids[r, (p + 1).clamp(max=ids.shape[1] - 1)].numpy()
@@ -135,7 +137,9 @@ class CountingBaselines:
             for name, guess in self.predict(left, right).items():
                 correct[name] = correct.get(name, 0) + int((guess == truth).sum())
             n += len(truth)
-        return {name: c / max(n, 1) for name, c in correct.items()}
+        nsp_labels = torch.cat(nsp) if nsp else torch.zeros(0, dtype=torch.long)
+        random_share = float(nsp_labels.float().mean()) if len(nsp_labels) else 0.5
+        return {**{name: c / max(n, 1) for name, c in correct.items()}, "nsp_majority": max(random_share, 1 - random_share)}
 
 
 def _mode_table(keys: np.ndarray, values: np.ndarray, v: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,8 +165,6 @@ def _lookup(table: tuple[np.ndarray, np.ndarray], queries: np.ndarray, fallback:
 def evaluate(objective, exam_batches, device, amp, dist) -> dict:
     """Score the model on the exam's blanks: accuracy, top-5 accuracy, loss and perplexity, and NSP accuracy
     on the exam's pairs. Batches are sharded over ranks and the sums reduced, so every rank gets the same."""
-    import math
-
     objective.eval()
     sums = [0.0] * 6  # mlm loss sum, blanks, correct, correct in top 5, nsp correct, pairs
     with torch.no_grad(), amp:

@@ -114,9 +114,9 @@ class PretrainingObjective(torch.nn.Module):
     hooked. It returns *sums*; the caller divides by the counts of the whole (global) batch, so the loss
     is the same however a batch is split across micro-batches and devices.
 
-    `mlm_bias_init=unigram` starts the MLM output bias at the log-frequencies of the training tokens, so
-    a fresh model predicts the unigram distribution from step 0 instead of spending its first steps
-    learning it (scratch models only; a loaded or resumed model keeps its own).
+    `mlm_bias_init=unigram` starts the MLM output bias at the log-frequencies of the training tokens, so the
+    first steps are not spent learning token frequencies through the bias (scratch models only; a loaded or
+    resumed model keeps its own). The random initial weights still add noise to the logits at step 0.
     """
 
     def __init__(self, model: BertForPreTraining, nsp_weight: float = 1.0, mlm_bias_init: str = "zero"):
@@ -134,7 +134,7 @@ class PretrainingObjective(torch.nn.Module):
         if self.mlm_bias_init != "unigram":
             return
         bias = self.model.cls.predictions.bias
-        counts = torch.bincount(torch.as_tensor(train_ids[:10_000_000], dtype=torch.long), minlength=bias.numel())
+        counts = torch.bincount(torch.as_tensor(train_ids, dtype=torch.long), minlength=bias.numel())
         counts = counts[: bias.numel()].double() + 1.0  # add-one: every entry gets a finite log-probability
         with torch.no_grad():
             bias.copy_((counts / counts.sum()).log().to(bias.dtype))

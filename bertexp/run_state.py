@@ -26,6 +26,7 @@ class RunState:
     index: int = 0
     bad_steps: int = 0
     wandb_id: str | None = None
+    exam_id: str | None = None  # the exam `best` was scored on
     window: dict[str, float] = field(default_factory=_empty_window)
     best: dict[str, float] = field(default_factory=dict)
     tokens: int = 0  # non-pad tokens trained on, all ranks

@@ -29,7 +29,7 @@ from transformers import BertForPreTraining
 from transformers.utils import logging as hf_logging
 
 from bertexp import distributed
-from bertexp.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from bertexp.exam import BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
@@ -225,13 +225,16 @@ def restore(parts: Parts) -> RunState:
     if not parts.resume_from:
         return RunState()
     saved = load_trainer_state(parts.resume_from)
+    if "run" not in saved or "rng" not in saved:
+        raise CheckpointError(f"checkpoint {parts.resume_from}: {STATE_FILE} has no run state (written by an older "
+                              "bertexp?); start afresh with trainer.resume=never")
     try:
         parts.optimizer.load_state_dict(saved["optimizer"])
         parts.scheduler.load_state_dict(saved["scheduler"])
         state = RunState.from_dict(saved["run"])
+        set_rng_state(saved["rng"])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"checkpoint {parts.resume_from}: its state does not fit this config ({e})") from None
-    set_rng_state(saved["rng"])
     log.info("Checkpoint found: resuming from step %d (%s)", state.step, parts.resume_from)
     return state
 
@@ -246,9 +249,11 @@ def prepare_exam(cfg: DictConfig, data, batch_size: int):
     baselines = CountingBaselines(data.train_token_ids(), data.vocab_size).score(batches)
     log.info(
         "Exam %s: %d %s pairs of up to %d tokens, %d blanks (%.0f%% of their tokens, every one [MASK]). Counting "
-        "the training split scores: most frequent token %.4f, left-neighbour table %.4f, neighbours table %.4f",
+        "the training split scores: most frequent token %.4f, left-neighbour table %.4f, neighbours table %.4f; "
+        "always guessing the more common NSP label %.4f",
         exam.exam_id, exam.num_pairs, "training" if on_train else "held-out", length, exam.num_blanks,
         100 * BLANK_SHARE, baselines["most_frequent"], baselines["left_neighbour"], baselines["neighbours"],
+        baselines["nsp_majority"],
     )
     if data.max_length < length:
         log.warning("The exam has pairs of up to %d tokens, but this run trains on at most data.max_length=%d: "
@@ -265,6 +270,11 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     parts = build(cfg, run_dir, device, dist)
     state = restore(parts)
     exam, exam_batches, baselines = prepare_exam(cfg, parts.data, parts.data.batch_size)
+    if state.exam_id not in (None, exam.exam_id):  # e.g. resumed with another trainer.exam_length
+        log.warning("This run was scored on exam %s before the resume and on exam %s from now on: its best-so-far "
+                    "values start afresh, and comparisons will not rank it", state.exam_id, exam.exam_id)
+        state.best = {}
+    state.exam_id = exam.exam_id
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, state.wandb_id) if dist.main else NullTracker()
     tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
@@ -294,6 +304,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     last_eval: dict = {}
     first_step_s = None
     exit_code = 1
+    final: dict | None = None
     pbar = tqdm(total=max_steps, initial=state.step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
     try:
         with _StopFlag() as stop:
@@ -322,7 +333,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                 saved = state.step % int(tc.save_every) == 0 or state.step == max_steps
                 if saved:
                     checkpoint()
-                if stop_votes:
+                if stop_votes and state.step < max_steps:  # at the last step the run just finishes
                     if not saved:
                         checkpoint()
                     signum = stop.signum or signal.SIGTERM
@@ -331,7 +342,8 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                         f"with the same command and hydra.run.dir={run_dir}", _SIGNALS.get(signum, 143)
                     )
                     if stop.signum is not None:  # e.g. submitit: requeue this job; it resumes from the checkpoint
-                        _close(tracker, state, last_eval, first_step_s, run_dir, interrupted.exit_code)
+                        # W&B gets its summary and is finished first: the previous handler may exit the process
+                        final = _close(tracker, state, last_eval, first_step_s, run_dir, interrupted.exit_code)
                         stop.chain()
                     raise interrupted
             if not last_eval:  # already finished earlier: report the last evaluation again
@@ -342,16 +354,17 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         raise
     finally:
         pbar.close()
-        final = _close(tracker, state, last_eval, first_step_s, run_dir, exit_code,
-                       log_checkpoint=exit_code == 0 and bool(cfg.get("logger")) and bool(cfg.logger.get("log_checkpoints")))
+        if final is None:
+            final = _close(tracker, state, last_eval, first_step_s, run_dir, exit_code,
+                           log_checkpoint=exit_code == 0 and bool(cfg.get("logger")) and bool(cfg.logger.get("log_checkpoints")))
     log.info(describe_final(final, baselines))
     return final
 
 
 def _close(tracker, state: RunState, last_eval: dict, first_step_s, run_dir: Path, exit_code: int,
            log_checkpoint: bool = False) -> dict:
-    """The run's summary (final and best evaluation, throughput), written before W&B is finished; safe to
-    call twice (the second call only returns the summary)."""
+    """Write the run's summary (final and best evaluation, throughput), then finish the tracker (metrics
+    file and W&B). Called once per run."""
     final = {
         "final/step": state.step,
         **{f"final/{k}": v for k, v in last_eval.items() if k != "step"},
@@ -469,6 +482,7 @@ def describe_final(final: dict, baselines: dict) -> str:
     return (f"Finished at step {final['final/step']}: exam mlm_acc {acc:.4f} = {acc / max(mf, 1e-9):.2f}x the "
             f"most-frequent-token baseline ({mf:.4f}); {verdict} ({table:.4f}). eval/nsp_acc "
             f"{final.get('final/eval/nsp_acc', float('nan')):.3f}; {f'{tps:.0f}' if tps else 'n/a'} tokens/s")
+
 
 def _resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     if resume in ("never", "false", "False", "none", "None"):

@@ -146,3 +146,12 @@ def test_gbk_text_reads_with_encoding(tmp_path):
     assert corpus.documents[0][0].text.startswith("我的家乡在江南")
     with pytest.raises(DataError, match="data.encoding=gb18030"):
         PretrainingData.from_text_file(str(f), cache_dir=str(tmp_path / "c")).source.fingerprint()
+
+
+def test_one_document_random_b_never_overlaps_a_or_its_continuation():
+    s, e, o = _segments([[10, 10, 10, 10]])
+    for seed in range(100):
+        ex = build_pairs(s, e, o, 13, np.random.default_rng(seed))
+        for a0, a1, b0, b1, label in ex:
+            if label == 1:
+                assert b1 <= a0 or b0 > a1, (seed, a0, a1, b0, b1)  # not A, and not the segment right after it

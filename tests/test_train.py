@@ -330,3 +330,29 @@ def test_final_checkpoint_logged_as_wandb_artifact(tmp_path):
     out = subprocess.run([exe, "leet", "inspect", "--json", str(f)], capture_output=True, text=True, check=True).stdout
     arts = [json.loads(l) for l in out.splitlines() if '"artifact"' in l]
     assert any(a.get("type") == "artifact" and a["artifact"]["type"] == "model" for a in arts)
+
+
+def test_checkpoint_of_an_older_bertexp_is_a_clear_error(tmp_path):
+    """trainer_state.pt with numpy objects (as bertexp wrote it before weights_only): one line that says
+    what it is and what to do."""
+    import numpy as np
+
+    from bertexp.errors import CheckpointError
+
+    run_in_process(tmp_path, ["trainer.max_steps=2", "logger=none"])
+    ck = tmp_path / "checkpoints" / "last"
+    torch.save({"step": 2, "rng": {"numpy": np.random.get_state()}}, ck / "trainer_state.pt")
+    with pytest.raises(CheckpointError) as e:
+        run_in_process(tmp_path, ["trainer.max_steps=4", "logger=none"])
+    msg = str(e.value)
+    assert "\n" not in msg and "\x1b" not in msg
+    assert "older bertexp" in msg and "trainer.resume=never" in msg
+
+
+def test_resume_on_another_exam_starts_best_afresh(tmp_path):
+    run_in_process(tmp_path, ["trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=0", "logger=none"])
+    shutil.rmtree(tmp_path / "checkpoints" / "step_0000004")
+    final = run_in_process(tmp_path, ["trainer.max_steps=4", "trainer.save_every=2", "trainer.exam_length=32", "logger=none"])
+    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/mlm_acc" in r]
+    assert len({r["eval/exam_id"] for r in evals}) == 2
+    assert final["best/eval/mlm_loss"] == evals[-1]["eval/mlm_loss"]  # only the new exam's evaluations count

@@ -24,6 +24,9 @@ from bertexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 TOKENS_VERSION = "1"
+# Statistics of the training split (counting baselines, the unigram MLM bias) read at most this many tokens:
+# plenty for frequencies, and bounded on a corpus of gigabytes.
+STATS_MAX_TOKENS = 20_000_000
 
 
 @dataclass
@@ -171,10 +174,15 @@ class PretrainingData:
             log.warning("Held-out split unusable (%s); the exam is made of training documents instead", e)
             return build_pairs(*self._segments(self._train_sents, length), length, rng, short_seq_prob), True
 
-    def train_token_ids(self) -> np.ndarray:
-        """The training documents' tokens, in corpus order (held-out documents left out)."""
-        t = self.tokens
-        parts = [t.ids[t.sent_offsets[a] : t.sent_offsets[b]] for a, b in self._train_sents]
+    def train_token_ids(self, limit: int = STATS_MAX_TOKENS) -> np.ndarray:
+        """The training documents' tokens in corpus order (held-out documents left out), the first `limit`."""
+        t, parts, n = self.tokens, [], 0
+        for a, b in self._train_sents:
+            if n >= limit:
+                break
+            part = t.ids[t.sent_offsets[a] : t.sent_offsets[b]][: limit - n]
+            parts.append(part)
+            n += len(part)
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     # ---- examples and batches --------------------------------------------------------------------

@@ -50,16 +50,21 @@ def build_pairs(
     seg_len = seg_end - seg_start
     out: list[tuple[int, int, int, int, int]] = []
 
-    def random_b(doc: int, exclude_seg: int, target: int) -> tuple[int, int]:
+    def random_b(doc: int, a_first: int, a_end: int, target: int) -> tuple[int, int] | None:
+        """B from another document; in a one-document corpus, from any segment outside A and its true
+        continuation (segments a_first..a_end). None when there is none."""
         if n_docs > 1:
             other = int(rng.integers(n_docs - 1))
             other += other >= doc
             lo, hi = int(doc_seg_offsets[other]), int(doc_seg_offsets[other + 1])
             j = lo + int(rng.integers(hi - lo))
-        else:  # one document: any segment but the true continuation
-            j = int(rng.integers(total_segs - 1))
-            j += j >= exclude_seg
-            hi = total_segs
+        else:
+            excluded = min(a_end, total_segs - 1) - a_first + 1
+            if total_segs - excluded < 1:
+                return None
+            j = int(rng.integers(total_segs - excluded))
+            j += excluded if j >= a_first else 0
+            hi = a_first if j < a_first else total_segs  # B stops before it would run into A
         k, length = j, 0
         while k < hi and length < target:
             length += seg_len[k]
@@ -81,13 +86,16 @@ def build_pairs(
                 if n_in_chunk >= 2 or total_segs >= 2:
                     a_end = chunk_start + (int(rng.integers(1, n_in_chunk)) if n_in_chunk >= 2 else 1)
                     a0, a1 = int(seg_start[chunk_start]), int(seg_end[a_end - 1])
+                    b = None
                     if n_in_chunk == 1 or rng.random() < 0.5:
-                        b0, b1 = random_b(d, a_end, max(1, target - (a1 - a0)))
-                        label = 1
+                        b = random_b(d, chunk_start, a_end, max(1, target - (a1 - a0)))
+                    if b is not None:
+                        (b0, b1), label = b, 1
                         i = a_end - 1  # the unused sentences go back for the next chunk, as in BERT
-                    else:
+                    elif n_in_chunk >= 2:  # no segment to draw a random B from (a tiny one-document corpus)
                         b0, b1, label = a1, int(seg_end[i]), 0
-                    out.append((a0, a1, b0, b1, label))
+                    if b is not None or n_in_chunk >= 2:
+                        out.append((a0, a1, b0, b1, label))
                 chunk_start, cur = i + 1, 0
                 target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
             i += 1
