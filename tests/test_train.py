@@ -166,13 +166,13 @@ def test_a_fresh_start_never_keeps_old_records(tmp_path):
 def test_grad_clip_zero_or_null_means_no_clipping(tmp_path):
     """grad_clip=0 used to scale every gradient by 0: no learning at all."""
     losses = {}
-    for clip in ("null", "0", "-1", "1e9"):
+    for clip in ("null", "0", "-1"):
         run_in_process(tmp_path / clip, ["trainer.max_steps=4", "trainer.log_every=1", "trainer.precision=fp32",
                                          "model.initializer_range=0.02", "objective.mlm_bias_init=zero",  # HF's init
                                          "optim.warmup_steps=0", "optim.lr=1e-2", f"optim.grad_clip={clip}", "logger=none"])
         losses[clip] = [r["train/loss"] for r in read_metrics(tmp_path / clip / "metrics.jsonl") if "train/loss" in r]
     assert losses["null"][-1] < losses["null"][0] - 0.1  # it learns
-    for clip in ("0", "-1", "1e9"):
+    for clip in ("0", "-1"):
         assert losses[clip] == pytest.approx(losses["null"], abs=1e-5), clip
 
 

@@ -124,6 +124,7 @@ class PretrainingData:
         if hit:
             log.info("Using cached tokens %s", path)
         self.tokens = TokenizedCorpus.load(path)
+        self.tokens_dir = str(path)
         if len(self.tokens.ids) == 0:
             raise DataError(f"data: the corpus ({self.name}) contains no tokens after tokenisation")
         self.seed = seed
