@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_overrides_reach_config_optimizer_and_batches(tmp_path):
     d = tmp_path / "run"
-    r = run_cli(["optim.lr=1e-4", "data.max_length=64", "trainer.max_steps=5", f"hydra.run.dir={d}", "logger=none"])
+    r = run_cli(["optim.lr=1e-4", "data.max_length=64", "trainer.max_steps=5", "trainer.exam_pairs=64", f"hydra.run.dir={d}", "logger=none"])
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = OmegaConf.load(d / ".hydra" / "config.yaml")
     assert cfg.optim.lr == 1e-4 and cfg.data.max_length == 64
@@ -109,7 +109,8 @@ def _wait_for_step(metrics: Path, step: int, proc, timeout=240):
     raise AssertionError("run did not reach the step in time")
 
 
-OVR = ["trainer.max_steps=30", "trainer.save_every=5", "trainer.eval_every=10", "trainer.log_every=1", "trainer.keep_checkpoints=0", "logger=none"]
+OVR = ["trainer.max_steps=30", "trainer.save_every=5", "trainer.eval_every=10", "trainer.log_every=1", "trainer.keep_checkpoints=0",
+       "trainer.exam_pairs=64", "logger=none"]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_multirun_sweep_summary_and_group(tmp_path):
 
 
 def test_fake_api_key_without_network_falls_back_offline(tmp_path):
-    base = ["trainer.max_steps=5", "trainer.eval_every=5", "trainer.save_every=5", "trainer.measure_mfu=false"]
+    base = ["trainer.max_steps=5", "trainer.eval_every=5", "trainer.save_every=5", "trainer.measure_mfu=false", "trainer.exam_pairs=64"]
     t = time.time()
     r0 = run_cli([*base, "logger.mode=offline", f"hydra.run.dir={tmp_path}/offline"], env={"WANDB_API_KEY": ""})
     offline_s = time.time() - t
