@@ -12,8 +12,10 @@ compute the same update as one process with the same global batch. Rank 0 alone 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -30,9 +32,10 @@ from transformers.utils import logging as hf_logging
 
 from bertexp import distributed
 from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from bertexp.data.cache import key_of
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
-from bertexp.exam import BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
+from bertexp.exam import BASELINES_VERSION, BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
 from bertexp.exam import evaluate as evaluate_exam
 from bertexp.masking import Vocab
 from bertexp.modeling import PretrainingObjective, encoder_params, fit_attention_to_precision
@@ -239,7 +242,24 @@ def restore(parts: Parts) -> RunState:
     return state
 
 
-_BASELINES: dict[tuple, dict[str, float]] = {}
+def _baseline_scores(data, exam, batches) -> dict[str, float]:
+    """The counting baselines' scores on the exam, cached on disk beside the tokens: every run of a sweep
+    takes the same exam on the same training split, and counting it costs about a second each time."""
+    key = key_of(tokens=data.tokens_dir, split_seed=data.split_seed, val_fraction=data.val_fraction,
+                 exam=exam.exam_id, v=BASELINES_VERSION)
+    path = data.cache / f"baselines-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    scores = CountingBaselines(data.train_token_ids(), data.vocab_size).score(batches)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(scores))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache costs a recount next time, nothing else
+        log.debug("baseline scores not cached (%s)", e)
+    return scores
 
 
 def prepare_exam(cfg: DictConfig, data, batch_size: int):
@@ -249,10 +269,7 @@ def prepare_exam(cfg: DictConfig, data, batch_size: int):
     examples, on_train = data.heldout_examples(length, SHORT_SEQ_PROB)
     exam = build_exam(examples, data.tokens.ids, length, int(data.split_seed), tc.exam_pairs)
     batches = exam.batches(data, batch_size)
-    key = (data.tokens_dir, data.split_seed, data.val_fraction, exam.exam_id)
-    if key not in _BASELINES:  # in-process sweeps and tests score the same exam on the same split many times
-        _BASELINES[key] = CountingBaselines(data.train_token_ids(), data.vocab_size).score(batches)
-    baselines = _BASELINES[key]
+    baselines = _baseline_scores(data, exam, batches)
     log.info(
         "Exam %s: %d %s pairs of up to %d tokens, %d blanks (%.0f%% of their tokens, every one [MASK]). Counting "
         "the training split scores: most frequent token %.4f, left-neighbour table %.4f, neighbours table %.4f; "

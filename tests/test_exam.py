@@ -47,6 +47,9 @@ def test_copying_the_input_scores_nothing_and_baselines_are_ordered():
     mf, left, both = (baselines[f"eval/baseline/{k}_acc"] for k in ("most_frequent", "left_neighbour", "neighbours"))
     assert 0.02 < mf < 0.08 and mf < left < both  # counting neighbours beats counting tokens
     assert both > 0.25  # the table a model must beat to claim it uses context
+    # what a run logs (cached beside the tokens after the first run) is what counting gives now
+    fresh = CountingBaselines(data.train_token_ids(), data.vocab_size).score(batches)
+    assert baselines == {f"eval/baseline/{k}_acc": v for k, v in fresh.items()}
 
 
 def test_exam_is_identical_whatever_the_training_knobs():
