@@ -88,7 +88,7 @@ def run_bertexp(args, cfg, data, spec, tok, examples):
     def step(i):
         t = time.perf_counter()
         batch = data.collate(examples[i * 32 : (i + 1) * 32])
-        ids, labels, _ = masker(batch, g)
+        ids, labels, *_ = masker(batch, g)
         data_s = time.perf_counter() - t
         n_masked = max(1, int((labels != -100).sum()))
         with amp:
@@ -237,7 +237,7 @@ def equal_time(args, cfg, data, spec, tok, examples) -> dict:
         for batch, _ in data.train_batches(Position()):
             if time.perf_counter() - start > budget:
                 break
-            ids, labels, _ = masker(batch, g)
+            ids, labels, *_ = masker(batch, g)
             mlm, nsp, *_ = objective(ids, batch["attention_mask"], batch["token_type_ids"], labels, batch["next_sentence_label"])
             objective.loss(mlm / max(1, int((labels != -100).sum())), nsp / len(ids)).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 from bertexp.data.dataset import Position
 
-WINDOW_KEYS = ("steps", "mlm", "nsp", "tokens", "selected", "maskable", "seq", "rows", "width", "time")
+WINDOW_KEYS = ("steps", "mlm", "nsp", "tokens", "selected", "corrupted", "predicted", "scheduled", "maskable", "seq",
+               "rows", "width", "time")
 # Which way is better, for each evaluation metric whose best value the summary reports.
 BEST = {"eval/mlm_acc": max, "eval/mlm_top5_acc": max, "eval/nsp_acc": max, "eval/mlm_loss": min, "eval/perplexity": min}
 

@@ -69,6 +69,10 @@ class MaskingSchema:
     ratio: float = 0.15
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1
+    schedule: str = "constant"
+    final_ratio: Optional[float] = None
+    step_at: float = 0.5
+    prediction_ratio: Optional[float] = None
 
 
 @dataclass
@@ -80,6 +84,14 @@ class SpanMaskingSchema(MaskingSchema):
 @dataclass
 class NgramMaskingSchema(MaskingSchema):
     ngram_probs: List[float] = field(default_factory=lambda: [0.4, 0.3, 0.2, 0.1])
+
+
+@dataclass
+class PmiMaskingSchema(MaskingSchema):
+    max_n: int = 5
+    min_count: int = 10
+    min_pmi: float = 1.0
+    max_ngrams: Optional[int] = 100_000
 
 
 @dataclass
@@ -128,6 +140,7 @@ SCHEMAS = {
     ("masking", "masking_schema"): MaskingSchema,
     ("masking", "span_schema"): SpanMaskingSchema,
     ("masking", "ngram_schema"): NgramMaskingSchema,
+    ("masking", "pmi_schema"): PmiMaskingSchema,
     ("objective", "objective_schema"): ObjectiveSchema,
     ("trainer", "trainer_schema"): TrainerSchema,
     ("logger", "logger_schema"): LoggerSchema,

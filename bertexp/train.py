@@ -199,6 +199,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
     data.prepare(tokenizer, int(cfg.seed))
     masker.bind(Vocab.from_tokenizer(tokenizer))
+    masker.prepare(data, tokenizer)  # PMI masking: its collocations (cached with the tokens)
     if resume_from:
         model = BertForPreTraining.from_pretrained(str(resume_from), local_files_only=True, attn_implementation="sdpa")
     else:
@@ -413,6 +414,7 @@ class Stepper:
         self.max_bad_steps = int(cfg.trainer.max_bad_steps)
         clip = cfg.optim.grad_clip
         self.clip = float(clip) if clip is not None and float(clip) > 0 else None  # <= 0 or null: no clipping
+        self.max_steps = int(cfg.trainer.max_steps)
         self.micro = parts.data.batch_size
         self.mine = dist.rank * self.micro * self.accum  # first row of this rank's share of the global batch
         self.params = [q for q in parts.model.parameters() if q.requires_grad]
@@ -425,8 +427,10 @@ class Stepper:
         p, dist = self.p, self.dist
         self.gen.manual_seed(step_seed(self.seed, state.step, 1))
         torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
-        ids, labels, selected = p.masker(batch, self.gen)
-        n_masked = max(1, int((labels != -100).sum()))
+        progress = state.step / self.max_steps  # the masking schedule is a function of the step: resume is exact
+        ids, labels, selected, corrupted = p.masker(batch, self.gen, progress)
+        predicted = labels != -100
+        n_masked = max(1, int(predicted.sum()))
         n_pairs = len(ids)
         self.lr = p.optimizer.param_groups[0]["lr"]
         local = torch.zeros(2, dtype=torch.float64)
@@ -459,10 +463,12 @@ class Stepper:
             log.warning("Non-finite loss at step %d: update skipped (%d/%d allowed)", state.step + 1, state.bad_steps, self.max_bad_steps)
         p.optimizer.zero_grad(set_to_none=True)
         p.scheduler.step()
+        maskable = int((~batch["special_tokens_mask"]).sum())
         sums = {
             "mlm": mlm if math.isfinite(mlm) else 0.0, "nsp": nsp if math.isfinite(nsp) else 0.0,
             "tokens": int(batch["attention_mask"].sum()),  # the global batch: the same on every rank
-            "selected": int(selected.sum()), "maskable": int((~batch["special_tokens_mask"]).sum()),
+            "selected": int(selected.sum()), "corrupted": int(corrupted.sum()), "predicted": int(predicted.sum()),
+            "maskable": maskable, "scheduled": p.masker.schedule(progress) * maskable,
             "seq": batch["input_ids"].numel(), "rows": n_pairs, "width": int(batch["input_ids"].shape[1]),
         }
         return sums, bool(stop_votes)
@@ -481,7 +487,11 @@ def train_record(state: RunState, nsp_weight: float, lr: float, peak: float, flo
         "train/lr": lr,
         "train/epoch": state.epoch,
         "train/max_seq_len": int(w["width"]),  # widest padded batch of the window
+        # shares of the window's non-special tokens: scheduled (weighted by tokens), selected, corrupted, predicted
+        "masking/ratio": w["scheduled"] / max(w["maskable"], 1),
         "masking/realized_ratio": w["selected"] / max(w["maskable"], 1),
+        "masking/corrupted_ratio": w["corrupted"] / max(w["maskable"], 1),
+        "masking/predicted_ratio": w["predicted"] / max(w["maskable"], 1),
         "throughput/tokens_per_s": tps,
     }
     if math.isfinite(peak):

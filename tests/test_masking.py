@@ -26,7 +26,7 @@ def _run(masker, batches, seed=0):
     stats = {"selected": 0, "maskable": 0, "mask": 0, "random": 0, "same": 0, "special_hit": 0, "random_special": 0,
              "unit_sq": 0}
     for b in batches:
-        ids, labels, sel = masker(b, g)
+        ids, labels, sel, _ = masker(b, g)
         # the replacement is drawn per unit: a token, or a run of selected positions for per-span strategies
         if masker.replace_per_span:
             edges = np.diff(np.pad(sel.numpy().astype(np.int8), ((0, 0), (1, 1))), axis=1)
@@ -82,7 +82,7 @@ def test_whole_word_never_splits_a_gold_word(batches):
     g = torch.Generator().manual_seed(3)
     words_checked = 0
     for b in data[:10]:
-        _, _, sel = m(b, g)
+        sel = m(b, g).selected
         ws = b["word_start"]
         for r in range(len(sel)):
             starts = ws[r].nonzero().squeeze(1).tolist() + [ws.shape[1]]
@@ -101,7 +101,7 @@ def test_gold_words_are_multi_character(batches):
 
 def test_span_lengths_follow_clipped_geometric():
     m = SpanMasking(0.15, p=0.2, max_span=10)
-    lengths = m.sample_lengths(np.random.default_rng(0), 200_000)
+    lengths = m.sample_lengths(torch.Generator().manual_seed(0), (200_000,)).numpy()
     assert lengths.min() == 1 and lengths.max() == 10
     expected = sum(l * 0.2 * 0.8 ** (l - 1) for l in range(1, 10)) + 10 * 0.8**9
     assert abs(lengths.mean() - expected) / expected < 0.05
@@ -113,7 +113,7 @@ def test_span_spans_start_at_word_starts(batches):
     m = SpanMasking(0.3).bind(vocab)
     g = torch.Generator().manual_seed(5)
     for b in data[:5]:
-        _, _, sel = m(b, g)
+        sel = m(b, g).selected
         starts = sel & ~torch.cat([torch.zeros_like(sel[:, :1]), sel[:, :-1]], 1)
         assert bool(b["word_start"][starts].all())
 
@@ -126,7 +126,7 @@ def test_span_replacement_is_decided_once_per_span(batches):
         g = torch.Generator().manual_seed(11)
         mixed = spans = 0
         for b in data[:5]:
-            ids, _, sel = m(b, g)
+            ids, _, sel, _ = m(b, g)
             is_mask = (ids == vocab.mask_id).numpy()
             for r in range(len(sel)):
                 edges = np.diff(np.pad(sel[r].numpy().astype(np.int8), 1))
@@ -140,7 +140,7 @@ def test_span_replacement_is_decided_once_per_span(batches):
 
 def test_ngram_lengths_follow_probs():
     m = NgramMasking(0.15)
-    lengths = m.sample_lengths(np.random.default_rng(0), 100_000)
+    lengths = m.sample_lengths(torch.Generator().manual_seed(0), (100_000,)).numpy()
     shares = np.bincount(lengths, minlength=5)[1:] / len(lengths)
     assert np.allclose(shares, [0.4, 0.3, 0.2, 0.1], atol=0.01)
 

@@ -100,7 +100,7 @@ def test_pretrained_round_trip_uses_its_weights_and_heads(tmp_path, pd_data):
     data.prepare(tok, seed=int(c.seed))
     masker = instantiate(c.masking).bind(Vocab.from_tokenizer(tok))
     batch, _ = next(data.train_batches(Position()))
-    ids, labels, _ = masker(batch, torch.Generator().manual_seed(step_seed(int(c.seed), 0, 1)))
+    ids, labels, *_ = masker(batch, torch.Generator().manual_seed(step_seed(int(c.seed), 0, 1)))
     ref.eval()
     out = ref(input_ids=ids, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
               labels=labels, next_sentence_label=batch["next_sentence_label"])

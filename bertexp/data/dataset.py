@@ -67,6 +67,9 @@ class PretrainingData:
         self.cache = cache_root(cache_dir)
         self._corpus: Corpus | None = None
         self._epoch_cache: tuple[int, np.ndarray] | None = None
+        # Per-token flags besides word starts that a masking strategy adds (PMI: `unit_start`), aligned with
+        # the token array and carried into batches like `word_start`.
+        self.token_flags: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_peoples_daily(cls, path: str | None = None, **kwargs) -> "PretrainingData":
@@ -225,9 +228,10 @@ class PretrainingData:
         k = len(ex)
         ids = np.full((k, width), self.pad_id, dtype=np.int64)
         types = np.zeros((k, width), dtype=np.int64)
-        word_start = np.zeros((k, width), dtype=bool)
+        flags = {"word_start": self.tokens.word_start, **self.token_flags}
+        starts = {name: np.zeros((k, width), dtype=bool) for name in flags}
         special = np.ones((k, width), dtype=bool)
-        tok, ws = self.tokens.ids, self.tokens.word_start
+        tok = self.tokens.ids
         for r in range(k):
             a0, a1, b0, b1 = ex[r, A0], ex[r, A1], ex[r, B0], ex[r, B1]
             p, q = 1 + la[r], 2 + la[r] + lb[r]
@@ -237,9 +241,11 @@ class PretrainingData:
             ids[r, p + 1 : q] = tok[b0:b1]
             ids[r, q] = self.sep_id
             types[r, p + 1 : q + 1] = 1
-            word_start[r, 1:p] = ws[a0:a1]
-            word_start[r, p + 1 : q] = ws[b0:b1]
-            word_start[r, [1, p + 1]] = True  # a truncated segment still starts a word
+            for name, arr in flags.items():
+                out = starts[name]
+                out[r, 1:p] = arr[a0:a1]
+                out[r, p + 1 : q] = arr[b0:b1]
+                out[r, [1, p + 1]] = True  # a truncated segment still starts a word (and a unit)
             special[r, 1:p] = False
             special[r, p + 1 : q] = False
         attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
@@ -248,8 +254,8 @@ class PretrainingData:
             "token_type_ids": torch.from_numpy(types),
             "attention_mask": torch.from_numpy(attention),
             "special_tokens_mask": torch.from_numpy(special),
-            "word_start": torch.from_numpy(word_start | special),
             "next_sentence_label": torch.from_numpy(ex[:, LABEL].copy()),
+            **{name: torch.from_numpy(v | special) for name, v in starts.items()},
         }
 
 
