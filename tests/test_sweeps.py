@@ -20,7 +20,8 @@ def _statuses(d):
     return [json.loads((r / "status.json").read_text())["status"] for r in _runs(d)]
 
 
-@pytest.mark.parametrize("name,n_runs", [("mask_ratio", 4), ("masking_grid", 8)])
+@pytest.mark.parametrize("name,n_runs", [("mask_ratio", 4), ("masking_grid", 10), ("mask_schedule", 4),
+                                         ("corruption_vs_prediction", 4)])
 def test_ready_sweep_definitions_run_with_one_command(tmp_path, name, n_runs):
     d = tmp_path / name
     r = run_cli(["-cd", "multirun_sweeps", "-cn", name, *TINY, f"hydra.sweep.dir={d}"], timeout=600)
@@ -30,8 +31,17 @@ def test_ready_sweep_definitions_run_with_one_command(tmp_path, name, n_runs):
     assert len(summary) == n_runs + 1 and "masking.ratio" in summary[0]
     cfgs = [yaml.safe_load((run / ".hydra" / "config.yaml").read_text()) for run in _runs(d)]
     assert {c["experiment"] for c in cfgs} == {name}  # the W&B group of every run of the sweep
-    ratios = sorted({c["masking"]["ratio"] for c in cfgs})
-    assert ratios == ([0.15, 0.3, 0.45, 0.6] if name == "mask_ratio" else [0.15, 0.4])
+    swept = {
+        "mask_ratio": [(0.15, "constant", None), (0.3, "constant", None), (0.45, "constant", None), (0.6, "constant", None)],
+        "masking_grid": [(0.15, "constant", None), (0.4, "constant", None)],
+        "mask_schedule": [(0.15, "constant", None), (0.3, "constant", None), (0.3, "cosine", None), (0.3, "linear", None)],
+        "corruption_vs_prediction": [(0.15, "constant", 0.15), (0.15, "constant", 0.4), (0.4, "constant", 0.15),
+                                     (0.4, "constant", 0.4)],
+    }[name]
+    got = sorted({(c["masking"]["ratio"], c["masking"]["schedule"], c["masking"]["prediction_ratio"]) for c in cfgs})
+    assert got == swept
+    if name == "masking_grid":
+        assert {c["masking"]["_target_"].rsplit(".", 1)[1] for c in cfgs} >= {"PmiMasking", "SpanMasking"}
 
 
 def test_failed_job_is_listed_and_others_kept(tmp_path):

@@ -107,11 +107,15 @@ def test_pretrained_round_trip_uses_its_weights_and_heads(tmp_path, pd_data):
     assert first["train/loss"] == pytest.approx(float(out.loss.detach()), rel=1e-5)
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("masking", [[], ["masking=pmi", "masking.schedule=linear", "masking.ratio=0.4",
+                                     "masking.final_ratio=0.15", "masking.prediction_ratio=0.3"]],
+                         ids=["token", "pmi-linear-schedule-prediction-subset"])
+def test_resume_continues_exactly(tmp_path, masking):
     """Checkpoints at steps that are not multiples of log_every: the logging window, best-so-far values and
-    every record after the resume equal an uninterrupted run's."""
+    every record after the resume equal an uninterrupted run's (with a masking schedule too: the ratio is a
+    function of the step)."""
     overrides = ["trainer.max_steps=10", "trainer.log_every=3", "trainer.save_every=4", "trainer.eval_every=2",
-                 "trainer.keep_checkpoints=0", "trainer.precision=fp32", "optim.lr=5e-3", "logger=none"]
+                 "trainer.keep_checkpoints=0", "trainer.precision=fp32", "optim.lr=5e-3", "logger=none", *masking]
     final_a = run_in_process(tmp_path / "a", overrides)
     run_in_process(tmp_path / "b", overrides)
     # interrupt b after step 4: its later checkpoints and records never happened
