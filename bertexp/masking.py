@@ -335,7 +335,7 @@ class PmiMasking(Masker):
     name = "pmi"
 
     def __init__(self, ratio=0.15, mask_token_prob=0.8, random_token_prob=0.1, max_n: int = 5, min_count: int = 10,
-                 min_pmi: float = 0.0, max_ngrams: int | None = 100_000, **kw):
+                 min_pmi: float = 1.0, max_ngrams: int | None = 100_000, **kw):
         super().__init__(ratio, mask_token_prob, random_token_prob, **kw)
         if not 2 <= int(max_n) <= 8:
             raise ConfigError(f"masking.max_n={max_n} must be between 2 and 8")
