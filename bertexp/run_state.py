@@ -31,23 +31,34 @@ class RunState:
     window: dict[str, float] = field(default_factory=_empty_window)
     best: dict[str, float] = field(default_factory=dict)
     tokens: int = 0  # non-pad tokens trained on, all ranks
+    predicted_tokens: int = 0  # positions whose prediction was scored
+    flops: float = 0.0  # model FLOPs, forward and backward, prediction heads included
     train_time: float = 0.0  # seconds spent in training steps (evaluation and checkpoints excluded)
+    elapsed_s: float = 0.0  # wall-clock seconds in the training loop (steps, evals, checkpoints), all attempts
+    decay_from: float | None = None  # fraction of the run done when lr warm-up ended (the lr decays from there)
 
     @property
     def position(self) -> Position:
         return Position(self.epoch, self.index)
 
-    def advance(self, position: Position, seconds: float, **sums: float) -> None:
+    def advance(self, position: Position, seconds: float, flops: float = 0.0, **sums: float) -> None:
         """One optimizer step done: move the data position and add the step to the logging window."""
         self.step += 1
         self.epoch, self.index = position.epoch, position.index
         self.tokens += int(sums.get("tokens", 0))
+        self.predicted_tokens += int(sums.get("predicted", 0))
+        self.flops += flops
         self.train_time += seconds
         w = self.window
         w["steps"] += 1
         w["time"] += seconds
         for key, v in sums.items():
             w[key] = max(w[key], v) if key == "width" else w[key] + v
+
+    def axes(self) -> dict:
+        """The compute axes every record carries beside `step`."""
+        return {"step": self.step, "tokens": self.tokens, "predicted_tokens": self.predicted_tokens,
+                "flops": self.flops, "elapsed_s": round(self.elapsed_s, 3)}
 
     def take_window(self) -> dict[str, float]:
         """The logging window's sums, emptied for the next one."""

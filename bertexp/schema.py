@@ -104,7 +104,10 @@ class ObjectiveSchema:
 
 @dataclass
 class TrainerSchema:
-    max_steps: int = 2500
+    max_steps: Optional[int] = 2500
+    budget_minutes: Optional[float] = None
+    max_tokens: Optional[int] = None
+    max_flops: Optional[float] = None
     log_every: int = 20
     eval_every: int = 250
     exam_length: int = 128

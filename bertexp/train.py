@@ -31,6 +31,7 @@ from transformers import BertForPreTraining
 from transformers.utils import logging as hf_logging
 
 from bertexp import distributed
+from bertexp.budget import Budget
 from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from bertexp.data.cache import key_of
 from bertexp.data.tokenizer import load_tokenizer
@@ -126,7 +127,7 @@ class _StopFlag:
 
 def check_trainer(tc) -> None:
     """Range checks of trainer.* (types were checked when the config was composed)."""
-    for name, low in (("max_steps", 1), ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("grad_accum", 1),
+    for name, low in (("log_every", 1), ("eval_every", 1), ("save_every", 1), ("grad_accum", 1),
                       ("keep_checkpoints", 0), ("max_bad_steps", 0)):
         if int(tc[name]) < low:
             raise ConfigError(f"trainer.{name}={tc[name]} must be >= {low}")
@@ -218,7 +219,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
              precision, f", {dist.world} ranks" if dist.enabled else "")
     log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
     optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer, int(tc.max_steps))
+    scheduler = build_scheduler(cfg.optim, optimizer)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from)
 
@@ -287,7 +288,8 @@ def prepare_exam(cfg: DictConfig, data, batch_size: int):
 
 def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device, dist: distributed.Dist) -> dict:
     tc = cfg.trainer
-    seed, max_steps, accum = int(cfg.seed), int(tc.max_steps), int(tc.grad_accum)
+    seed, accum = int(cfg.seed), int(tc.grad_accum)
+    budget = Budget.from_config(tc)
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per checkpoint shard
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -308,7 +310,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
             if tc.measure_mfu else float("nan"))
 
     def evaluate() -> dict:
-        record = {"step": state.step, **evaluate_exam(parts.objective, exam_batches, device, parts.amp, dist),
+        record = {**state.axes(), **evaluate_exam(parts.objective, exam_batches, device, parts.amp, dist),
                   **baselines, "eval/exam_id": exam.exam_id}
         state.note_eval(record)
         return record
@@ -329,35 +331,44 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     first_step_s = None
     exit_code = 1
     final: dict | None = None
-    pbar = tqdm(total=max_steps, initial=state.step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
+    if not budget.by_steps:
+        log.info("The run ends on its budget: %s (trainer.max_steps does not apply)", budget.describe())
+    pbar = tqdm(total=budget.max_steps, initial=state.step, desc="train", dynamic_ncols=True, mininterval=1.0,
+                disable=not dist.main)
     try:
         with _StopFlag() as stop:
-            while state.step < max_steps:
+            mark = time.perf_counter()
+            while not budget.done(state):
                 t0 = time.perf_counter()
                 batch, next_position = next(batches)
-                sums, stop_votes = step_fn(state, batch, stop)
+                sums, stop_votes = step_fn(state, batch, stop, budget.progress(state))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                state.advance(next_position, time.perf_counter() - t0, **sums)
+                now = time.perf_counter()
+                state.advance(next_position, now - t0, **sums)
+                state.elapsed_s += now - mark  # the loop's wall clock: this step and the evals and saves before it
+                mark = now
+                finished = budget.done(state)
                 pbar.update(1)
                 if first_step_s is None:
                     first_step_s = process_age()
                     log.info("First step done %.1f s after the process started", first_step_s)
 
-                if state.step % int(tc.log_every) == 0 or state.step == max_steps:
+                if state.step % int(tc.log_every) == 0 or finished:
                     record = train_record(state, parts.objective.nsp_weight, step_fn.lr, peak, step_fn.flops_per_token, dist)
                     tracker.log(record)
                     pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{step_fn.lr:.2e}",
-                                     tok_s=f"{record['throughput/tokens_per_s']:.0f}")
-                if state.step % int(tc.eval_every) == 0 or state.step == max_steps:
+                                     tok_s=f"{record['throughput/tokens_per_s']:.0f}",
+                                     **({} if budget.by_steps else {"budget": f"{budget.progress(state):.0%}"}))
+                if state.step % int(tc.eval_every) == 0 or finished:
                     last_eval = evaluate()
                     tracker.log(last_eval)
                     if dist.main:
                         pbar.write(describe_eval(last_eval))
-                saved = state.step % int(tc.save_every) == 0 or state.step == max_steps
+                saved = state.step % int(tc.save_every) == 0 or finished
                 if saved:
                     checkpoint()
-                if stop_votes and state.step < max_steps:  # at the last step the run just finishes
+                if stop_votes and not finished:  # at the last step the run just finishes
                     if not saved:
                         checkpoint()
                     signum = stop.signum or signal.SIGTERM
@@ -414,25 +425,34 @@ class Stepper:
         self.max_bad_steps = int(cfg.trainer.max_bad_steps)
         clip = cfg.optim.grad_clip
         self.clip = float(clip) if clip is not None and float(clip) > 0 else None  # <= 0 or null: no clipping
-        self.max_steps = int(cfg.trainer.max_steps)
+        self.warmup = parts.scheduler.warmup_steps
         self.micro = parts.data.batch_size
         self.mine = dist.rank * self.micro * self.accum  # first row of this rank's share of the global batch
         self.params = [q for q in parts.model.parameters() if q.requires_grad]
         self.gen = torch.Generator()
         self.lr = 0.0
         c = parts.model.config  # model FLOPs per token: 6N (encoder layers) + attention's 12 L H T
-        self.flops_per_token = lambda seq_len: 6 * encoder_params(parts.model) + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+        n_enc, layers, hidden, vocab = encoder_params(parts.model), c.num_hidden_layers, c.hidden_size, c.vocab_size
+        self.flops_per_token = lambda seq_len: 6 * n_enc + 12 * layers * hidden * seq_len
+        # A step's FLOPs (x3 for forward + backward): every padded position through the encoder; the MLM head
+        # (transform H x H, decoder H x V) on the predicted positions only, as PretrainingObjective computes
+        # it, so a higher prediction ratio costs more; the pooler and NSP classifier once per row.
+        self.step_flops = lambda rows, width, predicted: (
+            self.flops_per_token(width) * rows * width + 6 * (hidden * hidden + hidden * vocab) * predicted
+            + 6 * (hidden * hidden + 2 * hidden) * rows)
 
-    def __call__(self, state: RunState, batch: dict, stop: _StopFlag) -> tuple[dict, bool]:
+    def __call__(self, state: RunState, batch: dict, stop: _StopFlag, progress: float) -> tuple[dict, bool]:
+        """One step at `progress` (the fraction of the run done, which drives the lr and masking schedules)."""
         p, dist = self.p, self.dist
         self.gen.manual_seed(step_seed(self.seed, state.step, 1))
         torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
-        progress = state.step / self.max_steps  # the masking schedule is a function of the step: resume is exact
+        if state.step >= self.warmup and state.decay_from is None:
+            state.decay_from = progress  # warm-up is over: the lr decays from here to the end of the budget
+        self.lr = p.scheduler.set(state.step, progress, state.decay_from if state.decay_from is not None else 1.0)
         ids, labels, selected, corrupted = p.masker(batch, self.gen, progress)
         predicted = labels != -100
         n_masked = max(1, int(predicted.sum()))
         n_pairs = len(ids)
-        self.lr = p.optimizer.param_groups[0]["lr"]
         local = torch.zeros(2, dtype=torch.float64)
         for k in range(self.accum):
             rows = slice(self.mine + k * self.micro, self.mine + (k + 1) * self.micro)
@@ -462,7 +482,6 @@ class Stepper:
                 )
             log.warning("Non-finite loss at step %d: update skipped (%d/%d allowed)", state.step + 1, state.bad_steps, self.max_bad_steps)
         p.optimizer.zero_grad(set_to_none=True)
-        p.scheduler.step()
         maskable = int((~batch["special_tokens_mask"]).sum())
         sums = {
             "mlm": mlm if math.isfinite(mlm) else 0.0, "nsp": nsp if math.isfinite(nsp) else 0.0,
@@ -470,6 +489,7 @@ class Stepper:
             "selected": int(selected.sum()), "corrupted": int(corrupted.sum()), "predicted": int(predicted.sum()),
             "maskable": maskable, "scheduled": p.masker.schedule(progress) * maskable,
             "seq": batch["input_ids"].numel(), "rows": n_pairs, "width": int(batch["input_ids"].shape[1]),
+            "flops": float(self.step_flops(n_pairs, int(batch["input_ids"].shape[1]), int(predicted.sum()))),
         }
         return sums, bool(stop_votes)
 
@@ -480,7 +500,7 @@ def train_record(state: RunState, nsp_weight: float, lr: float, peak: float, flo
     n = max(w["steps"], 1)
     tps = w["tokens"] / max(w["time"], 1e-9)
     record = {
-        "step": state.step,
+        **state.axes(),
         "train/loss": (w["mlm"] + nsp_weight * w["nsp"]) / n,  # what is minimised
         "train/mlm_loss": w["mlm"] / n,
         "train/nsp_loss": w["nsp"] / n,

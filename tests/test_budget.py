@@ -1,0 +1,95 @@
+"""Compute budgets: wall clock, tokens and FLOPs end a run, and the schedules follow the budget."""
+import pytest
+
+from bertexp.budget import Budget
+from bertexp.errors import ConfigError
+from bertexp.run_state import RunState
+from bertexp.tracking import read_metrics
+from conftest import compose, run_in_process
+
+FAST = ["logger=none", "trainer.eval_every=100000", "trainer.save_every=100000", "trainer.log_every=1",
+        "optim.warmup_steps=0", "trainer.exam_pairs=16"]
+PEAK, FINAL = 2e-3, 2e-3 * 0.1  # optim.lr and optim.min_lr_ratio * optim.lr
+
+
+def _lr_at(progress):
+    """The lr with no warm-up: linear from PEAK at progress 0 to FINAL at progress 1."""
+    return FINAL + (PEAK - FINAL) * (1 - progress)
+
+
+def _train_records(run_dir):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_time_budget_ends_the_run_and_the_lr_schedule(tmp_path, batch):
+    minutes = 0.12  # 7.2 s
+    run_in_process(tmp_path, [*FAST, f"trainer.budget_minutes={minutes}", f"data.batch_size={batch}"])
+    recs = _train_records(tmp_path)
+    last, before = recs[-1], recs[-2]
+    assert before["elapsed_s"] < minutes * 60 <= last["elapsed_s"]  # stopped at the first step past the budget
+    assert last["elapsed_s"] - minutes * 60 < 2.0
+    # the lr runs on the fraction of the budget used (each step's lr is set when it starts)
+    for prev, r in zip(recs, recs[1:]):
+        assert r["train/lr"] == pytest.approx(_lr_at(prev["elapsed_s"] / (minutes * 60)), rel=1e-3)
+    assert last["train/lr"] - FINAL < (PEAK - FINAL) * (last["elapsed_s"] - before["elapsed_s"]) / (minutes * 60) * 1.01
+    assert all(r["step"] == i + 1 for i, r in enumerate(recs))
+    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/mlm_acc" in r]
+    assert len(evals) == 1 and evals[0]["step"] == last["step"]  # scored once, at the end
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_token_budget_stops_within_one_batch(tmp_path, batch):
+    budget = 40_000
+    run_in_process(tmp_path, [*FAST, f"trainer.max_tokens={budget}", f"data.batch_size={batch}"])
+    recs = _train_records(tmp_path)
+    last, before = recs[-1], recs[-2]
+    assert before["tokens"] < budget <= last["tokens"]
+    assert last["tokens"] - budget < last["tokens"] - before["tokens"]  # less than the last batch over
+    for prev, r in zip(recs, recs[1:]):
+        assert r["train/lr"] == pytest.approx(_lr_at(prev["tokens"] / budget), rel=1e-9)
+
+
+def test_records_carry_compute_axes_and_flops_count_the_prediction_head(tmp_path):
+    """Same batches, two prediction ratios: FLOPs differ by exactly the MLM head's cost of the extra
+    predicted positions (6 x (H^2 + H V) each)."""
+    finals = {}
+    for pred in (0.15, 0.45):
+        d = tmp_path / str(pred)
+        run_in_process(d, [*FAST, "trainer.max_steps=3", f"masking.prediction_ratio={pred}"])
+        recs = read_metrics(d / "metrics.jsonl")
+        for r in recs:
+            assert {"step", "tokens", "predicted_tokens", "flops", "elapsed_s"} <= r.keys()
+        steps = [r for r in recs if "train/loss" in r]
+        assert [r["tokens"] for r in steps] == sorted(r["tokens"] for r in steps) and steps[0]["flops"] > 0
+        finals[pred] = steps[-1]
+    a, b = finals[0.15], finals[0.45]
+    assert a["tokens"] == b["tokens"] and b["predicted_tokens"] > 2 * a["predicted_tokens"]
+    cfg = compose()
+    h = cfg.model.hidden_size
+    from bertexp.data.tokenizer import load_tokenizer  # the run's vocabulary size, from its checkpoint
+
+    v = len(load_tokenizer(tmp_path / "0.15" / "checkpoints" / "last"))
+    head = 6 * (h * h + h * v)
+    assert b["flops"] - a["flops"] == pytest.approx(head * (b["predicted_tokens"] - a["predicted_tokens"]), rel=1e-9)
+
+
+def test_budget_progress_is_the_furthest_budget():
+    cfg = compose(["trainer.max_tokens=1000", "trainer.budget_minutes=1"])
+    b = Budget.from_config(cfg.trainer)
+    assert not b.by_steps and b.max_steps is None
+    s = RunState(step=10_000, tokens=250, elapsed_s=30.0)
+    assert b.progress(s) == pytest.approx(0.5) and not b.done(s)  # max_steps does not apply
+    s.tokens = 1000
+    assert b.progress(s) == 1.0 and b.done(s)
+    assert "trainer.max_tokens=1000" in b.describe() and "trainer.budget_minutes=1" in b.describe()
+    steps = Budget.from_config(compose().trainer)
+    assert steps.by_steps and steps.progress(RunState(step=1250)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("override,match", [("trainer.max_steps=null", "trainer.max_steps is null and no budget"),
+                                            ("trainer.max_tokens=0", "trainer.max_tokens=0 must be > 0"),
+                                            ("trainer.budget_minutes=-1", "trainer.budget_minutes=-1")])
+def test_bad_budgets_are_config_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        Budget.from_config(compose([override]).trainer)
