@@ -6,8 +6,13 @@ that differ between the runs, final and best evaluation metrics, the exam they w
 neighbours-counting baseline on it, throughput, steps and status, and is written as Markdown and CSV next to
 a plot of the eval curves (one labelled line per run).
 
-Runs are ranked by final exam accuracy only among runs that took the same exam (`eval/exam_id`); when the
-runs took different exams, the table says so instead of ranking them together.
+Runs are ranked by final exam accuracy (or `--metric`) only among runs that took the same exam
+(`eval/exam_id`); when the runs took different exams, the table says so instead of ranking them together.
+
+Runs whose configs differ only in `seed` form a group: a second table gives, per group, the metric's mean,
+standard deviation, 95% confidence interval (Student's t) and N, marks the best group, and says whether its
+lead over the runner-up is larger than seed noise (Welch's t-test, p < 0.05). The plot then draws each group's
+mean with its interval as a band, against `--x` step, tokens, flops or time.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from omegaconf import OmegaConf
 from bertexp.tracking import read_metrics
 
 IGNORED_KEYS = ("data.cache_dir", "trainer.resume")
+X_AXES = {"step": "step", "tokens": "tokens", "flops": "flops", "time": "elapsed_s"}
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -94,6 +101,97 @@ def load_run(path: Path) -> dict:
     }
 
 
+def metric_value(run: dict, metric: str):
+    """A run's value of `metric`: `best/KEY` is the best of its evals, `final/KEY` or plain `KEY` the last."""
+    kind, key = ("best", metric[5:]) if metric.startswith("best/") else ("final", metric.removeprefix("final/"))
+    vals = [m[key] for m in run["evals"] if m.get(key) is not None]
+    if not vals:
+        return run.get(f"final/{key}") if kind == "final" else None
+    if kind == "final":
+        return vals[-1]
+    return (min if lower_is_better(key) else max)(vals)
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(w in metric for w in LOWER_IS_BETTER)
+
+
+def seed_stats(values: list[float]) -> dict:
+    """Mean, sample standard deviation, 95% confidence interval of the mean (Student's t) and N."""
+    import numpy as np
+    from scipy import stats
+
+    n = len(values)
+    mean = float(np.mean(values)) if n else None
+    if n < 2:
+        return {"mean": mean, "sd": None, "ci_low": None, "ci_high": None, "n": n}
+    sd = float(np.std(values, ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+def seed_groups(runs: list[dict], keys: list[str], metric: str) -> tuple[list[dict], str]:
+    """Groups of runs that differ only in `seed` (none unless some runs share all other values), with the
+    metric's statistics, the best group marked, and a verdict on its lead over the runner-up."""
+    if "seed" not in keys:
+        return [], ""
+    other = [k for k in keys if k != "seed"]
+    by_key: dict[str, list[dict]] = {}
+    for r in runs:
+        by_key.setdefault(json.dumps([r["config"].get(k) for k in other], default=str), []).append(r)
+    if all(len(g) == 1 for g in by_key.values()):
+        return [], ""
+    groups = []
+    for members in by_key.values():
+        scored = [r for r in members if metric_value(r, metric) is not None]
+        exams = {r["exam_id"] for r in scored}
+        groups.append({
+            "label": label_of(members[0], other) if other else "all runs",
+            "runs": members,
+            "values": [metric_value(r, metric) for r in scored],
+            "seeds": [r["config"].get("seed") for r in members],
+            "exam_id": exams.pop() if len(exams) == 1 else None,
+            **seed_stats([metric_value(r, metric) for r in scored]),
+            "best": "",
+        })
+    ranked = [g for g in groups if g["mean"] is not None and g["exam_id"]]
+    if len({g["exam_id"] for g in ranked}) > 1:
+        return groups, "Note: the groups took different exams; they are not ranked against each other."
+    sign = 1 if lower_is_better(metric) else -1
+    ranked.sort(key=lambda g: sign * g["mean"])
+    if not ranked:
+        return groups, ""
+    best = ranked[0]
+    best["best"] = "best"
+    if len(ranked) == 1:
+        return groups, ""
+    second = ranked[1]
+    if best["n"] < 2 or second["n"] < 2:
+        verdict = "cannot be told from seed noise (fewer than 2 seeds)"
+    else:
+        from scipy import stats
+
+        if best["sd"] == 0 and second["sd"] == 0:
+            p = 0.0 if best["mean"] != second["mean"] else 1.0
+        else:
+            p = float(stats.ttest_ind(best["values"], second["values"], equal_var=False).pvalue)
+        best["p_vs_next"] = p
+        verdict = (f"is larger than seed noise (Welch's t-test p = {p:.3g} < 0.05)" if p < 0.05 else
+                   f"is within seed noise (Welch's t-test p = {p:.3g} >= 0.05)")
+        best["best"] = "best" + (" (significant)" if p < 0.05 else " (within noise)")
+    note = (f"Best group by {metric}: {best['label']} ({_fmt(best['mean'])}, n={best['n']}); its lead over "
+            f"{second['label']} ({_fmt(second['mean'])}, n={second['n']}) {verdict}.")
+    return groups, note
+
+
+def group_table(groups: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
+    header = ["group", f"{metric} mean ± sd", f"{metric} mean", f"{metric} sd", f"{metric} ci_low", f"{metric} ci_high", f"{metric} n",
+              "seeds", "exam", "best"]
+    rows = [[g["label"], f"{_fmt(g['mean'])} ± {_fmt(g['sd'])}", _fmt(g["mean"]), _fmt(g["sd"]), _fmt(g["ci_low"]), _fmt(g["ci_high"]), str(g["n"]),
+             " ".join(map(str, g["seeds"])), _fmt(g["exam_id"]), g["best"]] for g in groups]
+    return header, rows
+
+
 def differing_keys(runs: list[dict]) -> list[str]:
     keys = sorted({k for r in runs for k in r["config"]})
     return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True, default=str) for r in runs}) > 1]
@@ -135,16 +233,17 @@ COLUMNS = [
 ]
 
 
-def rank_within_exams(runs: list[dict]) -> str:
-    """Set each run's "rank" by final exam accuracy among the runs that took the same exam; return a note
-    when the runs took more than one exam (empty otherwise)."""
+def rank_within_exams(runs: list[dict], metric: str = "final/eval/mlm_acc") -> str:
+    """Set each run's "rank" by `metric` among the runs that took the same exam; return a note when the
+    runs took more than one exam (empty otherwise)."""
     groups: dict[str, list[dict]] = {}
     for r in runs:
         r["rank"] = None
-        if r["exam_id"] and r["final/eval/mlm_acc"] is not None:
+        if r["exam_id"] and metric_value(r, metric) is not None:
             groups.setdefault(r["exam_id"], []).append(r)
+    sign = 1 if lower_is_better(metric) else -1
     for group in groups.values():
-        for i, r in enumerate(sorted(group, key=lambda r: -r["final/eval/mlm_acc"])):
+        for i, r in enumerate(sorted(group, key=lambda r: sign * metric_value(r, metric))):
             r["rank"] = i + 1
     notes = []
     if len(groups) > 1:
@@ -171,65 +270,120 @@ def to_markdown(header, rows) -> str:
     return "\n".join(lines)
 
 
-def figure(runs: list[dict], keys: list[str]):
-    """Eval MLM loss and accuracy against step, one line per run labelled by its differing values."""
+def _curve(run: dict, x: str, y: str):
+    pts = [(m[x], m[y]) for m in run["evals"] if m.get(x) is not None and m.get(y) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def figure(runs: list[dict], keys: list[str], x: str = "step", groups: list[dict] | None = None):
+    """Exam MLM loss and accuracy against `x`: one labelled line per run, or, for runs grouped over seeds,
+    each group's mean with its 95% confidence interval as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy import stats
 
+    xkey = X_AXES[x]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in runs:
-        steps = [m["step"] for m in r["evals"]]
-        label = label_of(r, keys) + ("" if r["status"] == "completed" else f" ({r['status']})")
-        axes[0].plot(steps, [m["eval/mlm_loss"] for m in r["evals"]], marker="o", label=label)
-        axes[1].plot(steps, [m["eval/mlm_acc"] for m in r["evals"]], marker="o", label=label)
-    axes[0].set(xlabel="step", ylabel="eval/mlm_loss", title="Exam MLM loss")
-    axes[1].set(xlabel="step", ylabel="eval/mlm_acc", title="Exam accuracy (blanks, all [MASK])")
-    for ax in axes:
+    for ax, y in zip(axes, ("eval/mlm_loss", "eval/mlm_acc")):
+        if groups:
+            for g in groups:
+                curves = [_curve(r, xkey, y) for r in g["runs"]]
+                steps = [_curve(r, "step", y)[0] for r in g["runs"]]
+                keep = [i for i, c in enumerate(curves) if c[0]]
+                if not keep:
+                    continue
+                curves = [curves[i] for i in keep]
+                if all(steps[i] == steps[keep[0]] for i in keep):  # evaluated at the same steps: pair them up
+                    grid = np.mean([c[0] for c in curves], axis=0)
+                    ys = np.asarray([c[1] for c in curves])
+                else:  # e.g. time budgets: interpolate onto the range every seed covers
+                    end = min(c[0][-1] for c in curves)
+                    grid = np.unique(np.concatenate([c[0] for c in curves]))
+                    grid = grid[grid <= end]
+                    ys = np.asarray([np.interp(grid, cx, cy) for cx, cy in curves])
+                mean = ys.mean(0)
+                (line,) = ax.plot(grid, mean, marker="o", label=f"{g['label']} (n={len(curves)})")
+                if len(curves) > 1:
+                    half = stats.t.ppf(0.975, len(curves) - 1) * ys.std(0, ddof=1) / np.sqrt(len(curves))
+                    ax.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        else:
+            for r in runs:
+                label = label_of(r, keys) + ("" if r["status"] == "completed" else f" ({r['status']})")
+                ax.plot(*_curve(r, xkey, y), marker="o", label=label)
+        ax.set(xlabel={"time": "elapsed_s (training loop wall clock)"}.get(x, xkey), ylabel=y)
         ax.grid(alpha=0.3)
+    axes[0].set_title("Exam MLM loss")
+    axes[1].set_title("Exam accuracy (blanks, all [MASK])" + (": mean and 95% CI over seeds" if groups else ""))
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot(runs: list[dict], keys: list[str], path: Path) -> None:
+def plot(runs: list[dict], keys: list[str], path: Path, x: str = "step", groups: list[dict] | None = None) -> None:
     import matplotlib.pyplot as plt
 
-    fig = figure(runs, keys)
+    fig = figure(runs, keys, x, groups)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison", with_plot: bool = True) -> tuple[str, list[dict]]:
-    """Write {stem}.md, .csv and .png for the runs under `paths`; return (Markdown table, runs)."""
+def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison", with_plot: bool = True,
+            metric: str = "final/eval/mlm_acc", x: str = "step") -> tuple[str, list[dict]]:
+    """Write {stem}.md, .csv (and {stem}_groups.csv when runs group over seeds) and .png for the runs under
+    `paths`; return (Markdown, runs)."""
+    if x not in X_AXES:
+        raise SystemExit(f"error: --x {x!r} must be one of {', '.join(X_AXES)}")
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise SystemExit(f"error: no runs found under {', '.join(map(str, paths))} (a run dir has .hydra/config.yaml)")
     runs = [load_run(p) for p in run_dirs]
+    if x != "step":
+        lacking = [r["path"].name for r in runs if r["evals"] and any(X_AXES[x] not in m for m in r["evals"])]
+        if lacking:
+            raise SystemExit(f"error: --x {x}: run(s) {', '.join(lacking)} have no {X_AXES[x]!r} in their eval records "
+                             "(written by an older bertexp); use --x step")
     keys = differing_keys(runs)
-    note = rank_within_exams(runs)
+    note = rank_within_exams(runs, metric)
     header, rows = table_rows(runs, keys)
     md = to_markdown(header, rows) + (f"\n\n{note}" if note else "")
+    groups, verdict = seed_groups(runs, keys, metric)
     out = Path(out) if out else (Path(paths[0]) if len(paths) == 1 and Path(paths[0]).is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
+    if groups:
+        gheader, grows = group_table(groups, metric)
+        md += f"\n\nOver seeds ({metric}; 95% CI of the mean):\n\n" + to_markdown(gheader, grows)
+        md += f"\n\n{verdict}" if verdict else ""
+        _write_csv(out / f"{stem}_groups.csv", gheader, grows)
     (out / f"{stem}.md").write_text(md + "\n", encoding="utf-8")
+    _write_csv(out / f"{stem}.csv", header, rows)
+    if with_plot:
+        plot(runs, keys, out / f"{stem}.png", x, groups)
+    for r in runs:
+        r["groups"] = groups
+    return md, runs
+
+
+def _write_csv(path: Path, header, rows) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    (out / f"{stem}.csv").write_text(buf.getvalue(), encoding="utf-8")
-    if with_plot:
-        plot(runs, keys, out / f"{stem}.png")
-    return md, runs
+    path.write_text(buf.getvalue(), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bertexp-compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", type=Path, help="run dirs, sweep dirs, or folders holding them")
     ap.add_argument("--out", type=Path, default=None, help="where comparison.{md,csv,png} go (default: the single PATH, else .)")
+    ap.add_argument("--metric", default="final/eval/mlm_acc",
+                    help="what ranks runs and groups: final/KEY (or KEY) or best/KEY of the eval records "
+                         "(default: final/eval/mlm_acc, the exam accuracy at the end)")
+    ap.add_argument("--x", default="step", choices=list(X_AXES), help="the plot's x axis (default: step)")
     args = ap.parse_args(argv)
-    md, _ = compare(args.paths, args.out)
+    md, _ = compare(args.paths, args.out, metric=args.metric, x=args.x)
     print(md)
     out = args.out or (args.paths[0] if len(args.paths) == 1 else Path("."))
     print(f"\nWritten: {out}/comparison.md, comparison.csv, comparison.png")

@@ -16,6 +16,8 @@ from bertexp.errors import BertexpError, Interrupted
 
 log = logging.getLogger("bertexp")
 STATUS_FILE = "status.json"
+JOB_CONFIG_FILE = "job_config.json"  # the job's composed config as first launched; a re-launch must match it
+RESUME_INSENSITIVE = ("trainer.resume",)
 
 
 def run_info(cfg: DictConfig) -> dict:
@@ -32,12 +34,7 @@ def run_info(cfg: DictConfig) -> dict:
     else:
         overrides_for_name = overrides
     name = ",".join(overrides_for_name) if overrides_for_name else default_name
-    group = cfg.logger.get("group") if cfg.get("logger") else None
-    if not group:
-        if multirun:
-            group = cfg.experiment if cfg.experiment != "default" else f"sweep-{Path(hc.sweep.dir).name}"
-        else:
-            group = cfg.experiment
+    group = wandb_group(cfg, Path(hc.sweep.dir) if multirun else None)
     return {
         "name": name[:128],
         "group": str(group),
@@ -46,6 +43,17 @@ def run_info(cfg: DictConfig) -> dict:
         "overrides": overrides,
         "multirun": multirun,
     }
+
+
+def wandb_group(cfg: DictConfig, sweep_dir: Path | None) -> str:
+    """The W&B group of a run: logger.group if set; else a sweep's `experiment` (or sweep-<dir name>) for
+    every job of a sweep and its summary run; else `experiment`."""
+    group = cfg.logger.get("group") if cfg.get("logger") else None
+    if group:
+        return str(group)
+    if sweep_dir is not None and cfg.experiment == "default":
+        return f"sweep-{Path(sweep_dir).name}"
+    return str(cfg.experiment)
 
 
 _SWEEP_FUNCS = ("choice(", "range(", "interval(", "glob(", "tag(")
@@ -99,6 +107,42 @@ def _share_cores(hc) -> None:
     log.info("joblib launcher: %d parallel jobs share %d cores, %d torch threads each", parallel, cores, torch.get_num_threads())
 
 
+def read_status(run_dir: Path) -> dict:
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _flat_config(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    from bertexp.compare import _flatten
+
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    return {k: v for k, v in flat.items() if k not in RESUME_INSENSITIVE}
+
+
+def check_relaunch(cfg: DictConfig, run_dir: Path, job_num) -> dict:
+    """A job re-launched into its old dir (a sweep re-run with the same hydra.sweep.dir) must have the same
+    composed config as the first launch, or the dir would mix two experiments. Records the config on the
+    first launch; returns the dir's previous status ({} if none)."""
+    record = Path(run_dir) / JOB_CONFIG_FILE
+    flat = _flat_config(cfg)
+    if record.is_file():
+        old = json.loads(record.read_text())
+        diff = sorted(k for k in set(old) | set(flat) if json.dumps(old.get(k), default=str) != json.dumps(flat.get(k), default=str))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {flat.get(k)!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")
+            raise BertexpError(f"job {job_num} ({run_dir}) was first run with another config ({shown}); re-run "
+                               "the sweep with its original command, or use a new hydra.sweep.dir")
+    else:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(flat, default=str, indent=0))
+    return read_status(run_dir)
+
+
 def write_status(run_dir: Path, status: str, **extra) -> None:
     path = Path(run_dir) / STATUS_FILE
     tmp = path.with_suffix(".tmp")
@@ -119,6 +163,18 @@ def run_job(cfg: DictConfig) -> float | None:
     if not is_main_process():  # under torchrun: rank 0 speaks and writes for all
         logging.getLogger().setLevel(logging.WARNING)
         return _run_quiet_rank(cfg, run_dir, info, run_training)
+    if info["multirun"]:
+        try:
+            previous = check_relaunch(cfg, run_dir, hc.job.num)
+        except BertexpError as e:  # the whole sweep stops: going on would mix two experiments' results
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if previous.get("status") == "completed":
+            log.info("Job %s (%s) already completed in %s: not run again, its files untouched", hc.job.num,
+                     info["name"], run_dir)
+            return previous.get("result")
+        if previous:
+            log.info("Job %s (%s) was %s: resuming it in %s", hc.job.num, info["name"], previous.get("status"), run_dir)
     write_status(run_dir, "running", name=info["name"])
     try:
         try:
@@ -158,8 +214,9 @@ def run_job(cfg: DictConfig) -> float | None:
             log.exception("job %s failed", hc.job.num)
             return float("nan")
         raise
-    write_status(run_dir, "completed", name=info["name"])
-    return final.get("final/eval/mlm_acc")
+    result = final.get("final/eval/mlm_acc")
+    write_status(run_dir, "completed", name=info["name"], result=result)
+    return result
 
 
 def _stop_sweep(hc, e: Interrupted) -> None:

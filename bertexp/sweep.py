@@ -21,15 +21,36 @@ def write_summary(sweep_dir: Path) -> list[dict] | None:
     except (Exception, SystemExit) as e:  # a summary problem must not turn a finished sweep into a failed one
         log.warning("Sweep summary failed: %s", e)
         return None
-    print(f"\nSweep summary ({sweep_dir}):\n{table}\nWritten: {sweep_dir}/summary.md, summary.csv, summary.png")
+    groups = " summary_groups.csv," if (sweep_dir / "summary_groups.csv").is_file() else ""
+    print(f"\nSweep summary ({sweep_dir}):\n{table}\nWritten: {sweep_dir}/summary.md, summary.csv,{groups} summary.png")
     return runs
+
+
+def log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
+    """With W&B on, the summary also goes to a run of the sweep's group (job_type=summary)."""
+    if not config.get("logger"):
+        return
+    from omegaconf import OmegaConf
+
+    from bertexp.job import wandb_group
+    from bertexp.tracking import log_sweep_summary
+
+    try:
+        logger_cfg = OmegaConf.to_container(config.logger, resolve=True)
+        run_id = log_sweep_summary(logger_cfg, sweep_dir, wandb_group(config, sweep_dir))
+        if run_id:
+            print(f"W&B: summary tables and plot logged in run {run_id} (job_type=summary)")
+    except Exception as e:  # the tables are on disk whatever W&B does
+        log.warning("W&B sweep summary failed (%s: %s)", type(e).__name__, e)
 
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        runs = write_summary(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = write_summary(sweep_dir)
         if runs is None:
             return
+        log_summary_to_wandb(config, sweep_dir)
         failed = sum(1 for r in runs if r["status"] in ("failed", "interrupted"))
         if failed:
             print(f"{failed} job(s) of this sweep failed: see the error column above.", file=sys.stderr)

@@ -99,6 +99,87 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+def start_wandb(run_dir: Path, cfg: dict, info: dict, config: dict, resume_id: str | None, job_type: str | None = None):
+    """wandb.init with a bounded wait: online when reachable, else offline; None when disabled or failing."""
+    import wandb
+
+    mode = resolve_mode(cfg.get("mode", "auto"))
+    if mode == "disabled":
+        return None
+    timeout = float(cfg.get("init_timeout", 15))
+    if mode == "online" and not server_reachable(min(timeout, 5.0)):
+        log.warning("W&B server unreachable: logging this run offline (upload it later with `wandb sync %s/wandb`)", run_dir)
+        mode = "offline"
+    kwargs = dict(
+        project=cfg.get("project") or "bertexp",
+        entity=cfg.get("entity") or None,
+        name=info["name"],
+        group=info["group"],
+        job_type=job_type or cfg.get("job_type") or "pretrain",
+        tags=info["tags"],
+        notes=info["notes"],
+        dir=str(run_dir),
+        config=config,
+        id=resume_id,
+        resume="allow" if resume_id else None,
+        reinit="finish_previous",
+    )
+    settings = wandb.Settings(init_timeout=timeout, silent=True, x_disable_stats=True)
+    try:
+        run = wandb.init(mode=mode, settings=settings, **kwargs)
+    except Exception as e:
+        if mode != "online":
+            log.warning("W&B init failed (%s: %s); metrics go to metrics.jsonl only", type(e).__name__, e)
+            return None
+        log.warning("W&B online init failed (%s); logging this run offline", type(e).__name__)
+        try:
+            run = wandb.init(mode="offline", settings=settings, **kwargs)
+        except Exception as e2:
+            log.warning("W&B offline init failed too (%s); metrics go to metrics.jsonl only", e2)
+            return None
+    return run
+
+
+def log_sweep_summary(logger_cfg: dict, sweep_dir: Path, group: str) -> str | None:
+    """The sweep's summary tables (summary.csv, summary_groups.csv) as `wandb.Table`s and its plot as an
+    image, in a run of the sweep's W&B group with job_type=summary. Returns the run's id."""
+    import csv
+
+    import wandb
+
+    info = {"name": f"summary-{Path(sweep_dir).name}", "group": group, "tags": ["summary"],
+            "notes": f"summary of the sweep in {sweep_dir}"}
+    run = start_wandb(Path(sweep_dir), logger_cfg, info, {"sweep_dir": str(sweep_dir)}, None, job_type="summary")
+    if run is None:
+        return None
+    try:
+        payload = {}
+        for name in ("summary", "summary_groups"):
+            path = Path(sweep_dir) / f"{name}.csv"
+            if path.is_file():
+                rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+                payload[f"sweep/{name.replace('summary_', '')}"] = wandb.Table(columns=rows[0], data=rows[1:])
+        png = Path(sweep_dir) / "summary.png"
+        if png.is_file():
+            payload["sweep/plot"] = wandb.Image(str(png))
+        run.log(payload)
+        run_id = run.id
+    finally:
+        run.finish()
+    return run_id
+
+
+WANDB_ID_FILE = "wandb_id"
+
+
+def saved_wandb_id(run_dir: Path) -> str | None:
+    """The W&B run id an earlier attempt of this run dir used, if any."""
+    try:
+        return (Path(run_dir) / WANDB_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 class Tracker:
     def __init__(self, run_dir: Path, logger_cfg: dict | None, run_info: dict, config: dict, resume_id: str | None):
         self.run_dir = Path(run_dir)
@@ -106,50 +187,21 @@ class Tracker:
         self.run = None
         if logger_cfg:
             self.run = self._init_wandb(logger_cfg, run_info, config, resume_id)
+        if self.run is not None:
+            (self.run_dir / WANDB_ID_FILE).write_text(self.run.id)
 
     @property
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
 
     def _init_wandb(self, cfg: dict, info: dict, config: dict, resume_id: str | None):
-        import wandb
-
-        mode = resolve_mode(cfg.get("mode", "auto"))
-        if mode == "disabled":
+        run = start_wandb(self.run_dir, cfg, info, config, resume_id)
+        if run is None:
             return None
-        timeout = float(cfg.get("init_timeout", 15))
-        if mode == "online" and not server_reachable(min(timeout, 5.0)):
-            log.warning("W&B server unreachable: logging this run offline (upload it later with `wandb sync %s/wandb`)", self.run_dir)
-            mode = "offline"
-        kwargs = dict(
-            project=cfg.get("project") or "bertexp",
-            entity=cfg.get("entity") or None,
-            name=info["name"],
-            group=info["group"],
-            job_type=cfg.get("job_type") or "pretrain",
-            tags=info["tags"],
-            notes=info["notes"],
-            dir=str(self.run_dir),
-            config=config,
-            id=resume_id,
-            resume="allow" if resume_id else None,
-            reinit="finish_previous",
-        )
-        settings = wandb.Settings(init_timeout=timeout, silent=True, x_disable_stats=True)
-        try:
-            run = wandb.init(mode=mode, settings=settings, **kwargs)
-        except Exception as e:
-            if mode != "online":
-                log.warning("W&B init failed (%s: %s); metrics go to metrics.jsonl only", type(e).__name__, e)
-                return None
-            log.warning("W&B online init failed (%s); logging this run offline", type(e).__name__)
-            try:
-                run = wandb.init(mode="offline", settings=settings, **kwargs)
-            except Exception as e2:
-                log.warning("W&B offline init failed too (%s); metrics go to metrics.jsonl only", e2)
-                return None
         # Eval metrics share the step axis with training; summaries keep the best of what matters.
         run.define_metric("step")
+        for axis in ("tokens", "predicted_tokens", "flops", "elapsed_s"):  # alternative x axes (bertexp.budget)
+            run.define_metric(axis)
         for pattern in ("train/*", "eval/*", "throughput/*", "masking/*"):
             run.define_metric(pattern, step_metric="step")
         run.define_metric("eval/mlm_acc", step_metric="step", summary="max,last")

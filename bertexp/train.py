@@ -43,7 +43,7 @@ from bertexp.modeling import PretrainingObjective, encoder_params, fit_attention
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
-from bertexp.tracking import NullTracker, Tracker
+from bertexp.tracking import NullTracker, Tracker, saved_wandb_id
 
 log = logging.getLogger(__name__)
 # Exit codes 128 + signal number. SIGUSR1 is SLURM's usual pre-emption warning; SIGUSR2 is submitit's.
@@ -302,7 +302,10 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         state.best = {}
     state.exam_id = exam.exam_id
     config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, state.wandb_id) if dist.main else NullTracker()
+    # A job cut off before its first checkpoint (a sweep re-run, a requeue) keeps its W&B run id too.
+    fresh_by_request = str(tc.resume) in ("never", "false", "False", "none", "None")
+    resume_id = state.wandb_id or (None if fresh_by_request else saved_wandb_id(run_dir))
+    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, resume_id) if dist.main else NullTracker()
     tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
     state.wandb_id = tracker.run_id
     # MFU against the matmul throughput of the precision the run computes in
