@@ -128,18 +128,25 @@ def check_relaunch(cfg: DictConfig, run_dir: Path, job_num) -> dict:
     """A job re-launched into its old dir (a sweep re-run with the same hydra.sweep.dir) must have the same
     composed config as the first launch, or the dir would mix two experiments. Records the config on the
     first launch; returns the dir's previous status ({} if none)."""
+    import shutil
+
     record = Path(run_dir) / JOB_CONFIG_FILE
+    hydra_dir, first = Path(run_dir) / ".hydra", Path(run_dir) / ".hydra.first"
     flat = _flat_config(cfg)
     if record.is_file():
         old = json.loads(record.read_text())
         diff = sorted(k for k in set(old) | set(flat) if json.dumps(old.get(k), default=str) != json.dumps(flat.get(k), default=str))
         if diff:
+            if first.is_dir():  # Hydra has just written the new config over the old one: put the old one back
+                shutil.copytree(first, hydra_dir, dirs_exist_ok=True)
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {flat.get(k)!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")
             raise BertexpError(f"job {job_num} ({run_dir}) was first run with another config ({shown}); re-run "
                                "the sweep with its original command, or use a new hydra.sweep.dir")
     else:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(flat, default=str, indent=0))
+        if hydra_dir.is_dir():
+            shutil.copytree(hydra_dir, first, dirs_exist_ok=True)
     return read_status(run_dir)
 
 

@@ -74,3 +74,105 @@ def test_optuna_search_reports_best(tmp_path):
     best = yaml.safe_load((d / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"optim.lr", "masking.ratio"} and 0 <= best["best_value"] <= 1
     assert 5e-4 <= best["best_params"]["optim.lr"] <= 5e-3
+
+
+def test_seeded_sweep_groups_with_error_bars_and_a_wandb_summary_run(tmp_path):
+    """2 ratios x 2 seeds: the summary and bertexp.compare give two groups with mean, sd, CI and N = 2; the
+    plot has bands; --x tokens and --x flops work; W&B gets the tables in a job_type=summary run."""
+    d = tmp_path / "seeds"
+    r = run_cli(["-m", "trainer=smoke", "logger.mode=offline", "masking.ratio=0.15,0.4", "seed=1,2",
+                 f"hydra.sweep.dir={d}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Over seeds" in r.stdout and "Welch's t-test" in r.stdout
+    import csv
+
+    rows = list(csv.DictReader((d / "summary_groups.csv").read_text().splitlines()))
+    assert [g["group"] for g in rows] == ["masking.ratio=0.15", "masking.ratio=0.4"]
+    runs = {json.loads((run / "status.json").read_text())["name"]: run for run in _runs(d)}
+    for g, ratio in zip(rows, ("0.15", "0.4")):
+        accs = [read_metrics(runs[f"masking.ratio={ratio},seed={s}"] / "metrics.jsonl")[-1]["eval/mlm_acc"] for s in (1, 2)]
+        n, mean = int(g["final/eval/mlm_acc n"]), float(g["final/eval/mlm_acc mean"])
+        sd = float(g["final/eval/mlm_acc sd"])
+        assert n == 2 and mean == pytest.approx(sum(accs) / 2, rel=1e-3)
+        assert sd == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5, rel=1e-3, abs=1e-6)
+        half = 12.706 * sd / 2**0.5  # t(0.975, 1 d.f.) = 12.706
+        assert float(g["final/eval/mlm_acc ci_low"]) == pytest.approx(mean - half, rel=1e-3, abs=1e-5)
+        assert float(g["final/eval/mlm_acc ci_high"]) == pytest.approx(mean + half, rel=1e-3, abs=1e-5)
+    assert sum(g["best"].startswith("best") for g in rows) == 1
+    from bertexp.compare import main as compare_main
+
+    for x in ("tokens", "flops"):
+        assert compare_main([str(d), "--x", x, "--out", str(tmp_path / x)]) == 0
+        assert (tmp_path / x / "comparison.png").stat().st_size > 10_000
+        assert (tmp_path / x / "comparison_groups.csv").is_file()
+    from wandb_reader import inspect, wandb_files
+
+    summary_runs = [inspect(f)["run"] for f in wandb_files(d)]
+    assert len(summary_runs) == 1 and summary_runs[0]["job_type"] == "summary"
+    job_groups = {inspect(wandb_files(run)[0])["run"]["run_group"] for run in _runs(d)}
+    assert job_groups == {summary_runs[0]["run_group"]}
+
+
+def _start_sweep(args):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_killed_sweep_resumes_where_it_stopped(tmp_path):
+    """SIGKILL during the third of four jobs, then the same command again: jobs 1-2 are not re-run (their
+    metrics byte-identical), job 3 resumes from its checkpoint with its W&B id, job 4 runs, one summary."""
+    import hashlib
+    import signal
+    import time
+
+    d = tmp_path / "s"
+    args = ["-m", "trainer=smoke", "logger.mode=offline", "trainer.max_steps=12", "trainer.save_every=3",
+            "trainer.eval_every=6", "masking.ratio=0.1,0.2,0.3,0.4", f"hydra.sweep.dir={d}"]
+    p = _start_sweep(args)
+    deadline = time.time() + 300
+    while not (d / "2" / "checkpoints" / "step_0000006").is_dir():
+        assert p.poll() is None and time.time() < deadline, "the sweep ended before its third job checkpointed"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert _statuses(d) == ["completed", "completed", "running"]
+    digest = {i: hashlib.sha256((d / str(i) / "metrics.jsonl").read_bytes()).hexdigest() for i in (0, 1)}
+    wandb_id = (d / "2" / "wandb_id").read_text()
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {i: hashlib.sha256((d / str(i) / "metrics.jsonl").read_bytes()).hexdigest() for i in (0, 1)} == digest
+    log = r.stdout + r.stderr
+    assert log.count("already completed") == 2 and "Checkpoint found: resuming from step" in log
+    assert _statuses(d) == ["completed"] * 4
+    assert (d / "2" / "wandb_id").read_text() == wandb_id
+    steps = [m["step"] for m in read_metrics(d / "2" / "metrics.jsonl") if "train/loss" in m]
+    assert steps == list(range(1, 13))  # nothing lost, nothing twice
+    md = (d / "summary.md").read_text()
+    assert md.count("completed") == 4
+    # the same dir with another value for a job: an error, and the old job's files keep their config
+    r = run_cli([*args[:-2], "masking.ratio=0.1,0.2,0.35,0.4", f"hydra.sweep.dir={d}"])
+    assert r.returncode == 2 and "job 2" in r.stderr and "masking.ratio: 0.3 -> 0.35" in r.stderr
+    assert "ratio: 0.3" in (d / "2" / ".hydra" / "config.yaml").read_text()
+
+
+def test_joblib_sweep_resumes_a_cut_off_job(tmp_path):
+    d = tmp_path / "j"
+    args = ["-m", "hydra/launcher=joblib", *TINY, "trainer.max_steps=8", "trainer.save_every=4",
+            "masking.ratio=0.15,0.4", f"hydra.sweep.dir={d}"]
+    assert run_cli(args).returncode == 0
+    # job 1 "cut off" after its step-4 checkpoint: its later checkpoint gone, its status still running
+    import shutil
+
+    shutil.rmtree(d / "1" / "checkpoints" / "step_0000008")
+    (d / "1" / "status.json").write_text(json.dumps({"status": "running", "name": "masking.ratio=0.4"}))
+    before = (d / "0" / "metrics.jsonl").read_bytes()
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (d / "0" / "metrics.jsonl").read_bytes() == before
+    assert _statuses(d) == ["completed", "completed"]
+    assert max(m["step"] for m in read_metrics(d / "1" / "metrics.jsonl")) == 8
