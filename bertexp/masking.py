@@ -119,6 +119,14 @@ class Masker:
         final_ratio = _check_share("final_ratio", final_ratio)
         if not 0.0 <= float(step_at) <= 1.0:
             raise ConfigError(f"masking.step_at={step_at} must be in [0, 1] (a fraction of the run)")
+        if schedule != "step" and float(step_at) != 0.5:
+            raise ConfigError(f"masking.step_at={step_at} only applies to masking.schedule=step (this is {schedule})")
+        p = prediction_ratio
+        if p is not None and min(ratio, final_ratio) < float(p) < max(ratio, final_ratio):
+            raise ConfigError(
+                f"masking.prediction_ratio={p} lies between the schedule's ratios ({ratio} -> {final_ratio}): it would "
+                "switch mid-run from scoring a subset of the selected to scoring unchanged tokens too; choose a "
+                "prediction_ratio outside that range (or null: score exactly the selected)")
         self.schedule = RatioSchedule(schedule, ratio, final_ratio, float(step_at))
         self.ratio = ratio
         self.prediction_ratio = None if prediction_ratio is None else _check_share("prediction_ratio", prediction_ratio, False)
@@ -142,12 +150,17 @@ class Masker:
         assert self.vocab is not None, "Masker.bind(vocab) must be called first"
         ratio = self.schedule(progress)
         ids, special = batch["input_ids"], batch["special_tokens_mask"]
-        selected = self.select(batch, generator, ratio) & ~special
+        chosen = self.select(batch, generator, ratio)
+        # unit strategies also say where each chosen unit starts, so SpanBERT's per-span draw is per span even
+        # where two chosen spans touch
+        selected, unit_first = chosen if isinstance(chosen, tuple) else (chosen, None)
+        selected = selected & ~special
         u = torch.rand(ids.shape, generator=generator)
-        if self.replace_per_span:  # one draw per run of selected positions: its first position's
-            first = selected.clone()
-            first[:, 1:] &= ~selected[:, :-1]
-            u = u.gather(1, _first_of_run(first))
+        if self.replace_per_span:  # one draw per span: its first position's
+            if unit_first is None:  # runs of selected positions
+                unit_first = selected.clone()
+                unit_first[:, 1:] &= ~selected[:, :-1]
+            u = u.gather(1, _first_of_run(unit_first & selected))
         to_mask = selected & (u < self.mask_token_prob)
         to_random = selected & (u >= self.mask_token_prob) & (u < self.mask_token_prob + self.random_token_prob)
         masked = ids.masked_fill(to_mask, self.vocab.mask_id)
@@ -193,7 +206,7 @@ class WholeWordMasking(Masker):
 
 
 def select_units(unit_start: torch.Tensor, special: torch.Tensor, ratio: float, generator: torch.Generator,
-                 cut_last: bool) -> torch.Tensor:
+                 cut_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Select whole units (runs of tokens from one `unit_start` to the next) in random order until each
     row's budget — `ratio` of its non-special tokens, rounded stochastically so its expectation is exact —
     is spent. A special token ends every unit. The unit that crosses the budget is cut to fit
@@ -201,7 +214,7 @@ def select_units(unit_start: torch.Tensor, special: torch.Tensor, ratio: float, 
     expected share is still exactly `ratio` and no unit is ever split.
 
     A few whole-batch tensor operations on (rows, units) tables: a sort of each row's units by a random
-    key, a cumulative sum of their lengths, and gathers back to the tokens."""
+    key, a cumulative sum of their lengths, and gathers back to the tokens. Returns (selected, unit starts)."""
     rows, width = special.shape
     maskable = ~special
     after_special = torch.ones_like(special)
@@ -224,30 +237,38 @@ def select_units(unit_start: torch.Tensor, special: torch.Tensor, ratio: float, 
         take = size * ((room >= size) | coin)
     taken = torch.zeros_like(take).scatter_(1, order, take).gather(1, uid)
     if not cut_last:  # whole units: a unit is taken entirely or not at all
-        return maskable & (taken > 0)
+        return maskable & (taken > 0), start
     pos = torch.arange(width).expand(rows, width)
     first = torch.full((rows, n_units + 1), width).scatter_reduce_(1, uid, pos, "amin")
-    return maskable & (pos - first.gather(1, uid) < taken)  # the unit's first `taken` tokens
+    return maskable & (pos - first.gather(1, uid) < taken), start  # the unit's first `taken` tokens
 
 
 def _tile_starts(word_start: torch.Tensor, special: torch.Tensor, sample_lengths, mean_length: float,
                  generator: torch.Generator) -> torch.Tensor:
-    """Cut the batch's words, row after row, into consecutive tiles of lengths (in words) drawn by
-    `sample_lengths`; True at the first token of each tile. A tile that runs over a row's end (or a [SEP])
-    is cut there by `select_units`."""
-    word_pos = (word_start & ~special).reshape(-1).nonzero().squeeze(1)  # flat position of each word's start
-    n_words = len(word_pos)
-    firsts = []
-    covered = 0
-    while covered < n_words:  # about one round: draws for the expected number of tiles, with slack
-        lengths = sample_lengths(generator, (max(64, int(1.2 * (n_words - covered) / mean_length)),))
-        ends = covered + lengths.cumsum(0)
-        firsts.append(ends - lengths)
-        covered = int(ends[-1])
-    out = torch.zeros(word_start.numel() + 1, dtype=torch.bool)  # the last entry takes tiles past the end
-    if firsts:
-        sink = torch.tensor([word_start.numel()])
-        out[torch.cat([word_pos, sink])[torch.cat(firsts).clamp_(max=n_words)]] = True
+    """Cut each segment's words (A and B of every row separately) into consecutive tiles of lengths (in
+    words) drawn by `sample_lengths`, the first tile starting at the segment's first word; True at the first
+    token of each tile. A tile that runs past its segment's end is cut there, as a span that reaches a
+    sentence end is."""
+    words = word_start & ~special
+    after_special = torch.ones_like(special)
+    after_special[:, 1:] = special[:, :-1]
+    flat_words = words.reshape(-1)
+    word_pos = flat_words.nonzero().squeeze(1)  # flat position of each word's first token
+    seg_first = (after_special & words).reshape(-1)[word_pos].nonzero().squeeze(1)  # word index of segment starts
+    n_words, n_segs = len(word_pos), len(seg_first)
+    out = torch.zeros(word_start.numel() + 1, dtype=torch.bool)  # the last entry takes tiles past a segment
+    if n_segs:
+        seg_len = torch.diff(seg_first, append=torch.tensor([n_words]))
+        longest = int(seg_len.max())
+        tiles = sample_lengths(generator, (n_segs, max(4, int(2.0 * longest / mean_length) + 2)))
+        ends = tiles.cumsum(1)
+        while bool((ends[:, -1] < seg_len).any()):  # rare: a segment not covered yet; draw more tiles for all
+            more = sample_lengths(generator, (n_segs, tiles.shape[1]))
+            tiles = torch.cat([tiles, more], 1)
+            ends = tiles.cumsum(1)
+        first = ends - tiles  # each tile's first word, relative to its segment
+        word = torch.where(first < seg_len[:, None], seg_first[:, None] + first, torch.full_like(first, n_words))
+        out[torch.cat([word_pos, torch.tensor([word_start.numel()])])[word.reshape(-1)]] = True
     return out[:-1].reshape(word_start.shape)
 
 
@@ -269,12 +290,13 @@ class _UnitMasking(Masker):
 
 
 class SpanMasking(_UnitMasking):
-    """SpanBERT: span lengths (in words) ~ Geometric(p), clipped at `max_span`; spans start at word starts.
+    """SpanBERT: span lengths (in words) ~ Geometric(p) truncated to 1..`max_span` (mean 3.8 words); spans
+    start at word starts.
 
     As in SpanBERT, the [MASK] / random / keep choice is made once per span (a random replacement still
     draws a token per position), and the last span is cut where the row's budget runs out, mid-word if need
-    be (SpanBERT stops adding tokens the moment its budget is met). Spans tile the row's words and are
-    chosen in random order, so they never overlap; a [SEP] ends a span."""
+    be (SpanBERT stops adding tokens the moment its budget is met). Spans tile each segment's words and are
+    chosen in random order, so they never overlap; a segment's end ends a span."""
 
     name = "span"
     replace_per_span = True
@@ -288,22 +310,26 @@ class SpanMasking(_UnitMasking):
         self.p, self.max_span = float(p), int(max_span)
 
     def sample_lengths(self, generator, shape):
-        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        """SpanBERT's distribution: Geometric(p) restricted to 1..max_span and renormalised (not clipped, which
+        would pile the tail onto max_span), by the inverse of its CDF 1 - q^l / (1 - q^max)."""
         if self.p >= 1.0:
             return torch.ones(shape, dtype=torch.long)
-        geometric = torch.floor(torch.log1p(-u) / math.log1p(-self.p)).long() + 1  # inverse CDF, support 1, 2, ...
-        return geometric.clamp(max=self.max_span)
+        q = 1.0 - self.p
+        u = torch.rand(shape, generator=generator, dtype=torch.float64) * (1.0 - q**self.max_span)
+        return (torch.floor(torch.log1p(-u) / math.log(q)).long() + 1).clamp_(1, self.max_span)
 
     def expected_length(self) -> float:
-        """Mean of the clipped geometric distribution: sum over l < max of l*p(1-p)^(l-1) + max*(1-p)^(max-1)."""
+        """Mean of the truncated geometric: sum over l <= max of l p q^(l-1), over 1 - q^max (3.8 words for
+        SpanBERT's p = 0.2, max 10)."""
         q = 1.0 - self.p
-        return (1.0 - q**self.max_span) / self.p
+        return sum(l * self.p * q ** (l - 1) for l in range(1, self.max_span + 1)) / (1.0 - q**self.max_span)
 
 
 class NgramMasking(_UnitMasking):
     """MacBERT/ERNIE: n-grams of n = 1..len(ngram_probs) words, n drawn with `ngram_probs`."""
 
     name = "ngram"
+    cut_last = False  # MacBERT masks whole words: the n-gram that crosses the budget is kept whole or dropped
 
     def __init__(self, ratio=0.15, mask_token_prob=0.8, random_token_prob=0.1, ngram_probs=(0.4, 0.3, 0.2, 0.1), **kw):
         super().__init__(ratio, mask_token_prob, random_token_prob, **kw)

@@ -4,7 +4,8 @@ The optimizer itself comes from the config (`optim.optimizer`, a `_partial_` `_t
 decides which parameters get weight decay (not biases, not LayerNorm, as in BERT) and the schedule: linear
 warm-up to `optim.lr` over `warmup_steps` steps, then linear decay to `min_lr_ratio * lr` at the end of the
 run, as a function of the fraction of the run done (bertexp.budget), so a time-, token- or FLOP-budgeted run
-reaches its final learning rate exactly when its budget ends.
+reaches its final learning rate exactly when its budget ends. Warm-up ends after `warmup_steps` steps or at
+`warmup_fraction` of the run, whichever comes first.
 """
 from __future__ import annotations
 
@@ -38,13 +39,22 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     return factory(param_groups(model, float(cfg.weight_decay)))
 
 
-def lr_factor(step: int, progress: float, warmup_steps: int, decay_from: float, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr for the step about to be taken (`step`, 0-based), `progress` of the run done.
-    Warm-up counts steps (it is about the optimizer's statistics, not the budget); the decay runs linearly
-    from 1 at `decay_from` (the progress when warm-up ended) to `min_lr_ratio` at progress 1."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if decay_from >= 1.0:
+def warmup_done(step: int, progress: float, warmup_steps: int, warmup_fraction: float | None) -> float:
+    """How far warm-up is for the step about to be taken (1 = over): it ends after `warmup_steps` steps or at
+    the fraction `warmup_fraction` of the run, whichever comes first — so a budgeted run whose steps are
+    slow still warms up within its budget."""
+    by_steps = (step + 1) / warmup_steps if warmup_steps > 0 else 1.0
+    by_share = 1.0 if warmup_fraction is not None and warmup_fraction <= 0 else (
+        progress / warmup_fraction if warmup_fraction is not None else 0.0)
+    return min(1.0, max(by_steps, by_share))
+
+
+def lr_factor(warm: float, progress: float, decay_from: float | None, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr: `warm` (< 1) during warm-up; after it, linear decay from 1 at `decay_from`
+    (the fraction of the run done when warm-up ended) to `min_lr_ratio` at the end of the run."""
+    if warm < 1.0:
+        return warm
+    if decay_from is None or decay_from >= 1.0:
         return 1.0
     f = min(1.0, max(0.0, (progress - decay_from) / (1.0 - decay_from)))
     return 1.0 - (1.0 - min_lr_ratio) * f
@@ -54,19 +64,24 @@ class ProgressLR:
     """Sets each parameter group's lr from (step, progress) before every step. Stateless: everything it
     needs is in the run state, so a resume sets exactly the lr an uninterrupted run would."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, min_lr_ratio: float):
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, warmup_fraction: float | None,
+                 min_lr_ratio: float):
         self.optimizer = optimizer
-        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.warmup_steps, self.warmup_fraction, self.min_lr_ratio = warmup_steps, warmup_fraction, min_lr_ratio
         self.peaks = [g["lr"] for g in optimizer.param_groups]
 
-    def set(self, step: int, progress: float, decay_from: float) -> float:
-        factor = lr_factor(step, progress, self.warmup_steps, decay_from, self.min_lr_ratio)
+    def warm(self, step: int, progress: float) -> float:
+        return warmup_done(step, progress, self.warmup_steps, self.warmup_fraction)
+
+    def set(self, step: int, progress: float, decay_from: float | None) -> float:
+        factor = lr_factor(self.warm(step, progress), progress, decay_from, self.min_lr_ratio)
         for g, peak in zip(self.optimizer.param_groups, self.peaks):
             g["lr"] = peak * factor
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {"warmup_steps": self.warmup_steps, "min_lr_ratio": self.min_lr_ratio}
+        return {"warmup_steps": self.warmup_steps, "warmup_fraction": self.warmup_fraction,
+                "min_lr_ratio": self.min_lr_ratio}
 
     def load_state_dict(self, state: dict) -> None:
         """Nothing to restore (the lr is a function of the run state); older checkpoints hold LambdaLR's."""
@@ -76,6 +91,9 @@ def build_scheduler(cfg, optimizer) -> ProgressLR:
     warmup = int(cfg.warmup_steps)
     if warmup < 0:
         raise ConfigError(f"optim.warmup_steps={warmup} must be >= 0")
+    fraction = cfg.get("warmup_fraction")
+    if fraction is not None and not 0.0 <= float(fraction) < 1.0:
+        raise ConfigError(f"optim.warmup_fraction={fraction} must be in [0, 1) (or null: warm-up by steps only)")
     if not 0.0 <= float(cfg.min_lr_ratio) <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
-    return ProgressLR(optimizer, warmup, float(cfg.min_lr_ratio))
+    return ProgressLR(optimizer, warmup, None if fraction is None else float(fraction), float(cfg.min_lr_ratio))

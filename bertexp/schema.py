@@ -58,6 +58,7 @@ class OptimSchema:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    warmup_fraction: Optional[float] = 0.04
     min_lr_ratio: float = 0.1
     grad_clip: Optional[float] = 1.0
     optimizer: Any = None

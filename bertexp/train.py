@@ -428,7 +428,6 @@ class Stepper:
         self.max_bad_steps = int(cfg.trainer.max_bad_steps)
         clip = cfg.optim.grad_clip
         self.clip = float(clip) if clip is not None and float(clip) > 0 else None  # <= 0 or null: no clipping
-        self.warmup = parts.scheduler.warmup_steps
         self.micro = parts.data.batch_size
         self.mine = dist.rank * self.micro * self.accum  # first row of this rank's share of the global batch
         self.params = [q for q in parts.model.parameters() if q.requires_grad]
@@ -449,9 +448,9 @@ class Stepper:
         p, dist = self.p, self.dist
         self.gen.manual_seed(step_seed(self.seed, state.step, 1))
         torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
-        if state.step >= self.warmup and state.decay_from is None:
+        if state.decay_from is None and p.scheduler.warm(state.step, progress) >= 1.0:
             state.decay_from = progress  # warm-up is over: the lr decays from here to the end of the budget
-        self.lr = p.scheduler.set(state.step, progress, state.decay_from if state.decay_from is not None else 1.0)
+        self.lr = p.scheduler.set(state.step, progress, state.decay_from)
         ids, labels, selected, corrupted = p.masker(batch, self.gen, progress)
         predicted = labels != -100
         n_masked = max(1, int(predicted.sum()))

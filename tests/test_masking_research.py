@@ -113,6 +113,11 @@ def test_schedule_settings_are_checked():
         TokenMasking(0.3, schedule="linear", final_ratio=1.2)
     with pytest.raises(ConfigError, match="masking.prediction_ratio"):
         TokenMasking(0.3, prediction_ratio=0.0)
+    with pytest.raises(ConfigError, match="lies between the schedule's ratios"):
+        TokenMasking(0.4, schedule="linear", final_ratio=0.15, prediction_ratio=0.3)
+    with pytest.raises(ConfigError, match="masking.step_at=0.3 only applies to masking.schedule=step"):
+        TokenMasking(0.4, schedule="linear", final_ratio=0.15, step_at=0.3)
+    TokenMasking(0.4, schedule="linear", final_ratio=0.15, prediction_ratio=0.1)  # a subset throughout: fine
 
 
 def _units(row_start, row_special):
@@ -201,6 +206,8 @@ def test_pmi_threshold_and_cap_are_followed(pd_data):
         data.token_flags.pop("unit_start", None)
     table = m.collocations.table()
     assert 0 < len(table) <= 500
+    per_n = Counter(r["n"] for r in table)  # the cap is shared: half bigrams, a quarter trigrams, ...
+    assert per_n[2] <= 250 and per_n[3] <= 125 and per_n[4] <= 63 and per_n[5] <= 63 and per_n[2] > per_n[5]
     assert all(r["pmi"] >= 4.0 and r["count"] >= 20 for r in table)
     text = (m.collocations.folder / "collocations.tsv").read_text(encoding="utf-8")
     assert text.startswith("rank\tpmi\tcount\tn\tngram\n")  # readable by people and by pandas

@@ -108,7 +108,7 @@ def test_pretrained_round_trip_uses_its_weights_and_heads(tmp_path, pd_data):
 
 
 @pytest.mark.parametrize("masking", [[], ["masking=pmi", "masking.schedule=linear", "masking.ratio=0.4",
-                                     "masking.final_ratio=0.15", "masking.prediction_ratio=0.3"]],
+                                     "masking.final_ratio=0.15", "masking.prediction_ratio=0.1"]],
                          ids=["token", "pmi-linear-schedule-prediction-subset"])
 def test_resume_continues_exactly(tmp_path, masking):
     """Checkpoints at steps that are not multiples of log_every: the logging window, best-so-far values and

@@ -10,7 +10,9 @@ plain PMI against the unigrams would rank "a frequent bigram plus any word" high
 over the n-gram positions of that length that lie inside one sentence of the training documents (the
 held-out documents are never read). Words are the corpus's word boundaries (gold ones for People's Daily).
 
-Built once per (tokens, split, settings) and cached beside the tokens: `collocations.tsv` (readable: rank,
+Kept: n-grams with PMI_n >= min_pmi and, when there are more than `max_ngrams`, the best of each length up
+to its share of the cap (`length_shares`). Built once per (tokens, split, settings) and cached beside the
+tokens: `collocations.tsv` (readable: rank,
 PMI, count, n, the words), `unit_start.npy` (the corpus cut into masking units: a collocation occurrence is
 one unit, every other word its own) and `meta.json`. Occurrences are taken greedily in PMI order, so two
 overlapping collocations never share a unit.
@@ -31,7 +33,7 @@ import numpy as np
 from bertexp.data.cache import cached_dir, key_of
 
 log = logging.getLogger(__name__)
-VERSION = "1"
+VERSION = "2"  # 2: the cap is shared between lengths
 _B = np.uint64(0x100000001B3)        # multiplier of the hash of a word's token ids (FNV prime)
 _C = np.uint64(0x9E3779B97F4A7C15)   # multiplier of the hash of an n-gram's word hashes (golden ratio)
 
@@ -158,6 +160,28 @@ def cut_units(words: Words, word_start: np.ndarray, vocab: dict[int, np.ndarray]
     return unit_start
 
 
+def length_shares(max_n: int) -> dict[int, float]:
+    """How a capped vocabulary is split between n-gram lengths: half bigrams, a quarter trigrams, and so on,
+    the last length taking the rest (PMI-Masking's released vocabulary mixes 2..5-grams 50/25/12.5/12.5%).
+    PMI_n grows with n, so one ranking across lengths would fill the cap with long n-grams."""
+    shares = {k: 0.5 ** (k - 1) for k in range(2, max_n)}
+    shares[max_n] = 1.0 - sum(shares.values())
+    return shares
+
+
+def _select(pmi, count, n, min_pmi: float, max_ngrams: int | None, max_n: int) -> np.ndarray:
+    """Indices of the kept n-grams, best PMI first: at least `min_pmi`, and under a cap, the best of each
+    length up to its share of `max_ngrams`."""
+    keep = np.flatnonzero(pmi >= min_pmi)
+    if max_ngrams is not None:
+        parts = []
+        for k, share in length_shares(max_n).items():
+            at = keep[n[keep] == k]
+            parts.append(at[np.lexsort((-count[at], -pmi[at]))][: int(round(share * max_ngrams))])
+        keep = np.concatenate(parts) if parts else keep[:0]
+    return keep[np.lexsort((-count[keep], -pmi[keep]))]
+
+
 def build_collocations(data, tokenizer, max_n: int = 5, min_count: int = 10, min_pmi: float = 0.0,
                        max_ngrams: int | None = 100_000, limit: int | None = None) -> Collocations:
     """The collocations of `data`'s training documents and the corpus cut into units (cached)."""
@@ -181,9 +205,7 @@ def build_collocations(data, tokenizer, max_n: int = 5, min_count: int = 10, min
             counted[lo:hi] = True
             budget -= int(t.sent_offsets[b] - t.sent_offsets[a])
         pmi, count, n, pos = score_ngrams(words, counted, max_n, min_count)
-        keep = pmi >= min_pmi
-        order = np.lexsort((-count[keep], -pmi[keep]))
-        sel = np.flatnonzero(keep)[order][: max_ngrams]
+        sel = _select(pmi, count, n, min_pmi, max_ngrams, max_n)
         pmi, count, n, pos = pmi[sel], count[sel], n[sel], pos[sel]
         vocab, rank_of = {}, {}
         for k in np.unique(n):
