@@ -15,6 +15,14 @@ ESSAY = Path(__file__).parent / "data" / "essay.txt"
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's command): two workers share the cores, one thread each, and so do the
+    # `python run.py` processes they start; oversubscribed torch threads would be several times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
