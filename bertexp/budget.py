@@ -1,7 +1,8 @@
 """What ends a run, and how far along it is.
 
-A run ends on steps (`trainer.max_steps`) or on a compute budget: wall-clock minutes
-(`trainer.budget_minutes`), non-pad tokens (`trainer.max_tokens`) or model FLOPs (`trainer.max_flops`).
+A run ends on steps (`trainer.max_steps`) or on a compute budget: wall-clock minutes of training steps
+(`trainer.budget_minutes`; evaluations and checkpoints are not counted, so how often a run is scored does not
+change how long it trains), non-pad tokens (`trainer.max_tokens`) or model FLOPs (`trainer.max_flops`).
 When any budget is set, the budgets alone end the run (max_steps no longer does), and with several, the one
 reached first. `progress` — the fraction of the run done, in [0, 1] — drives the learning-rate schedule and
 the masking schedule, so runs of any batch size or speed end their schedules exactly when their budget ends.
@@ -21,7 +22,7 @@ LIMITS = {
     "max_steps": ("step", "steps"),
     "max_tokens": ("tokens", "tokens"),
     "max_flops": ("flops", "FLOPs"),
-    "budget_minutes": ("elapsed_s", "minutes"),
+    "budget_minutes": ("train_time", "minutes"),
 }
 
 
@@ -37,9 +38,11 @@ class Budget:
             if v is None:
                 continue
             if not float(v) > 0:
-                raise ConfigError(f"trainer.{name}={v} must be > 0 (or null: no such budget)")
+                raise ConfigError(f"trainer.{name}={float(v):g} must be > 0 (or null: no such budget)")
             attr = LIMITS[name][0]
             budgets[attr] = float(v) * 60.0 if name == "budget_minutes" else float(v)
+        if tc.get("max_tokens") is not None and float(tc.max_tokens) != int(float(tc.max_tokens)):
+            raise ConfigError(f"trainer.max_tokens={tc.max_tokens} must be a whole number of tokens")
         if budgets:
             return cls(budgets)
         if tc.get("max_steps") is None:
@@ -48,6 +51,10 @@ class Budget:
         if int(tc.max_steps) < 1:
             raise ConfigError(f"trainer.max_steps={tc.max_steps} must be >= 1")
         return cls({"step": float(tc.max_steps)})
+
+    @property
+    def by_time(self) -> bool:
+        return "train_time" in self.limits
 
     @property
     def by_steps(self) -> bool:
@@ -69,6 +76,6 @@ class Budget:
         parts = []
         for attr, limit in self.limits.items():
             field, unit = names[attr]
-            shown = limit / 60.0 if attr == "elapsed_s" else limit
+            shown = limit / 60.0 if attr == "train_time" else limit
             parts.append(f"trainer.{field}={shown:g} {unit}")
         return " or ".join(parts)

@@ -143,11 +143,13 @@ def seed_groups(runs: list[dict], keys: list[str], metric: str) -> tuple[list[di
         return [], ""
     groups = []
     for members in by_key.values():
-        scored = [r for r in members if metric_value(r, metric) is not None]
+        # a seed that was cut off or failed has no final value to average: listed, not counted
+        scored = [r for r in members if r["status"] == "completed" and metric_value(r, metric) is not None]
         exams = {r["exam_id"] for r in scored}
         groups.append({
             "label": label_of(members[0], other) if other else "all runs",
-            "runs": members,
+            "runs": scored,
+            "left_out": len(members) - len(scored),
             "values": [metric_value(r, metric) for r in scored],
             "seeds": [r["config"].get("seed") for r in members],
             "exam_id": exams.pop() if len(exams) == 1 else None,
@@ -185,9 +187,10 @@ def seed_groups(runs: list[dict], keys: list[str], metric: str) -> tuple[list[di
 
 
 def group_table(groups: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
-    header = ["group", f"{metric} mean ± sd", f"{metric} mean", f"{metric} sd", f"{metric} ci_low", f"{metric} ci_high", f"{metric} n",
+    header = ["group", "runs not counted", f"{metric} mean ± sd", f"{metric} mean", f"{metric} sd", f"{metric} ci_low", f"{metric} ci_high", f"{metric} n",
               "seeds", "exam", "best"]
-    rows = [[g["label"], f"{_fmt(g['mean'])} ± {_fmt(g['sd'])}", _fmt(g["mean"]), _fmt(g["sd"]), _fmt(g["ci_low"]), _fmt(g["ci_high"]), str(g["n"]),
+    rows = [[g["label"], str(g["left_out"]), f"{_fmt(g['mean'])} ± {_fmt(g['sd'])}", _num(g["mean"]), _num(g["sd"]),
+             _num(g["ci_low"]), _num(g["ci_high"]), str(g["n"]),
              " ".join(map(str, g["seeds"])), _fmt(g["exam_id"]), g["best"]] for g in groups]
     return header, rows
 
@@ -203,6 +206,19 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _num(v) -> str:
+    """Full precision for the CSV's numbers (the Markdown shows 4 digits)."""
+    return "-" if v is None else repr(float(v))
 
 
 def _fmt_value(v) -> str:
@@ -345,6 +361,11 @@ def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison"
         if lacking:
             raise SystemExit(f"error: --x {x}: run(s) {', '.join(lacking)} have no {X_AXES[x]!r} in their eval records "
                              "(written by an older bertexp); use --x step")
+    known = {k for r in runs for m in r["evals"] for k in m}
+    key = metric[5:] if metric.startswith("best/") else metric.removeprefix("final/")
+    if runs and any(r["evals"] for r in runs) and key not in known:
+        raise SystemExit(f"error: --metric {metric!r}: no eval record has {key!r} (e.g. final/eval/mlm_acc, "
+                         f"best/eval/mlm_loss; keys: {', '.join(sorted(k for k in known if k.startswith('eval/'))[:8])})")
     keys = differing_keys(runs)
     note = rank_within_exams(runs, metric)
     header, rows = table_rows(runs, keys)
@@ -354,7 +375,8 @@ def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison"
     out.mkdir(parents=True, exist_ok=True)
     if groups:
         gheader, grows = group_table(groups, metric)
-        md += f"\n\nOver seeds ({metric}; 95% CI of the mean):\n\n" + to_markdown(gheader, grows)
+        shown = [row[:3] + [_fmt(float(c)) if _is_number(c) else c for c in row[3:7]] + row[7:] for row in grows]
+        md += f"\n\nOver seeds ({metric}; 95% CI of the mean; only completed runs count):\n\n" + to_markdown(gheader, shown)
         md += f"\n\n{verdict}" if verdict else ""
         _write_csv(out / f"{stem}_groups.csv", gheader, grows)
     (out / f"{stem}.md").write_text(md + "\n", encoding="utf-8")

@@ -133,12 +133,26 @@ def check_relaunch(cfg: DictConfig, run_dir: Path, job_num) -> dict:
     record = Path(run_dir) / JOB_CONFIG_FILE
     hydra_dir, first = Path(run_dir) / ".hydra", Path(run_dir) / ".hydra.first"
     flat = _flat_config(cfg)
+    sweep_record = Path(run_dir).parent / "multirun.yaml"
+    sweep_first = Path(run_dir).parent / "multirun.first.yaml"
+    if sweep_record.is_file() and not sweep_first.is_file():
+        shutil.copy(sweep_record, sweep_first)
+    previous = read_status(run_dir)
     if record.is_file():
         old = json.loads(record.read_text())
         diff = sorted(k for k in set(old) | set(flat) if json.dumps(old.get(k), default=str) != json.dumps(flat.get(k), default=str))
+        never_trained = previous.get("status") == "failed" and not (Path(run_dir) / "checkpoints").is_dir()
+        if diff and never_trained:  # e.g. a bad value fixed on the command line: nothing of it to keep
+            log.warning("job %s failed before its first checkpoint; starting it afresh with its new config", job_num)
+            record.write_text(json.dumps(flat, default=str, indent=0))
+            if hydra_dir.is_dir():
+                shutil.copytree(hydra_dir, first, dirs_exist_ok=True)
+            return {}
         if diff:
             if first.is_dir():  # Hydra has just written the new config over the old one: put the old one back
                 shutil.copytree(first, hydra_dir, dirs_exist_ok=True)
+            if sweep_first.is_file():  # and the sweep's record of its command line
+                shutil.copy(sweep_first, sweep_record)
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {flat.get(k)!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")
             raise BertexpError(f"job {job_num} ({run_dir}) was first run with another config ({shown}); re-run "
                                "the sweep with its original command, or use a new hydra.sweep.dir")
@@ -147,7 +161,7 @@ def check_relaunch(cfg: DictConfig, run_dir: Path, job_num) -> dict:
         record.write_text(json.dumps(flat, default=str, indent=0))
         if hydra_dir.is_dir():
             shutil.copytree(hydra_dir, first, dirs_exist_ok=True)
-    return read_status(run_dir)
+    return previous
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:

@@ -33,8 +33,8 @@ class RunState:
     tokens: int = 0  # non-pad tokens trained on, all ranks
     predicted_tokens: int = 0  # positions whose prediction was scored
     flops: float = 0.0  # model FLOPs, forward and backward, prediction heads included
-    train_time: float = 0.0  # seconds spent in training steps (evaluation and checkpoints excluded)
-    elapsed_s: float = 0.0  # wall-clock seconds in the training loop (steps, evals, checkpoints), all attempts
+    train_time: float = 0.0  # seconds spent in training steps, all attempts (evaluation and checkpoints excluded)
+    last_increment: float = 0.0  # how much of the run the previous step did (estimates where this one ends)
     decay_from: float | None = None  # fraction of the run done when lr warm-up ended (the lr decays from there)
 
     @property
@@ -58,7 +58,7 @@ class RunState:
     def axes(self) -> dict:
         """The compute axes every record carries beside `step`."""
         return {"step": self.step, "tokens": self.tokens, "predicted_tokens": self.predicted_tokens,
-                "flops": self.flops, "elapsed_s": round(self.elapsed_s, 3)}
+                "flops": self.flops, "elapsed_s": round(self.train_time, 3)}
 
     def take_window(self) -> dict[str, float]:
         """The logging window's sums, emptied for the next one."""

@@ -107,7 +107,7 @@ class ObjectiveSchema:
 class TrainerSchema:
     max_steps: Optional[int] = 2500
     budget_minutes: Optional[float] = None
-    max_tokens: Optional[int] = None
+    max_tokens: Optional[float] = None  # a float so that 5e6 is accepted; must be whole
     max_flops: Optional[float] = None
     log_every: int = 20
     eval_every: int = 250

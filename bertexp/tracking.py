@@ -140,6 +140,13 @@ def start_wandb(run_dir: Path, cfg: dict, info: dict, config: dict, resume_id: s
     return run
 
 
+def _cell(c: str):
+    try:
+        return float(c) if c not in ("", "-") and not c.isalpha() else c
+    except ValueError:
+        return c
+
+
 def log_sweep_summary(logger_cfg: dict, sweep_dir: Path, group: str) -> str | None:
     """The sweep's summary tables (summary.csv, summary_groups.csv) as `wandb.Table`s and its plot as an
     image, in a run of the sweep's W&B group with job_type=summary. Returns the run's id."""
@@ -154,11 +161,12 @@ def log_sweep_summary(logger_cfg: dict, sweep_dir: Path, group: str) -> str | No
         return None
     try:
         payload = {}
-        for name in ("summary", "summary_groups"):
+        for name, key in (("summary", "sweep/runs"), ("summary_groups", "sweep/groups")):
             path = Path(sweep_dir) / f"{name}.csv"
             if path.is_file():
                 rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
-                payload[f"sweep/{name.replace('summary_', '')}"] = wandb.Table(columns=rows[0], data=rows[1:])
+                data = [[_cell(c) for c in row] for row in rows[1:]]  # numbers as numbers, so W&B can plot them
+                payload[key] = wandb.Table(columns=rows[0], data=data)
         png = Path(sweep_dir) / "summary.png"
         if png.is_file():
             payload["sweep/plot"] = wandb.Image(str(png))

@@ -219,12 +219,13 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
              precision, f", {dist.world} ranks" if dist.enabled else "")
     log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
     optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer)
+    # warm-up is capped at optim.warmup_fraction of the run only when a budget ends it (bertexp.optim)
+    scheduler = build_scheduler(cfg.optim, optimizer, by_budget=not Budget.from_config(tc).by_steps)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from)
 
 
-def restore(parts: Parts) -> RunState:
+def restore(parts: Parts, budget: Budget) -> RunState:
     """The run state of the checkpoint to resume from (optimizer, scheduler and RNG restored in place), or a
     fresh one."""
     if not parts.resume_from:
@@ -240,6 +241,14 @@ def restore(parts: Parts) -> RunState:
         set_rng_state(saved["rng"])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"checkpoint {parts.resume_from}: its state does not fit this config ({e})") from None
+    if "decay_from" not in saved["run"] and state.step > 0:  # a checkpoint of a bertexp before budgets
+        if not budget.by_steps:
+            raise CheckpointError(f"checkpoint {parts.resume_from} was written before compute budgets existed; "
+                                  "resume it with trainer.max_steps, or start afresh with trainer.resume=never")
+        n = budget.max_steps
+        state.decay_from = next((s / n for s in range(state.step) if parts.scheduler.warm(s, s / n) >= 1.0), None)
+        state.last_increment = 1.0 / n
+        log.warning("Checkpoint from an older bertexp: its compute totals (tokens, flops, elapsed_s) start at 0")
     log.info("Checkpoint found: resuming from step %d (%s)", state.step, parts.resume_from)
     return state
 
@@ -294,7 +303,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     parts = build(cfg, run_dir, device, dist)
-    state = restore(parts)
+    state = restore(parts, budget)
     exam, exam_batches, baselines = prepare_exam(cfg, parts.data, parts.data.batch_size)
     if state.exam_id not in (None, exam.exam_id):  # e.g. resumed with another trainer.exam_length
         log.warning("This run was scored on exam %s before the resume and on exam %s from now on: its best-so-far "
@@ -340,17 +349,20 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                 disable=not dist.main)
     try:
         with _StopFlag() as stop:
-            mark = time.perf_counter()
             while not budget.done(state):
                 t0 = time.perf_counter()
                 batch, next_position = next(batches)
-                sums, stop_votes = step_fn(state, batch, stop, budget.progress(state))
+                before = budget.progress(state)
+                # where this step ends: the lr is set for it (so the last step's lr is the final one)
+                ends = min(1.0, before + state.last_increment)
+                sums, stop_votes = step_fn(state, batch, stop, before, ends)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
                 state.advance(next_position, now - t0, **sums)
-                state.elapsed_s += now - mark  # the loop's wall clock: this step and the evals and saves before it
-                mark = now
+                if budget.by_time and dist.enabled:  # every rank must stop at the same step, with the same lr
+                    state.train_time = dist.sum([state.train_time])[0] / dist.world
+                state.last_increment = budget.progress(state) - before
                 finished = budget.done(state)
                 pbar.update(1)
                 if first_step_s is None:
@@ -443,14 +455,15 @@ class Stepper:
             self.flops_per_token(width) * rows * width + 6 * (hidden * hidden + hidden * vocab) * predicted
             + 6 * (hidden * hidden + 2 * hidden) * rows)
 
-    def __call__(self, state: RunState, batch: dict, stop: _StopFlag, progress: float) -> tuple[dict, bool]:
-        """One step at `progress` (the fraction of the run done, which drives the lr and masking schedules)."""
+    def __call__(self, state: RunState, batch: dict, stop: _StopFlag, progress: float, ends: float) -> tuple[dict, bool]:
+        """One step from `progress` (the fraction of the run done, which sets the masking ratio) to about `ends`
+        (which sets the lr: a step's lr is the schedule's value where the step ends)."""
         p, dist = self.p, self.dist
         self.gen.manual_seed(step_seed(self.seed, state.step, 1))
         torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
         if state.decay_from is None and p.scheduler.warm(state.step, progress) >= 1.0:
             state.decay_from = progress  # warm-up is over: the lr decays from here to the end of the budget
-        self.lr = p.scheduler.set(state.step, progress, state.decay_from)
+        self.lr = p.scheduler.set(state.step, ends, state.decay_from)
         ids, labels, selected, corrupted = p.masker(batch, self.gen, progress)
         predicted = labels != -100
         n_masked = max(1, int(predicted.sum()))

@@ -109,6 +109,8 @@ def test_seeded_sweep_groups_with_error_bars_and_a_wandb_summary_run(tmp_path):
 
     summary_runs = [inspect(f)["run"] for f in wandb_files(d)]
     assert len(summary_runs) == 1 and summary_runs[0]["job_type"] == "summary"
+    logged = set().union(*inspect(wandb_files(d)[0])["history"])
+    assert {"sweep/runs", "sweep/groups", "sweep/plot"} <= logged, logged
     job_groups = {inspect(wandb_files(run)[0])["run"]["run_group"] for run in _runs(d)}
     assert job_groups == {summary_runs[0]["run_group"]}
 
@@ -176,3 +178,16 @@ def test_joblib_sweep_resumes_a_cut_off_job(tmp_path):
     assert (d / "0" / "metrics.jsonl").read_bytes() == before
     assert _statuses(d) == ["completed", "completed"]
     assert max(m["step"] for m in read_metrics(d / "1" / "metrics.jsonl")) == 8
+
+
+def test_a_job_that_failed_on_a_bad_value_can_be_fixed_in_place(tmp_path):
+    """Job 1 fails on masking.ratio=1.5 before any checkpoint; re-running with 0.5 starts it afresh (nothing
+    of it to keep) while job 0, completed, is left alone."""
+    d = tmp_path / "fix"
+    r = run_cli(["-m", *TINY, "masking.ratio=0.15,1.5", f"hydra.sweep.dir={d}"])
+    assert r.returncode == 1 and _statuses(d) == ["completed", "failed"]
+    before = (d / "0" / "metrics.jsonl").read_bytes()
+    r = run_cli(["-m", *TINY, "masking.ratio=0.15,0.5", f"hydra.sweep.dir={d}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _statuses(d) == ["completed", "completed"] and (d / "0" / "metrics.jsonl").read_bytes() == before
+    assert json.loads((d / "1" / "job_config.json").read_text())["masking.ratio"] == 0.5
