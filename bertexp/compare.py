@@ -81,8 +81,15 @@ def load_run(path: Path) -> dict:
         vals = [m[key] for m in evals if key in m and m[key] is not None]
         return fn(vals) if vals else None
 
+    downstream = {}
+    for summary in sorted(path.glob("downstream/*/summary.json")):  # trainer.downstream=[...]
+        try:
+            downstream[summary.parent.name] = json.loads(summary.read_text())
+        except ValueError:
+            pass
     return {
         "path": path,
+        "downstream": downstream,
         "config": {k: v for k, v in flat.items() if k not in IGNORED_KEYS},
         "evals": evals,
         "final/eval/mlm_acc": last.get("eval/mlm_acc"),
@@ -272,11 +279,23 @@ def rank_within_exams(runs: list[dict], metric: str = "final/eval/mlm_acc") -> s
     return "\n".join(notes)
 
 
+def _downstream_cell(summary: dict | None, init: str) -> str:
+    if not summary:
+        return "-"
+    s = summary[init]["test"]
+    return f"{_fmt(s['mean'])} ± {_fmt(s['sd'])}" if s.get("sd") is not None else _fmt(s["mean"])
+
+
 def table_rows(runs: list[dict], keys: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["run", *keys, *[c for c, _ in COLUMNS], "error"]
+    tasks = sorted({t for r in runs for t in r.get("downstream", {})})
+    extra = [f"{t} test ({init})" for t in tasks for init in ("pretrained", "random init")]
+    header = ["run", *keys, *[c for c, _ in COLUMNS], *extra, "error"]
     rows = []
     for r in runs:
-        rows.append([str(r["path"]), *[_fmt_value(r["config"].get(k)) for k in keys], *[_fmt(r[f]) for _, f in COLUMNS], r["error"]])
+        cells = [_downstream_cell(r.get("downstream", {}).get(t), init)
+                 for t in tasks for init in ("pretrained", "random")]
+        rows.append([str(r["path"]), *[_fmt_value(r["config"].get(k)) for k in keys], *[_fmt(r[f]) for _, f in COLUMNS],
+                     *cells, r["error"]])
     return header, rows
 
 

@@ -184,6 +184,14 @@ def run_job(cfg: DictConfig) -> float | None:
     if not is_main_process():  # under torchrun: rank 0 speaks and writes for all
         logging.getLogger().setLevel(logging.WARNING)
         return _run_quiet_rank(cfg, run_dir, info, run_training)
+    for name in (cfg.trainer.get("downstream") or []) if not cfg.get("task") else []:
+        try:
+            from bertexp.finetune import task_config
+
+            task_config(str(name))  # an unknown task is an error now, not after an hour of pretraining
+        except BertexpError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     if info["multirun"]:
         try:
             previous = check_relaunch(cfg, run_dir, hc.job.num)
@@ -199,7 +207,9 @@ def run_job(cfg: DictConfig) -> float | None:
     write_status(run_dir, "running", name=info["name"])
     try:
         try:
-            final = run_training(cfg, run_dir, info)
+            final = run_task(cfg, run_dir, info) if cfg.get("task") else run_training(cfg, run_dir, info)
+            if not cfg.get("task"):
+                final.update(run_downstream(cfg, run_dir, info))
         except InstantiationException as e:  # Hydra wraps what a _target_ raised: show the user's error
             raise _user_error(e) or e
     except Interrupted as e:
@@ -238,6 +248,46 @@ def run_job(cfg: DictConfig) -> float | None:
     result = final.get("final/eval/mlm_acc")
     write_status(run_dir, "completed", name=info["name"], result=result)
     return result
+
+
+def _logger(cfg: DictConfig) -> dict | None:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+
+
+def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
+    """`task=NAME model.path=CKPT`: fine-tune a checkpoint on a downstream task (bertexp.finetune)."""
+    from bertexp.finetune import run_finetune
+    from bertexp.modeling import user_path
+
+    if not cfg.model.get("path"):
+        from bertexp.errors import ConfigError
+
+        raise ConfigError(f"task={cfg.task.name} needs model.path=DIR (a pretraining run's checkpoints/last, or "
+                          "a local pretrained BERT directory)")
+    summary = run_finetune(cfg.task, user_path(cfg.model.path), cfg.data, cfg.optim, cfg.trainer, run_dir,
+                           _logger(cfg), int(cfg.seed), info)
+    # what a sweeper optimises over fine-tuning settings: dev, never test
+    return {"final/eval/mlm_acc": summary["pretrained"]["dev"]["mean"]}
+
+
+def run_downstream(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
+    """`trainer.downstream=[...]`: fine-tune this run's final checkpoint on each task; results go to
+    RUN/downstream/TASK/ and into the run's status (so sweep summaries and bertexp.compare show them)."""
+    from omegaconf import OmegaConf
+
+    from bertexp.finetune import run_finetune, task_config
+
+    out = {}
+    for name in cfg.trainer.get("downstream") or []:
+        tc = OmegaConf.merge(task_config(name), cfg.trainer.get("downstream_settings") or {})
+        summary = run_finetune(tc, run_dir / "checkpoints" / "last", cfg.data, cfg.optim, cfg.trainer,
+                               run_dir / "downstream" / name, _logger(cfg), int(cfg.seed),
+                               {**info, "name": f"{info['name']} {name}"})
+        out[f"downstream/{name}/test_mean"] = summary["pretrained"]["test"]["mean"]
+        out[f"downstream/{name}/test_sd"] = summary["pretrained"]["test"]["sd"]
+    return out
 
 
 def _stop_sweep(hc, e: Interrupted) -> None:

@@ -24,7 +24,10 @@ class ScratchBert:
 
     fresh = True  # its heads may be initialised from the data (objective.mlm_bias_init)
 
-    def __init__(self, vocab_size: int = 8000, **config):
+    def __init__(self, vocab_size: int = 8000, path: str | None = None, **config):
+        if path is not None:  # model.path is for loading (model=pretrained) and fine-tuning (task=...)
+            raise ConfigError(f"model.path={path} is set, but this model is built from scratch: use "
+                              "model=pretrained model.path=DIR to start from it, or task=NAME to fine-tune it")
         if vocab_size < 16:
             raise ConfigError(f"model.vocab_size={vocab_size} must be >= 16")
         h, n = config.get("hidden_size", 768), config.get("num_attention_heads", 12)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -36,6 +36,7 @@ class TextFileDataSchema(DataSchema):
 @dataclass
 class ScratchModelSchema:
     _target_: str = "bertexp.modeling.ScratchBert"
+    path: Optional[str] = None  # only for task=... (fine-tuning loads model.path whatever the model group)
     vocab_size: int = 8000
     hidden_size: int = 128
     num_hidden_layers: int = 2
@@ -122,6 +123,21 @@ class TrainerSchema:
     max_bad_steps: int = 0
     measure_mfu: bool = True
     grad_accum: int = 1
+    downstream: List[str] = field(default_factory=list)
+    downstream_settings: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskSchema:
+    name: str = "sentiment"
+    seeds: int = 3
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_length: int = 64
+    warmup_fraction: float = 0.1
+    train_limit: Optional[int] = None
+    eval_limit: Optional[int] = None
 
 
 @dataclass
@@ -147,6 +163,7 @@ SCHEMAS = {
     ("masking", "pmi_schema"): PmiMaskingSchema,
     ("objective", "objective_schema"): ObjectiveSchema,
     ("trainer", "trainer_schema"): TrainerSchema,
+    ("task", "task_schema"): TaskSchema,
     ("logger", "logger_schema"): LoggerSchema,
 }
 
