@@ -54,6 +54,11 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         assert cfg.trainer.max_steps >= 1
     elif group == "logger":
         assert cfg.logger is None or cfg.logger.mode in ("offline", "online")
+    elif group == "task":
+        from bertexp.finetune import check_task
+
+        check_task(cfg.task)
+        assert cfg.task.name == option and cfg.task.seeds >= 1
 
 
 def test_slurm_preset_composes_with_requeue_settings():
