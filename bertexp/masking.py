@@ -260,7 +260,7 @@ def _tile_starts(word_start: torch.Tensor, special: torch.Tensor, sample_lengths
     if n_segs:
         seg_len = torch.diff(seg_first, append=torch.tensor([n_words]))
         longest = int(seg_len.max())
-        tiles = sample_lengths(generator, (n_segs, max(4, int(2.0 * longest / mean_length) + 2)))
+        tiles = sample_lengths(generator, (n_segs, int(1.3 * longest / mean_length) + 4))  # slack; more if short
         ends = tiles.cumsum(1)
         while bool((ends[:, -1] < seg_len).any()):  # rare: a segment not covered yet; draw more tiles for all
             more = sample_lengths(generator, (n_segs, tiles.shape[1]))
