@@ -80,7 +80,7 @@ class ProgressLR:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {"warmup_steps": self.warmup_steps, "warmup_fraction": self.warmup_fraction,
+        return {"peaks": list(self.peaks), "warmup_steps": self.warmup_steps, "warmup_fraction": self.warmup_fraction,
                 "min_lr_ratio": self.min_lr_ratio}
 
     def load_state_dict(self, state: dict) -> None:
