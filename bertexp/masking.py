@@ -187,6 +187,13 @@ class TokenMasking(Masker):
         return torch.rand(batch["input_ids"].shape, generator=generator) < ratio
 
 
+def _after_special(special: torch.Tensor) -> torch.Tensor:
+    """True where the previous position is a special token (or at a row's start): where a segment begins."""
+    out = torch.ones_like(special)
+    out[:, 1:] = special[:, :-1]
+    return out
+
+
 def _first_of_run(start: torch.Tensor) -> torch.Tensor:
     """For every position, the position of the last `start` at or before it (0 if none)."""
     pos = torch.arange(start.shape[1]).expand_as(start)
@@ -217,8 +224,7 @@ def select_units(unit_start: torch.Tensor, special: torch.Tensor, ratio: float, 
     key, a cumulative sum of their lengths, and gathers back to the tokens. Returns (selected, unit starts)."""
     rows, width = special.shape
     maskable = ~special
-    after_special = torch.ones_like(special)
-    after_special[:, 1:] = special[:, :-1]
+    after_special = _after_special(special)
     start = (unit_start | after_special) & maskable
     n_units = int(start.sum(1).max()) if rows else 0
     # Units are numbered from 1 in each row; a special token keeps the number of the unit before it (0 for
@@ -250,8 +256,7 @@ def _tile_starts(word_start: torch.Tensor, special: torch.Tensor, sample_lengths
     token of each tile. A tile that runs past its segment's end is cut there, as a span that reaches a
     sentence end is."""
     words = word_start & ~special
-    after_special = torch.ones_like(special)
-    after_special[:, 1:] = special[:, :-1]
+    after_special = _after_special(special)
     flat_words = words.reshape(-1)
     word_pos = flat_words.nonzero().squeeze(1)  # flat position of each word's first token
     seg_first = (after_special & words).reshape(-1)[word_pos].nonzero().squeeze(1)  # word index of segment starts

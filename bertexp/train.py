@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 _SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGUSR2: 140}
 
 
+NO_RESUME = ("never", "false", "False", "none", "None")  # trainer.resume values that start afresh
+
+
 def process_age() -> float:
     """Seconds since this process started, for the start-to-first-step figure."""
     started = process_start()
@@ -182,7 +185,7 @@ class Parts:
     resume_from: Path | None
 
 
-def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distributed.Dist) -> Parts:
+def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distributed.Dist, budget: Budget) -> Parts:
     tc = cfg.trainer
     log.info("Instantiating data <%s>", cfg.data._target_)
     data = instantiate(cfg.data)
@@ -220,7 +223,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
     optimizer = build_optimizer(cfg.optim, model)
     # warm-up is capped at optim.warmup_fraction of the run only when a budget ends it (bertexp.optim)
-    scheduler = build_scheduler(cfg.optim, optimizer, by_budget=not Budget.from_config(tc).by_steps)
+    scheduler = build_scheduler(cfg.optim, optimizer, by_budget=not budget.by_steps)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from)
 
@@ -302,7 +305,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per checkpoint shard
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    parts = build(cfg, run_dir, device, dist)
+    parts = build(cfg, run_dir, device, dist, budget)
     state = restore(parts, budget)
     exam, exam_batches, baselines = prepare_exam(cfg, parts.data, parts.data.batch_size)
     if state.exam_id not in (None, exam.exam_id):  # e.g. resumed with another trainer.exam_length
@@ -312,7 +315,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     state.exam_id = exam.exam_id
     config = OmegaConf.to_container(cfg, resolve=True)
     # A job cut off before its first checkpoint (a sweep re-run, a requeue) keeps its W&B run id too.
-    fresh_by_request = str(tc.resume) in ("never", "false", "False", "none", "None")
+    fresh_by_request = str(tc.resume) in NO_RESUME
     resume_id = state.wandb_id or (None if fresh_by_request else saved_wandb_id(run_dir))
     tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, resume_id) if dist.main else NullTracker()
     tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
@@ -553,7 +556,7 @@ def describe_final(final: dict, baselines: dict) -> str:
 
 
 def _resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    if resume in ("never", "false", "False", "none", "None"):
+    if resume in NO_RESUME:
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
