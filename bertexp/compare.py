@@ -161,6 +161,7 @@ def seed_groups(runs: list[dict], keys: list[str], metric: str) -> tuple[list[di
             "seeds": [r["config"].get("seed") for r in members],
             "exam_id": exams.pop() if len(exams) == 1 else None,
             **seed_stats([metric_value(r, metric) for r in scored]),
+            "downstream": downstream_over_seeds(scored),
             "best": "",
         })
     ranked = [g for g in groups if g["mean"] is not None and g["exam_id"]]
@@ -193,12 +194,64 @@ def seed_groups(runs: list[dict], keys: list[str], metric: str) -> tuple[list[di
     return groups, note
 
 
+INITS = (("pretrained", "pretrained"), ("random", "random init"))
+
+
+def downstream_over_seeds(runs: list[dict]) -> dict:
+    """Per downstream task and init: the statistics over pretraining seeds (runs) of each run's test mean over
+    its fine-tuning seeds. A run without that task's summary is not counted."""
+    tasks = sorted({t for r in runs for t in r.get("downstream", {})})
+    return {t: {init: {**seed_stats(vals := [r["downstream"][t][init]["test"]["mean"] for r in runs
+                                              if t in r.get("downstream", {})]), "values": vals}
+                for init, _ in INITS}
+            for t in tasks}
+
+
+def downstream_notes(groups: list[dict]) -> list[str]:
+    """Per task, the group whose pretrained encoder fine-tunes best, and whether its lead over the runner-up
+    is larger than the noise of pretraining seeds (Welch's t-test over the runs' test means)."""
+    from scipy import stats
+
+    notes = []
+    for t in sorted({t for g in groups for t in g.get("downstream", {})}):
+        ranked = sorted((g for g in groups if g["downstream"].get(t, {}).get("pretrained", {}).get("mean") is not None),
+                        key=lambda g: -g["downstream"][t]["pretrained"]["mean"])
+        if len(ranked) < 2:
+            continue
+        a, b = ranked[0]["downstream"][t]["pretrained"], ranked[1]["downstream"][t]["pretrained"]
+        if a["n"] < 2 or b["n"] < 2:
+            verdict = "cannot be told from seed noise (fewer than 2 pretraining seeds)"
+        else:
+            if a["sd"] == 0 and b["sd"] == 0:
+                p = 0.0 if a["mean"] != b["mean"] else 1.0
+            else:
+                p = float(stats.ttest_ind(a["values"], b["values"], equal_var=False).pvalue)
+            verdict = (f"is larger than pretraining-seed noise (Welch's t-test p = {p:.3g} < 0.05)" if p < 0.05 else
+                       f"is within pretraining-seed noise (Welch's t-test p = {p:.3g} >= 0.05)")
+        notes.append(f"Best group by {t} test (pretrained encoder): {ranked[0]['label']} ({_fmt(a['mean'])}, n={a['n']}); "
+                     f"its lead over {ranked[1]['label']} ({_fmt(b['mean'])}, n={b['n']}) {verdict}.")
+    return notes
+
+
 def group_table(groups: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
+    """The groups' table. Columns whose name ends in "(csv)" hold full-precision numbers for the CSV only."""
+    tasks = sorted({t for g in groups for t in g.get("downstream", {})})
     header = ["group", "runs not counted", f"{metric} mean ± sd", f"{metric} mean", f"{metric} sd", f"{metric} ci_low", f"{metric} ci_high", f"{metric} n",
               "seeds", "exam", "best"]
-    rows = [[g["label"], str(g["left_out"]), f"{_fmt(g['mean'])} ± {_fmt(g['sd'])}", _num(g["mean"]), _num(g["sd"]),
-             _num(g["ci_low"]), _num(g["ci_high"]), str(g["n"]),
-             " ".join(map(str, g["seeds"])), _fmt(g["exam_id"]), g["best"]] for g in groups]
+    for t in tasks:
+        for _, name in INITS:
+            header += [f"{t} test ({name}) mean ± sd over seeds", f"{t} test ({name}) n",
+                       f"{t} test ({name}) mean (csv)", f"{t} test ({name}) sd (csv)"]
+    rows = []
+    for g in groups:
+        row = [g["label"], str(g["left_out"]), f"{_fmt(g['mean'])} ± {_fmt(g['sd'])}", _num(g["mean"]), _num(g["sd"]),
+               _num(g["ci_low"]), _num(g["ci_high"]), str(g["n"]),
+               " ".join(map(str, g["seeds"])), _fmt(g["exam_id"]), g["best"]]
+        for t in tasks:
+            for init, _ in INITS:
+                d = g.get("downstream", {}).get(t, {}).get(init) or {"mean": None, "sd": None, "n": 0}
+                row += [f"{_fmt(d['mean'])} ± {_fmt(d['sd'])}" if d["n"] else "-", str(d["n"]), _num(d["mean"]), _num(d["sd"])]
+        rows.append(row)
     return header, rows
 
 
@@ -395,9 +448,15 @@ def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison"
     if groups:
         gheader, grows = group_table(groups, metric)
         shown = [row[:3] + [_fmt(float(c)) if _is_number(c) else c for c in row[3:7]] + row[7:] for row in grows]
-        md += f"\n\nOver seeds ({metric}; 95% CI of the mean; only completed runs count):\n\n" + to_markdown(gheader, shown)
+        md_cols = [i for i, h in enumerate(gheader) if not h.endswith("(csv)")]
+        md += (f"\n\nOver seeds ({metric}; 95% CI of the mean; only completed runs count"
+               + ("; downstream: mean ± sd over pretraining seeds of each run's test mean over fine-tuning seeds"
+                  if any(g.get("downstream") for g in groups) else "") + "):\n\n"
+               + to_markdown([gheader[i] for i in md_cols], [[row[i] for i in md_cols] for row in shown]))
         md += f"\n\n{verdict}" if verdict else ""
-        _write_csv(out / f"{stem}_groups.csv", gheader, grows)
+        for note in downstream_notes(groups):
+            md += f"\n\n{note}"
+        _write_csv(out / f"{stem}_groups.csv", [h.removesuffix(" (csv)") for h in gheader], grows)
     (out / f"{stem}.md").write_text(md + "\n", encoding="utf-8")
     _write_csv(out / f"{stem}.csv", header, rows)
     if with_plot:

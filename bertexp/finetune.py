@@ -7,16 +7,26 @@ trivial baseline (majority class; for NER a dictionary of training entities). Ea
 `task.epochs` epochs, scores dev after each and reports test at its best dev epoch; the summary is mean ± sd
 over seeds of dev and test. A pretraining run can do this itself at its end: `trainer.downstream=[sentiment]`.
 
-It shares the pretraining run's parts: device and precision (bertexp.train), the optimizer's parameter
-groups and the progress-driven lr schedule (bertexp.optim), the progress bar, and the tracker (metrics.jsonl
-+ W&B, `job_type=finetune`, in the pretraining run's group, with its run id and step in the config).
-Everything random comes from (seed, init): the same command gives the same numbers on CPU.
+It shares the pretraining run's parts: device, precision and per-step seeds (bertexp.train), the
+optimizer's parameter groups, gradient clipping and the progress-driven lr schedule (bertexp.optim), the
+signal handling that stops a run after its current step (bertexp.train), the progress bar, and the tracker
+(metrics.jsonl + W&B, `job_type=finetune`, in the pretraining run's group, with its run id and step in the
+config). Everything random comes from (seed, init): the same command gives the same numbers on CPU.
+
+Each fine-tuning run's result is written as soon as it ends (`OUT/seeds/INIT-seedN.json`, with the key of
+everything it depends on), so a killed job loses only the run it was in: the same command into the same run
+dir keeps the finished seeds and runs the rest. A random-init run depends on the checkpoint's architecture,
+not its weights: its result is also cached (`$BERTEXP_CACHE/finetune/`, keyed by architecture, data as
+encoded, task and optimizer settings, precision, versions and seed) and reused for every checkpoint of the
+same architecture and vocabulary (`task.reuse_random_init=false` trains it again).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
+import os
+import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +63,8 @@ def task_config(name: str) -> DictConfig:
 def check_task(tc) -> None:
     if tc.name not in TASKS:
         raise ConfigError(f"task.name={tc.name!r} must be one of {', '.join(TASKS)}")
-    for field, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 8)):
-        if int(tc[field]) < low:
+    for field, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 8), ("bucket", 1)):
+        if int(tc.get(field, low)) < low:
             raise ConfigError(f"task.{field}={tc[field]} must be >= {low}")
     if not float(tc.lr) > 0:
         raise ConfigError(f"task.lr={tc.lr} must be > 0")
@@ -128,20 +138,24 @@ def build_model(task, path: Path, init: str, seed: int):
 
 @torch.no_grad()
 def predict(model, enc: Encoded, batch_size: int, device, amp) -> torch.Tensor:
+    """Predictions for a split, in batches of rows of similar length (less padding); rows come back in order."""
     model.eval()
-    out = []
-    for a in range(0, len(enc.ids), batch_size):
-        rows = slice(a, a + batch_size)
-        width = int(enc.attention[rows].sum(1).max())  # trim the split's padding to this batch's longest row
+    lengths = enc.attention.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = torch.zeros(enc.labels.shape, dtype=torch.long)
+    for a in range(0, len(order), batch_size):
+        rows = order[a : a + batch_size]
+        width = int(lengths[rows].max())  # trim the split's padding to this batch's longest row
         with amp:
             logits = model(input_ids=enc.ids[rows, :width].to(device),
                            attention_mask=enc.attention[rows, :width].to(device)).logits
         pred = logits.float().argmax(-1).cpu()
         if pred.ndim == 2:
-            pred = torch.nn.functional.pad(pred, (0, enc.ids.shape[1] - width))
-        out.append(pred)
+            out[rows, :width] = pred
+        else:
+            out[rows] = pred
     model.train()
-    return torch.cat(out)
+    return out
 
 
 def score(task, split: list, enc: Encoded, pred: torch.Tensor) -> float:
@@ -160,59 +174,98 @@ def score(task, split: list, enc: Encoded, pred: torch.Tensor) -> float:
     return float(entity_f1(gold, guess)["f1"])
 
 
-def finetune_once(task, splits: dict, encoded: dict, path: Path, init: str, seed: int, tc, optim_cfg, device,
-                  precision: str, tracker, step0: int) -> dict:
-    """One fine-tuning run; returns its dev score per epoch and test at the best dev epoch."""
-    from bertexp.optim import build_optimizer, build_scheduler
+def batch_order(lengths: torch.Tensor, batch_size: int, g: torch.Generator, bucket: int) -> list[torch.Tensor]:
+    """One epoch's batches: a random permutation cut into chunks of `bucket` batches, each chunk sorted by
+    length and cut into batches, the batches shuffled (less padding, still random batches; bucket=1: plain
+    shuffling). Only full batches: n // batch_size of them."""
+    n = len(lengths)
+    order = torch.randperm(n, generator=g)[: (n // batch_size) * batch_size]
+    if bucket > 1:
+        chunks = []
+        for a in range(0, len(order), bucket * batch_size):
+            part = order[a : a + bucket * batch_size]
+            chunks.append(part[torch.argsort(lengths[part], descending=True, stable=True)])
+        order = torch.cat(chunks)
+    batches = list(order.view(-1, batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
+
+def finetune_once(task, splits: dict, encoded: dict, path: Path, init: str, seed: int, tc, optim_cfg, device,
+                  precision: str, tracker, step0: int, stop=None) -> dict:
+    """One fine-tuning run; returns its dev score per epoch, test at the best dev epoch and the records it
+    logged (steps counted from its own start; `step0` shifts them in the tracker)."""
+    import time
+
+    from bertexp.errors import Interrupted
+    from bertexp.modeling import fit_attention_to_precision
+    from bertexp.optim import build_optimizer, build_scheduler
+    from bertexp.train import _SIGNALS, step_seed
+
+    started = time.perf_counter()
     model = build_model(task, path, init, seed).to(device)
+    fit_attention_to_precision(model, device.type, precision)
     # warm-up over task.warmup_fraction of the fine-tuning steps (the step count never ends it first)
     ocfg = OmegaConf.merge(optim_cfg, {"lr": float(tc.lr), "warmup_steps": 10**9, "warmup_fraction": float(tc.warmup_fraction)})
     optimizer = build_optimizer(ocfg, model)
     scheduler = build_scheduler(ocfg, optimizer, by_budget=True)
+    clip = ocfg.get("grad_clip")
+    clip = float(clip) if clip is not None and float(clip) > 0 else None
+    params = [q for q in model.parameters() if q.requires_grad]
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     train = encoded["train"]
+    lengths = train.attention.sum(1)
     n, bs = len(train.ids), int(tc.batch_size)
-    steps_per_epoch = max(1, n // bs)
+    if n < bs:
+        raise ConfigError(f"task.batch_size={bs} is larger than the {n} training examples (task.train_limit)")
+    steps_per_epoch = n // bs
     total = steps_per_epoch * int(tc.epochs)
-    g = torch.Generator().manual_seed(seed * 1000 + (init == "random"))
+    stream = 0 if init == "pretrained" else 1
+    g = torch.Generator().manual_seed(step_seed(seed, 0, 10 + stream))  # the batches of every epoch
     best = {"dev": -1.0}
-    history = []
-    step, decay_from = 0, None
+    history, records = [], []
+    step, decay_from, loss_sum = 0, None, 0.0
     bar = tqdm(total=total, desc=f"{task.name} {init} seed {seed}", dynamic_ncols=True, mininterval=1.0, leave=False)
     for epoch in range(int(tc.epochs)):
-        order = torch.randperm(n, generator=g)
-        for b in range(steps_per_epoch):
-            rows = order[b * bs : (b + 1) * bs]
-            width = int(train.attention[rows].sum(1).max())
+        for rows in batch_order(lengths, bs, g, int(tc.get("bucket", 1) or 1)):
+            width = int(lengths[rows].max())
             progress = step / total
             if decay_from is None and scheduler.warm(step, progress) >= 1.0:
                 decay_from = progress
             lr = scheduler.set(step, (step + 1) / total, decay_from)
-            torch.manual_seed(seed * 1_000_003 + step)  # dropout
+            torch.manual_seed(step_seed(seed, step, 2 + stream))  # dropout
             with amp:
                 out = model(input_ids=train.ids[rows, :width].to(device),
                             attention_mask=train.attention[rows, :width].to(device),
                             labels=(train.labels[rows] if task.kind == "sequence" else train.labels[rows, :width]).to(device))
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            loss = float(out.loss.detach())
+            loss_sum += loss
             step += 1
             bar.update(1)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{float(out.loss):.3f}", lr=f"{lr:.1e}")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+            if stop is not None and stop.signum is not None:
+                bar.close()
+                raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} during {task.name}, {init} init, "
+                                  f"seed {seed}", _SIGNALS.get(stop.signum, 143))
         dev = score(task, splits["dev"], encoded["dev"], predict(model, encoded["dev"], 256, device, amp))
-        record = {"step": step0 + step, f"finetune/{task.name}/{init}/dev": dev, "finetune/epoch": epoch + 1,
-                  "finetune/seed": seed, "train/loss": float(out.loss.detach())}
+        record = {"step": step, f"finetune/{task.name}/{init}/dev": dev, "finetune/epoch": epoch + 1,
+                  "finetune/seed": seed, "train/loss": loss_sum / steps_per_epoch}
+        loss_sum = 0.0
         if dev > best["dev"]:
             test = score(task, splits["test"], encoded["test"], predict(model, encoded["test"], 256, device, amp))
             best = {"dev": dev, "test": test, "epoch": epoch + 1}
             record[f"finetune/{task.name}/{init}/test"] = test
-        tracker.log(record)
+        tracker.log({**record, "step": step0 + step})
+        records.append(record)
         history.append(dev)
     bar.close()
-    return {**best, "dev_per_epoch": history, "steps": step}
+    return {**best, "dev_per_epoch": history, "steps": step, "seconds": round(time.perf_counter() - started, 1),
+            "records": records}
 
 
 def stats(values: list[float]) -> dict:
@@ -238,14 +291,76 @@ def pretraining_origin(path: Path) -> dict:
             "pretrain/step": run.get("step"), "pretrain/group": group}
 
 
+FINETUNE_VERSION = 2  # bump when a change to the fine-tuning loop changes what a run's result is
+SEEDS_DIR = "seeds"
+_BOOKKEEPING = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache")
+
+
+def architecture(path: Path) -> dict:
+    """The checkpoint's model config (config.json) without its bookkeeping: what random init depends on."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return {k: v for k, v in sorted(cfg.items()) if k not in _BOOKKEEPING}
+
+
+def weights_digest(path: Path) -> str:
+    """A hash of the checkpoint's weight files: what the pretrained runs depend on beyond the architecture."""
+    h = hashlib.sha1()
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def data_digest(task, splits: dict, encoded: dict) -> str:
+    """A hash of the examples (text and gold labels) and of the model's inputs (the tokenizer's ids)."""
+    h = hashlib.sha1(json.dumps([task.name, task.labels], ensure_ascii=False).encode())
+    for split in ("train", "dev", "test"):
+        h.update(json.dumps(splits[split], ensure_ascii=False).encode())
+        e = encoded[split]
+        for t in (e.ids, e.attention, e.labels):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def random_cache_dir(data_cfg) -> Path:
+    from bertexp.data.cache import cache_root
+
+    return cache_root(data_cfg.get("cache_dir") if data_cfg is not None else None) / "finetune"
+
+
+def _read_result(path: Path, key: str) -> dict | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get("result") if saved.get("key") == key else None
+
+
+def _write_result(path: Path, key: str, result: dict, what: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "what": what, "result": result}, ensure_ascii=False))
+    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
+
+
 def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, out_dir: Path, logger_cfg: dict | None,
                  seed: int, info: dict) -> dict:
     """Fine-tune `path` on task `tc` over its seeds, from the pretrained weights and from random init; write
-    `out_dir/summary.json` and metrics; return the summary."""
-    from bertexp.data.tokenizer import load_tokenizer
-    from bertexp.tracking import Tracker
-    from bertexp.train import resolve_device, resolve_precision
+    each run's result as it ends, then `out_dir/summary.json`; return the summary."""
+    import time
 
+    import transformers
+
+    from bertexp.data.tokenizer import load_tokenizer
+    from bertexp.errors import Interrupted
+    from bertexp.tracking import Tracker, saved_wandb_id
+    from bertexp.train import _StopFlag, resolve_device, resolve_precision
+
+    started = time.perf_counter()
     check_task(tc)
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -264,48 +379,117 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
     encoded = {k: encode(task, v, tokenizer, int(tc.max_length)) for k, v in splits.items()}
     origin = pretraining_origin(path)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    # What a run's result depends on: random init on everything but the weights, pretrained on them too.
+    what = {"v": FINETUNE_VERSION, "arch": architecture(path), "data": data_digest(task, splits, encoded),
+            "task": {k: OmegaConf.to_container(tc, resolve=True).get(k)
+                     for k in ("name", "epochs", "lr", "batch_size", "max_length", "warmup_fraction", "bucket")},
+            "optim": OmegaConf.to_container(optim_cfg, resolve=True), "precision": precision, "device": device.type,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    weights = weights_digest(path)
+    key_of = {(init, s): hashlib.sha1(json.dumps({**what, "init": init, "seed": s, "weights": weights if init == "pretrained" else None},
+                                                sort_keys=True, default=str).encode()).hexdigest()[:20]
+              for init in ("pretrained", "random") for s in range(1, int(tc.seeds) + 1)}
+    plan = list(key_of)
+    seeds_dir, cache = out_dir / SEEDS_DIR, random_cache_dir(data_cfg)
+    found, source = {}, {}
+    for init, s in plan:
+        k = key_of[(init, s)]
+        r = _read_result(seeds_dir / f"{init}-seed{s}.json", k)
+        if r is not None:
+            found[(init, s)], source[(init, s)] = r, "run dir"
+        elif init == "random" and tc.get("reuse_random_init", True):
+            r = _read_result(cache / f"random-{k}.json", k)
+            if r is not None:
+                found[(init, s)], source[(init, s)] = r, "cache"
+    # The metrics of the runs finished in this dir before the first one that was not are kept; from there on,
+    # runs reused are logged again (and the others as they run).
+    first_relog = next((i for i, item in enumerate(plan) if source.get(item) != "run dir"), len(plan))
+    keep_until = sum(found[item]["steps"] for item in plan[:first_relog])
+    in_dir = [item for item in plan if source.get(item) == "run dir"]
     run_info = {**info, "group": origin.get("pretrain/group") or info.get("group"), "tags": [*info.get("tags", []), tc.name]}
     config = {"task": OmegaConf.to_container(tc, resolve=True), **origin}
     logger = dict(logger_cfg, job_type="finetune") if logger_cfg else None
-    tracker = Tracker(out_dir, logger, run_info, config, None)
-    tracker.truncate_after(0)
+    tracker = Tracker(out_dir, logger, run_info, config, saved_wandb_id(out_dir) if in_dir else None)
+    tracker.truncate_after(keep_until)
     log.info("Fine-tuning %s on %s: %d train / %d dev / %d test examples, %d seeds, from the pretrained weights and "
              "from random init; %s baseline: dev %.4f, test %.4f", path, tc.name, len(splits["train"]),
              len(splits["dev"]), len(splits["test"]), int(tc.seeds), base["name"], base["dev"], base["test"])
+    if in_dir:
+        log.info("Already finished in %s, not run again: %s", seeds_dir, ", ".join(f"{i} seed {s}" for i, s in in_dir))
+    cached = [s for (i, s), src in source.items() if src == "cache"]
+    if cached:
+        log.info("Random init, seed(s) %s: reused from %s (a random-init run depends on the architecture, "
+                 "vocabulary, data and settings, not on the checkpoint's weights; task.reuse_random_init=false "
+                 "trains them again)", ", ".join(map(str, cached)), cache)
     results = {"pretrained": [], "random": []}
     step0 = 0
+    exit_code = 1
     try:
-        for init in ("pretrained", "random"):
-            for s in range(1, int(tc.seeds) + 1):
-                r = finetune_once(task, splits, encoded, path, init, s, tc, optim_cfg, device, precision, tracker, step0)
+        with _StopFlag() as stop:
+            for i, (init, s) in enumerate(plan):
+                if (init, s) in found:
+                    r = found[(init, s)]
+                    if i >= first_relog:  # not in the kept metrics: log its records again
+                        for rec in r.get("records", []):
+                            tracker.log({**rec, "step": step0 + rec["step"], "finetune/reused": source[(init, s)]})
+                else:
+                    r = finetune_once(task, splits, encoded, path, init, s, tc, optim_cfg, device, precision, tracker,
+                                      step0, stop)
+                    k = key_of[(init, s)]
+                    _write_result(seeds_dir / f"{init}-seed{s}.json", k, r, what)
+                    if init == "random":
+                        try:
+                            _write_result(cache / f"random-{k}.json", k, r, what)
+                        except OSError as e:  # a read-only cache costs a rerun next time, nothing else
+                            log.debug("random-init result not cached (%s)", e)
+                    source[(init, s)] = "trained"
+                    log.info("%s, %s init, seed %d: dev %.4f, test %.4f (epoch %d), %.0f s", tc.name, init, s,
+                             r["dev"], r["test"], r["epoch"], r["seconds"])
                 step0 += r["steps"]
                 results[init].append(r)
-                log.info("%s, %s init, seed %d: dev %.4f, test %.4f (epoch %d)", tc.name, init, s, r["dev"], r["test"], r["epoch"])
         metric = "accuracy" if task.kind == "sequence" else "entity F1"
         summary = {"task": tc.name, "metric": metric, "baseline": base, **origin,
-                   **{init: {"dev": stats([r["dev"] for r in rs]), "test": stats([r["test"] for r in rs])}
+                   **{init: {"dev": stats([r["dev"] for r in rs]), "test": stats([r["test"] for r in rs]),
+                             "source": [source[(init, s)] for s in range(1, len(rs) + 1)]}
                       for init, rs in results.items()},
-                   "sizes": {k: len(v) for k, v in splits.items()}}
+                   "sizes": {k: len(v) for k, v in splits.items()},
+                   "seconds": round(time.perf_counter() - started, 1)}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
         flat = {f"downstream/{tc.name}/{init}/{split}_{k}": summary[init][split][k]
                 for init in results for split in ("dev", "test") for k in ("mean", "sd")}
         tracker.summary({**flat, f"downstream/{tc.name}/baseline/test": base["test"]})
         print(describe(summary))
+        exit_code = 0
         return summary
+    except Interrupted as e:
+        exit_code = e.exit_code
+        done = sum(1 for item in plan if source.get(item) in ("run dir", "trained"))
+        raise Interrupted(f"{e}; the {done} fine-tuning run(s) finished are kept in {seeds_dir}: the same command "
+                          f"(same run dir) runs only the rest", e.exit_code) from None
     finally:
-        tracker.finish(0)
+        tracker.finish(exit_code)
 
 
 def _pm(s: dict) -> str:
     return f"{s['mean']:.4f} ± {s['sd']:.4f}" if s["sd"] is not None else f"{s['mean']:.4f}"
 
 
+def _reused(summary: dict, init: str) -> str:
+    src = summary[init].get("source") or []
+    shown = [f"seed {i} from the {s}" for i, s in enumerate(src, 1) if s != "trained"]
+    return f"   ({', '.join(shown)})" if shown else ""
+
+
 def describe(summary: dict) -> str:
     t, m = summary["task"], summary["metric"]
     n = summary["pretrained"]["test"]["n"]
-    lines = [f"{t} ({m}, mean ± sd over {n} fine-tuning seeds; test at each seed's best dev epoch):",
-             f"  pretrained encoder   dev {_pm(summary['pretrained']['dev'])}   test {_pm(summary['pretrained']['test'])}",
-             f"  random init          dev {_pm(summary['random']['dev'])}   test {_pm(summary['random']['test'])}",
+    took = f", {summary['seconds']:.0f} s" if summary.get("seconds") is not None else ""
+    lines = [f"{t} ({m}, mean ± sd over {n} fine-tuning seeds; test at each seed's best dev epoch{took}):",
+             f"  pretrained encoder   dev {_pm(summary['pretrained']['dev'])}   test {_pm(summary['pretrained']['test'])}"
+             + _reused(summary, "pretrained"),
+             f"  random init          dev {_pm(summary['random']['dev'])}   test {_pm(summary['random']['test'])}"
+             + _reused(summary, "random"),
              f"  {summary['baseline']['name']:<20} dev {summary['baseline']['dev']:.4f}            test {summary['baseline']['test']:.4f}"]
     also = summary["baseline"].get("also")
     if also:

@@ -138,6 +138,8 @@ class TaskSchema:
     warmup_fraction: float = 0.1
     train_limit: Optional[int] = None
     eval_limit: Optional[int] = None
+    bucket: int = 1
+    reuse_random_init: bool = True
 
 
 @dataclass

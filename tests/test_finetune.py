@@ -1,5 +1,6 @@
 """Downstream evaluation: fine-tuning a checkpoint over seeds beside random init and the trivial baseline,
 deterministically, logged as job_type=finetune; and trainer.downstream in a sweep's summary."""
+import csv
 import json
 
 import pytest
@@ -18,6 +19,15 @@ def checkpoint(tmp_path_factory):
     return d / "checkpoints" / "last"
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Random-init results are cached per test, not in the user's cache (where older code's may lie)."""
+    import bertexp.finetune
+
+    monkeypatch.setattr(bertexp.finetune, "random_cache_dir", lambda data_cfg: tmp_path / "ftcache")
+    return tmp_path / "ftcache"
+
+
 def _finetune(out, checkpoint, task, extra=()):
     from bertexp.finetune import run_finetune
 
@@ -32,7 +42,8 @@ def _finetune(out, checkpoint, task, extra=()):
 @pytest.mark.parametrize("task", ["sentiment", "ner"])
 def test_finetune_reports_seeds_random_init_and_baseline_deterministically(tmp_path, checkpoint, task):
     a = _finetune(tmp_path / "a", checkpoint, task)
-    b = _finetune(tmp_path / "b", checkpoint, task)
+    b = _finetune(tmp_path / "b", checkpoint, task, ["task.reuse_random_init=false"])  # trained again, not reused
+    assert a["random"]["source"] == b["random"]["source"] == ["trained", "trained"]
     for init in ("pretrained", "random"):
         for split in ("dev", "test"):
             s = a[init][split]
@@ -47,6 +58,99 @@ def test_finetune_reports_seeds_random_init_and_baseline_deterministically(tmp_p
     recs = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert any(f"finetune/{task}/pretrained/test" in r for r in recs) and any(f"finetune/{task}/random/dev" in r for r in recs)
     assert a["pretrain/step"] == 4 and a["pretrain/checkpoint"] == str(checkpoint)  # trainer=smoke: 4 steps
+
+
+def test_random_init_is_reused_across_checkpoints_of_one_architecture(tmp_path, checkpoint, capsys):
+    """A random-init run does not depend on the checkpoint's weights: a second checkpoint of the same
+    architecture and vocabulary reuses its results (the same numbers a fresh run gives), says so, and trains
+    its pretrained runs; another setting (the lr) is another key and trains random init again."""
+    earlier = checkpoint.parent / "step_0000002"  # trainer=smoke saves steps 2 and 4
+    a = _finetune(tmp_path / "a", checkpoint, "sentiment")
+    b = _finetune(tmp_path / "b", earlier, "sentiment")
+    assert a["random"]["source"] == ["trained", "trained"] and b["random"]["source"] == ["cache", "cache"]
+    assert b["pretrained"]["source"] == ["trained", "trained"] and b["pretrain/step"] == 2
+    assert b["random"]["test"]["values"] == a["random"]["test"]["values"]
+    assert b["pretrained"]["dev"]["values"] != a["pretrained"]["dev"]["values"]  # other weights, other numbers
+    assert "seed 1 from the cache, seed 2 from the cache" in capsys.readouterr().out
+    recs = read_metrics(tmp_path / "b" / "metrics.jsonl")  # the reused runs' records are in this run's metrics
+    assert sum("finetune/sentiment/random/dev" in r and r.get("finetune/reused") == "cache" for r in recs) == 2
+    c = _finetune(tmp_path / "c", earlier, "sentiment", ["task.lr=5e-4"])
+    assert c["random"]["source"] == ["trained", "trained"]
+
+
+def test_a_stopped_finetune_keeps_finished_seeds_and_reruns_only_the_rest(tmp_path, checkpoint, monkeypatch):
+    """SIGTERM during the second fine-tuning run: the run stops after its current step with a message; the
+    first run's result is on disk; the same call again runs the three others only, and gives the numbers and
+    metrics of an uninterrupted job."""
+    import os
+    import signal
+
+    import bertexp.finetune as ft
+    from bertexp.errors import Interrupted
+
+    real, calls, signals = ft.finetune_once, [], []
+
+    def stopped_in_second(*args, **kw):
+        calls.append(args[4:6])  # (init, seed)
+        if len(calls) == 2 and not signals:
+            signals.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ft, "finetune_once", stopped_in_second)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM during sentiment, pretrained init, seed 2.*1 fine-tuning run"):
+        _finetune(tmp_path / "a", checkpoint, "sentiment")
+    assert sorted(p.name for p in (tmp_path / "a" / "seeds").iterdir()) == ["pretrained-seed1.json"]
+    assert not (tmp_path / "a" / "summary.json").exists()
+    calls.clear()
+    again = _finetune(tmp_path / "a", checkpoint, "sentiment")
+    assert calls == [("pretrained", 2), ("random", 1), ("random", 2)]
+    assert again["pretrained"]["source"] == ["run dir", "trained"]
+    whole = _finetune(tmp_path / "b", checkpoint, "sentiment", ["task.reuse_random_init=false"])
+    for init in ("pretrained", "random"):
+        assert again[init]["test"]["values"] == whole[init]["test"]["values"]
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "finetune/reused"} for r in recs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+
+
+def test_bad_task_settings_are_one_line_errors(tmp_path, checkpoint):
+    from bertexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^task.bucket=0 must be >= 1$"):
+        _finetune(tmp_path, checkpoint, "sentiment", ["task.bucket=0"])
+    with pytest.raises(ConfigError, match=r"task.batch_size=200 is larger than the 96 training examples"):
+        _finetune(tmp_path, checkpoint, "sentiment", ["task.batch_size=200"])
+
+
+def test_downstream_scores_are_grouped_over_pretraining_seeds(tmp_path):
+    """Pretraining runs that differ only in `seed`, each fine-tuned: the compare/sweep summary's group holds
+    the mean ± sd over pretraining seeds of each run's downstream test mean."""
+    import statistics
+
+    from omegaconf import OmegaConf
+
+    from bertexp import compare as cmp
+
+    for seed in (0, 1):
+        d = tmp_path / "sweep" / str(seed)
+        overrides = ["logger=none", f"seed={seed}", "trainer.max_steps=2", "trainer.eval_every=2"]
+        run_in_process(d, overrides)
+        (d / ".hydra").mkdir(parents=True)
+        OmegaConf.save(compose(["trainer=smoke", *overrides]), d / ".hydra" / "config.yaml")
+        (d / "status.json").write_text(json.dumps({"status": "completed"}))
+        _finetune(d / "downstream" / "sentiment", d / "checkpoints" / "last", "sentiment")
+    means = [json.loads((tmp_path / "sweep" / str(s) / "downstream" / "sentiment" / "summary.json").read_text())
+             ["pretrained"]["test"]["mean"] for s in (0, 1)]
+    md, runs = cmp.compare([tmp_path / "sweep"], out=tmp_path / "out", with_plot=False)
+    (group,) = runs[0]["groups"]
+    got = group["downstream"]["sentiment"]["pretrained"]
+    assert got["n"] == 2 and got["mean"] == pytest.approx(statistics.mean(means))
+    assert got["sd"] == pytest.approx(statistics.stdev(means))
+    assert f"{cmp._fmt(got['mean'])} ± {cmp._fmt(got['sd'])}" in md
+    assert "sentiment test (pretrained) mean ± sd over seeds" in md and "(csv)" not in md
+    rows = list(csv.reader((tmp_path / "out" / "comparison_groups.csv").open()))
+    col = rows[0].index("sentiment test (pretrained) mean")
+    assert float(rows[1][col]) == pytest.approx(statistics.mean(means))
 
 
 def test_finetune_logs_a_wandb_finetune_run_in_the_pretraining_group(tmp_path, checkpoint):
