@@ -274,20 +274,53 @@ def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
 
 def run_downstream(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
     """`trainer.downstream=[...]`: fine-tune this run's final checkpoint on each task; results go to
-    RUN/downstream/TASK/ and into the run's status (so sweep summaries and bertexp.compare show them)."""
+    RUN/downstream/TASK/ and into the run's status (so sweep summaries and bertexp.compare show them).
+    `trainer.downstream_every_checkpoint=true` also fine-tunes every earlier checkpoint still on disk (into
+    RUN/downstream/TASK/steps/step_N/) and writes the downstream-vs-pretraining-step curve, curve.csv (random
+    init is trained once: its results are reused for every checkpoint)."""
     from omegaconf import OmegaConf
 
+    from bertexp.checkpoint import checkpoint_dirs
     from bertexp.finetune import run_finetune, task_config
 
     out = {}
+    last = (run_dir / "checkpoints" / "last").resolve()
+    every = bool(cfg.trainer.get("downstream_every_checkpoint", False))
+    points = [p for _, p in checkpoint_dirs(run_dir) if p.resolve() != last] if every else []
     for name in cfg.trainer.get("downstream") or []:
         tc = OmegaConf.merge(task_config(name), cfg.trainer.get("downstream_settings") or {})
-        summary = run_finetune(tc, run_dir / "checkpoints" / "last", cfg.data, cfg.optim, cfg.trainer,
-                               run_dir / "downstream" / name, _logger(cfg), int(cfg.seed),
-                               {**info, "name": f"{info['name']} {name}"})
+        curve = []
+        for ckpt in [*points, run_dir / "checkpoints" / "last"]:
+            final = ckpt not in points
+            where = run_dir / "downstream" / name if final else run_dir / "downstream" / name / "steps" / ckpt.name
+            summary = run_finetune(tc, ckpt, cfg.data, cfg.optim, cfg.trainer, where, _logger(cfg), int(cfg.seed),
+                                   {**info, "name": f"{info['name']} {name}" + ("" if final else f" {ckpt.name}")})
+            curve.append(summary)
         out[f"downstream/{name}/test_mean"] = summary["pretrained"]["test"]["mean"]
         out[f"downstream/{name}/test_sd"] = summary["pretrained"]["test"]["sd"]
+        if every:
+            write_curve(run_dir / "downstream" / name / "curve.csv", curve)
     return out
+
+
+def write_curve(path: Path, summaries: list[dict]) -> None:
+    """The downstream-vs-pretraining-step curve of one task: a row per checkpoint, printed and written as CSV."""
+    import csv
+    import io
+
+    header = ["pretrain_step", "pretrained test mean", "pretrained test sd", "random init test mean",
+              "random init test sd", "baseline test", "n"]
+    rows = [[s.get("pretrain/step"), s["pretrained"]["test"]["mean"], s["pretrained"]["test"]["sd"],
+             s["random"]["test"]["mean"], s["random"]["test"]["sd"], s["baseline"]["test"], s["pretrained"]["test"]["n"]]
+            for s in summaries]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"{summaries[-1]['task']} test {summaries[-1]['metric']} by pretraining step (mean ± sd over fine-tuning "
+             f"seeds; random init {fmt(rows[-1][3])} ± {fmt(rows[-1][4])}, {summaries[-1]['baseline']['name']} {fmt(rows[-1][5])}):"]
+    lines += [f"  step {r[0]:>7}: {fmt(r[1])} ± {fmt(r[2])}" for r in rows]
+    print("\n".join(lines) + f"\nWritten: {path}")
 
 
 def _stop_sweep(hc, e: Interrupted) -> None:

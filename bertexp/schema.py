@@ -125,6 +125,7 @@ class TrainerSchema:
     grad_accum: int = 1
     downstream: List[str] = field(default_factory=list)
     downstream_settings: Dict[str, Any] = field(default_factory=dict)
+    downstream_every_checkpoint: bool = False
 
 
 @dataclass

@@ -153,6 +153,27 @@ def test_downstream_scores_are_grouped_over_pretraining_seeds(tmp_path):
     assert float(rows[1][col]) == pytest.approx(statistics.mean(means))
 
 
+def test_downstream_every_checkpoint_gives_a_curve(tmp_path, capsys):
+    """trainer.downstream_every_checkpoint: every checkpoint on disk is fine-tuned (random init once, reused),
+    the last one where the sweep summary reads it, and curve.csv holds a row per pretraining step."""
+    from bertexp.job import run_downstream
+
+    overrides = ["logger=none", "trainer.downstream=[sentiment]", "trainer.downstream_every_checkpoint=true",
+                 *[f"+trainer.downstream_settings.{k.removeprefix('task.')}" for k in TINY_TASK]]
+    run_in_process(tmp_path, overrides)
+    out = run_downstream(compose(["trainer=smoke", *overrides]), tmp_path, {"name": "t", "group": "tests", "tags": []})
+    final = json.loads((tmp_path / "downstream" / "sentiment" / "summary.json").read_text())
+    early = json.loads((tmp_path / "downstream" / "sentiment" / "steps" / "step_0000002" / "summary.json").read_text())
+    assert (early["pretrain/step"], final["pretrain/step"]) == (2, 4)
+    assert early["random"]["source"] == ["trained", "trained"] and final["random"]["source"] == ["cache", "cache"]
+    assert out["downstream/sentiment/test_mean"] == final["pretrained"]["test"]["mean"]
+    rows = list(csv.reader((tmp_path / "downstream" / "sentiment" / "curve.csv").open()))
+    assert [r[0] for r in rows[1:]] == ["2", "4"]
+    assert float(rows[1][1]) == pytest.approx(early["pretrained"]["test"]["mean"])
+    assert float(rows[2][3]) == pytest.approx(final["random"]["test"]["mean"])
+    assert "by pretraining step" in capsys.readouterr().out
+
+
 def test_finetune_logs_a_wandb_finetune_run_in_the_pretraining_group(tmp_path, checkpoint):
     from wandb_reader import inspect, wandb_files
 
