@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class DataSchema:
     _target_: str = "bertexp.data.dataset.PretrainingData.from_peoples_daily"
-    path: Optional[str] = None
+    path: Any = None  # a file, directory or glob; or a list of them (data=text_file)
     max_length: int = 128
     batch_size: int = 32
     val_fraction: float = 0.05
@@ -25,12 +25,16 @@ class DataSchema:
     short_seq_prob: float = 0.1
     pad_to_multiple_of: int = 8
     cache_dir: Optional[str] = None
+    num_proc: Optional[int] = None
+    vocab_sample_mb: float = 64
+    num_workers: Optional[int] = None
 
 
 @dataclass
 class TextFileDataSchema(DataSchema):
     encoding: str = "utf-8"
-    segmenter: str = "jieba"
+    segmenter: str = "rjieba"
+    text_field: str = "text"
 
 
 @dataclass

