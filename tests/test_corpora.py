@@ -221,3 +221,30 @@ def test_direct_chinese_lookup_equals_the_tokenizer(pd_data):
         a, b = fast.encode(joined, texts, bases), plain.encode(joined, texts, bases)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert len(a[0]) > 30
+
+
+def test_a_killed_builder_leaves_nothing_behind(tmp_path):
+    """A cache entry's temporary folder whose builder was SIGKILLed is removed by the next builder; a live
+    builder's is left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from bertexp.data.cache import cached_dir
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (root / f".tokens-k.{dead.pid}.abc").mkdir()
+    (root / f".tokens-k.{child.pid}.def").mkdir()
+    try:
+        folder, hit = cached_dir(root, "tokens-k", lambda tmp: (tmp / "ids.bin").write_bytes(b"1234"))
+        assert not hit and (folder / "ids.bin").read_bytes() == b"1234"
+        assert not (root / f".tokens-k.{dead.pid}.abc").exists()
+        assert (root / f".tokens-k.{child.pid}.def").exists()
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()

@@ -26,7 +26,8 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
     final = root / name
     if final.is_dir():
         return final, True
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    _remove_orphans(root, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", dir=root))
     try:
         build(tmp)
         try:
@@ -37,3 +38,22 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final, False
+
+
+def _remove_orphans(root: Path, name: str) -> None:
+    """Temporary folders of this entry left by a process that was killed (SIGKILL, a lost node): their
+    names hold the builder's pid; a folder whose builder is gone is removed, one still being built is not."""
+    for tmp in root.glob(f".{name}.*"):
+        parts = tmp.name[len(name) + 2 :].split(".")
+        if not parts or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # someone else's live process
+            alive = True
+        if not alive:
+            shutil.rmtree(tmp, ignore_errors=True)
