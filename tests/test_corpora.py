@@ -248,3 +248,29 @@ def test_a_killed_builder_leaves_nothing_behind(tmp_path):
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def test_compiled_pair_builder_equals_its_python_self():
+    """The numba-compiled NSP pair builder makes the same pairs as the same code run as plain Python, draws
+    the generator the same way (it ends in the same state), and terminates on one- and two-segment corpora."""
+    from bertexp.data.pairs import _pairs_kernel
+
+    seeds = np.random.default_rng(0)
+    for trial in range(25):
+        n_docs = int(seeds.integers(1, 30))
+        sizes = seeds.integers(1, 25, n_docs)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        lengths = seeds.integers(1, 90, int(offsets[-1]))
+        ends = np.cumsum(lengths).astype(np.int64)
+        starts = ends - lengths
+        max_tokens, short = int(seeds.integers(5, 200)), float(seeds.random())
+        r1, r2 = np.random.default_rng(trial), np.random.default_rng(trial)
+        compiled = _pairs_kernel(starts, ends, offsets, max_tokens, r1, short)
+        plain = _pairs_kernel.py_func(starts, ends, offsets, max_tokens, r2, short)
+        assert np.array_equal(compiled, plain), trial
+        assert r1.random() == r2.random()
+    for sizes in ([1], [2], [1, 1]):
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        ends = np.arange(1, offsets[-1] + 1, dtype=np.int64) * 5
+        out = _pairs_kernel(ends - 5, ends, offsets, 20, np.random.default_rng(0), 0.1)
+        assert out.shape[1] == 5

@@ -79,6 +79,7 @@ class PretrainingData:
         self.num_workers = None if num_workers is None else int(num_workers)
         self._corpus: Corpus | None = None
         self._epoch_cache: tuple[int, np.ndarray] | None = None
+        self._pieces: dict[int, tuple] = {}
         # Per-token flags besides word starts that a masking strategy adds (PMI: `unit_start`), aligned with
         # the token array and carried into batches like `word_start`.
         self.token_flags: dict[str, np.ndarray] = {}
@@ -182,7 +183,9 @@ class PretrainingData:
         """Segments (sentences, long ones cut into pieces that fit half a pair) of the given documents, given
         as sentence ranges, with their document offsets."""
         max_piece = max(1, (max_length - 3) // 2)
-        starts, ends, sent_of_piece = sentence_pieces(self.tokens.sent_offsets, max_piece)
+        if max_piece not in self._pieces:  # training segments and the exam's (same length) share it
+            self._pieces[max_piece] = sentence_pieces(self.tokens.sent_offsets, max_piece)
+        starts, ends, sent_of_piece = self._pieces[max_piece]
         bounds = np.searchsorted(sent_of_piece, np.asarray(sent_ranges, dtype=np.int64).reshape(-1, 2), side="left")
         return _gather(starts, ends, bounds)
 

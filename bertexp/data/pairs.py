@@ -148,8 +148,11 @@ def truncate_pairs(ex: np.ndarray, max_tokens: int, rng: np.random.Generator) ->
     a_longer = la >= lb
     cut_a = np.where(a_longer, cut_long, cut_short)
     cut_b = np.where(a_longer, cut_short, cut_long)
-    front_a = rng.binomial(cut_a, 0.5)
-    front_b = rng.binomial(cut_b, 0.5)
+    front_a, front_b = np.zeros_like(cut_a), np.zeros_like(cut_b)
+    # Binomial(0, p) draws no random number, so drawing only where there is a cut gives the same values
+    # (and leaves the generator where drawing everywhere would) at a fraction of the time.
+    front_a[cut_a > 0] = rng.binomial(cut_a[cut_a > 0], 0.5)
+    front_b[cut_b > 0] = rng.binomial(cut_b[cut_b > 0], 0.5)
     ex = ex.copy()
     ex[:, A0] += front_a
     ex[:, A1] -= cut_a - front_a

@@ -48,5 +48,5 @@ class TokenizedCorpus:
             return np.memmap(path, dtype=dtype, mode="r")
 
         return cls(ids=mapped("ids.bin", np.int32), word_start=mapped("word_start.bin", np.bool_),
-                   sent_offsets=np.load(folder / "sent_offsets.npy", mmap_mode="r"),
-                   doc_offsets=np.load(folder / "doc_offsets.npy", mmap_mode="r"))
+                   # 8 bytes a sentence, read whole: every start slices them
+                   sent_offsets=np.load(folder / "sent_offsets.npy"), doc_offsets=np.load(folder / "doc_offsets.npy"))
