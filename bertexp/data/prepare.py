@@ -248,11 +248,17 @@ def write_tokens(source, tokenizer, out: Path, num_proc: int | None = None) -> d
 
 def paragraph_texts(source, max_bytes: int):
     """The paragraphs of the corpus's first `max_bytes` of input (a vocabulary's training sample)."""
+    from tqdm.auto import tqdm
+
     seen = 0
-    for chunk in source.chunks():
-        for doc in parse_chunk(chunk):
-            for p in doc:
-                yield p.text
-        seen += chunk.size
-        if seen >= max_bytes:
-            return
+    total = min(max_bytes, source.total_bytes())
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="vocabulary sample",
+              dynamic_ncols=True, mininterval=1.0) as bar:
+        for chunk in source.chunks():
+            for doc in parse_chunk(chunk):
+                for p in doc:
+                    yield p.text
+            seen += chunk.size
+            bar.update(min(chunk.size, total - bar.n))
+            if seen >= max_bytes:
+                return
