@@ -180,7 +180,7 @@ def tokenize_chunk(chunk: Chunk) -> dict[str, np.ndarray]:
             "doc_sents": doc_sents[doc_sents > 0].astype(np.int64), "size": np.int64(chunk.size)}
 
 
-def _chunk_results(source, tokenizer_json: str, num_proc: int):
+def _chunk_results(source, tokenizer_json: str, num_proc: int, used: list):
     """tokenize_chunk over the source's chunks, in order; in worker processes when there is more than one
     chunk and more than one process, with a bounded number in flight."""
     chunks = source.chunks()
@@ -188,6 +188,7 @@ def _chunk_results(source, tokenizer_json: str, num_proc: int):
     second = next(chunks, None)
     seg = getattr(source, "segmenter", None)
     if second is None or num_proc <= 1:
+        used[0] = 1
         _init_worker(tokenizer_json, seg)
         for c in ([first] if first else []) + ([second] if second else []):
             yield tokenize_chunk(c)
@@ -224,7 +225,8 @@ def write_tokens(source, tokenizer, out: Path, num_proc: int | None = None) -> d
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenising", dynamic_ncols=True,
                mininterval=1.0)
     with open(out / "ids.bin", "wb") as f_ids, open(out / "word_start.bin", "wb") as f_ws:
-        for r in _chunk_results(source, tokenizer.backend_tokenizer.to_str(), num_proc):
+        used = [num_proc]  # one chunk or one process: tokenised in this process
+        for r in _chunk_results(source, tokenizer.backend_tokenizer.to_str(), num_proc, used):
             r["ids"].tofile(f_ids)
             r["word_start"].tofile(f_ws)
             n_tokens += len(r["ids"])
@@ -238,11 +240,13 @@ def write_tokens(source, tokenizer, out: Path, num_proc: int | None = None) -> d
     np.save(out / "sent_offsets.npy", np.concatenate([[0], np.cumsum(sl)]).astype(np.int64))
     np.save(out / "doc_offsets.npy", np.concatenate([[0], np.cumsum(ds)]).astype(np.int64))
     seconds = time.perf_counter() - t0
+    num_proc = used[0]
     meta = {"tokens": n_tokens, "sentences": len(sl), "documents": len(ds), "input_bytes": total,
             "seconds": round(seconds, 2), "num_proc": num_proc}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    log.info("Tokenised %.1f MB into %d tokens, %d sentences, %d documents in %.1f s (%.1f MB/s, %d processes)",
-             total / 1e6, n_tokens, len(sl), len(ds), seconds, total / 1e6 / max(seconds, 1e-9), num_proc)
+    log.info("Tokenised %.1f MB into %d tokens, %d sentences, %d documents in %.1f s (%.1f MB/s, %d process%s)",
+             total / 1e6, n_tokens, len(sl), len(ds), seconds, total / 1e6 / max(seconds, 1e-9), num_proc,
+             "es" if num_proc > 1 else "")
     return meta
 
 
