@@ -46,10 +46,11 @@ def make_corpus(folder: Path, size_mb: int) -> None:
             n = 0
             while n < FILE_MB * 2**20 and written < target:
                 piece = block[: min(len(block), target - written)]
-                piece = piece[: piece.rfind(b"\n\n") + 2]  # whole documents
-                if not piece:  # less than a document left to the size
+                end = piece.rfind(b"\n\n")
+                if end < 0:  # less than a document left to the size
                     written = target
                     break
+                piece = piece[: end + 2]  # whole documents
                 f.write(piece)
                 n += len(piece)
                 written += len(piece)
@@ -106,7 +107,7 @@ def main() -> None:
         print(f"{mb} MB corpus ready in {corpus} ({time.perf_counter() - t:.0f} s)", flush=True)
         shutil.rmtree(cache, ignore_errors=True)
         cmd = [sys.executable, "run.py", "data=text_file", f"data.path={corpus}", f"data.cache_dir={cache}",
-               "trainer.max_steps=1", "trainer.exam_pairs=256", "logger=none", "trainer.measure_mfu=false",
+               "trainer.max_steps=1", "logger=none", "trainer.measure_mfu=false",
                f"hydra.run.dir={base / 'runs' / f'{mb}mb-cold'}", "trainer.resume=never",
                *([f"data.num_proc={args.num_proc}"] if args.num_proc else [])]
         wall, rss, out = run_measured(cmd, env)
