@@ -39,6 +39,9 @@ def _bad_inputs(tmp: Path):
     (tmp / "bin.dat").write_bytes(bytes(range(256)) * 10)
     (tmp / "gbk.txt").write_bytes("我的家乡在江南的一个小镇上。小镇不大，却有一条小河。".encode("gbk"))
     (tmp / "one.txt").write_text("只有一句话。")
+    (tmp / "nocorpus").mkdir()
+    (tmp / "nocorpus" / "weights.bin").write_bytes(b"\x00" * 16)
+    (tmp / "bad.jsonl").write_text('{"text": "我们。你们。"}\n{"text": oops}\n', encoding="utf-8")
     (tmp / "nocfg").mkdir()
     (tmp / "noweights").mkdir()
     (tmp / "noweights" / "config.json").write_text("{}")
@@ -51,7 +54,8 @@ def _bad_inputs(tmp: Path):
     BertTokenizerFast.from_pretrained(str(tmp / "mismatch")).save_pretrained(str(tmp / "mismatch"))
     return [
         ("missing file", ["data=text_file", f"data.path={tmp}/nope.txt"], "data.path: file not found"),
-        ("directory", ["data=text_file", f"data.path={tmp}"], "is a directory"),
+        ("directory without a corpus file", ["data=text_file", f"data.path={tmp}/nocorpus"], "no text, JSON lines or Parquet files"),
+        ("bad JSON line", ["data=text_file", f"data.path={tmp}/bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
         ("empty file", ["data=text_file", f"data.path={tmp}/empty.txt"], "is empty"),
         ("whitespace only", ["data=text_file", f"data.path={tmp}/blank.txt"], "is empty"),
         ("binary", ["data=text_file", f"data.path={tmp}/bin.dat"], "looks binary"),
@@ -78,19 +82,51 @@ def _bad_inputs(tmp: Path):
     ]
 
 
+_CASES_DRIVER = """
+import json, os, runpy, sys
+from hydra.core.global_hydra import GlobalHydra
+for i, args in json.loads(sys.argv[1]):
+    GlobalHydra.instance().clear()
+    sys.argv = ["run.py", *args]
+    out = os.open(os.path.join({tmp!r}, f"case{{i}}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(2); os.dup2(out, 2); os.dup2(out, 1)
+    try:
+        runpy.run_path(os.path.join({root!r}, "run.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:  # what would have been a traceback
+        import traceback; traceback.print_exc(); code = 99
+    sys.stdout.flush(); sys.stderr.flush()
+    os.dup2(saved, 2); os.dup2(saved, 1); os.close(out)
+    open(os.path.join({tmp!r}, f"case{{i}}.rc"), "w").write(str(code))
+"""
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path):
+    """Every bad input ends the run with a one-line error naming the field or file, and no traceback. The
+    first two go through `python run.py` as typed; the rest go through run.py's Hydra entry point, parsing the
+    same command line, in two driver processes (one process per case would cost ~10 s of imports each)."""
     cases = _bad_inputs(tmp_path)
-    # one process per case would cost ~10 s each; Hydra's --multirun would mix them. Run them in a pool of 2.
-    procs = []
-    for name, args, _ in cases:
-        cmd = [sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={tmp_path}/runs/{len(procs)}", "logger=none", "trainer=smoke"]
-        procs.append(cmd)
-    results = []
-    for i in range(0, len(procs), 2):
-        batch = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for c in procs[i : i + 2]]
-        results += [p.communicate(timeout=300) + (p.returncode,) for p in batch]
-    for (name, _, expected), (out, err, rc) in zip(cases, results):
-        assert rc != 0, f"{name}: exit 0"
+    common = ["logger=none", "trainer=smoke"]
+    results = {}
+    for i, (name, args, _) in enumerate(cases[:2]):
+        r = run_cli([*args, f"hydra.run.dir={tmp_path}/runs/{i}", *common])
+        results[i] = (r.stdout, r.stderr, r.returncode)
+    rest = [(i, [*args, f"hydra.run.dir={tmp_path}/runs/{i}", *common]) for i, (_, args, _) in enumerate(cases) if i >= 2]
+    driver = _CASES_DRIVER.format(root=str(ROOT), tmp=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", driver, json.dumps(rest[k::2])], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    for i, _ in rest:
+        text = (tmp_path / f"case{i}.err").read_text()
+        results[i] = ("", text, int((tmp_path / f"case{i}.rc").read_text()))
+    for i, (name, _, expected) in enumerate(cases):
+        out, err, rc = results[i]
+        assert rc not in (0, 99), f"{name}: exit {rc}:\n{err[-1500:]}"
         assert expected in err, f"{name}: expected {expected!r} in stderr:\n{err[-1500:]}"
         assert "Traceback" not in err and "Traceback" not in out, f"{name}: traceback shown:\n{err[-1500:]}"
         line = next(l for l in err.splitlines() if expected in l)
