@@ -79,6 +79,7 @@ class PretrainingData:
         self.num_workers = None if num_workers is None else int(num_workers)
         self._corpus: Corpus | None = None
         self._epoch_cache: tuple[int, np.ndarray] | None = None
+        self._next_epoch: tuple | None = None  # (epoch, building thread, [its examples])
         self._pieces: dict[int, tuple] = {}
         # Per-token flags besides word starts that a masking strategy adds (PMI: `unit_start`), aligned with
         # the token array and carried into batches like `word_start`.
@@ -218,10 +219,31 @@ class PretrainingData:
     def epoch_examples(self, epoch: int) -> np.ndarray:
         """The training examples of one epoch, in training order (pairs and order drawn from seed, epoch)."""
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch, 3])
-            ex = build_pairs(*self.train_segs, self.max_length, rng, self.short_seq_prob)
-            self._epoch_cache = (epoch, ex[rng.permutation(len(ex))])
+            pending = self._next_epoch
+            if pending is not None and pending[0] == epoch:
+                pending[1].join()
+                self._epoch_cache = (epoch, pending[2][0])
+            else:
+                self._epoch_cache = (epoch, self._build_epoch(epoch))
+            self._next_epoch = None
         return self._epoch_cache[1]
+
+    def _build_epoch(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, 3])
+        ex = build_pairs(*self.train_segs, self.max_length, rng, self.short_seq_prob)
+        return ex[rng.permutation(len(ex))]
+
+    def prefetch_epoch(self, epoch: int) -> None:
+        """Start building `epoch`'s examples in a thread (the compiled builder runs without the GIL), so that
+        a corpus of millions of sentences does not pause training at every epoch boundary for seconds."""
+        if (self._epoch_cache and self._epoch_cache[0] == epoch) or (self._next_epoch and self._next_epoch[0] == epoch):
+            return
+        import threading
+
+        out: list = []
+        thread = threading.Thread(target=lambda: out.append(self._build_epoch(epoch)), daemon=True)
+        thread.start()
+        self._next_epoch = (epoch, thread, out)
 
     def batch_rows(self, position: Position, batch_size: int | None = None) -> Iterator[tuple[Position, Position]]:
         """Endless stream of (where a batch starts, where the next one starts): index arithmetic only, so a
@@ -233,6 +255,8 @@ class PretrainingData:
             if index + bs > n:
                 epoch, index = epoch + 1, 0
                 continue
+            if index + 64 * bs > n:  # the epoch's last 64 batches: build the next one meanwhile
+                self.prefetch_epoch(epoch + 1)
             yield Position(epoch, index), Position(epoch, index + bs)
             index += bs
 
