@@ -231,11 +231,14 @@ def run_job(cfg: DictConfig) -> float | None:
     except SystemExit:  # a launcher's pre-emption handler (submitit) requeues the job after our checkpoint
         write_status(run_dir, "interrupted", name=info["name"], error="requeued after a checkpoint")
         raise
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, and stop the sweep too
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training (while tokenising): stop now
         write_status(run_dir, "interrupted", name=info["name"], error="KeyboardInterrupt")
+        stopped = Interrupted("stopped by Ctrl-C (no checkpoint of the current step); run the same command to "
+                              "go on", 130)
         if info["multirun"]:
-            _stop_sweep(hc, Interrupted("stopped by a second Ctrl-C (no checkpoint of the current step)", 130))
-        raise
+            _stop_sweep(hc, stopped)
+        print(str(stopped), file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         msg = f"{type(e).__name__}: {e}".splitlines()[0]
         write_status(run_dir, "failed", name=info["name"], error=msg)

@@ -357,7 +357,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                 # where this step ends: the lr is set for it (so the last step's lr is the final one)
                 ends = min(1.0, before + state.last_increment)
                 sums, stop_votes = step_fn(state, batch, masked, stop, before, ends)
-                sums["data_wait"] = waited
+                sums["data_wait"] = waited + step_fn.mask_seconds
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
@@ -467,6 +467,7 @@ class Stepper:
         self.params = [q for q in parts.model.parameters() if q.requires_grad]
         self.gen = torch.Generator()
         self.lr = 0.0
+        self.mask_seconds = 0.0  # time the last step spent masking on this thread
         c = parts.model.config  # model FLOPs per token: 6N (encoder layers) + attention's 12 L H T
         n_enc, layers, hidden, vocab = encoder_params(parts.model), c.num_hidden_layers, c.hidden_size, c.vocab_size
         self.flops_per_token = lambda seq_len: 6 * n_enc + 12 * layers * hidden * seq_len
@@ -487,8 +488,11 @@ class Stepper:
         if state.decay_from is None and p.scheduler.warm(state.step, progress) >= 1.0:
             state.decay_from = progress  # warm-up is over: the lr decays from here to the end of the budget
         self.lr = p.scheduler.set(state.step, ends, state.decay_from)
-        if masked is None:
+        self.mask_seconds = 0.0
+        if masked is None:  # on the training thread: part of the time the step waits for its data
+            t0 = time.perf_counter()
             masked = mask_step(p.masker, batch, self.seed, state.step, progress, self.gen)
+            self.mask_seconds = time.perf_counter() - t0
         ids, labels, selected, corrupted = masked
         predicted = labels != -100
         n_masked = max(1, int(predicted.sum()))

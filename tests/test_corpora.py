@@ -231,20 +231,22 @@ def test_a_killed_builder_leaves_nothing_behind(tmp_path):
     import subprocess
     import sys
 
-    from bertexp.data.cache import cached_dir
+    from bertexp.data.cache import _HOST, cached_dir
 
     root = tmp_path / "cache"
     root.mkdir()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (root / f".tokens-k.{dead.pid}.abc").mkdir()
-    (root / f".tokens-k.{child.pid}.def").mkdir()
+    (root / f".tokens-k.{_HOST}.{dead.pid}.abc").mkdir()
+    (root / f".tokens-k.{_HOST}.{child.pid}.def").mkdir()
+    (root / f".tokens-k.otherhost.{dead.pid}.ghi").mkdir()  # another machine's build on a shared cache
     try:
         folder, hit = cached_dir(root, "tokens-k", lambda tmp: (tmp / "ids.bin").write_bytes(b"1234"))
         assert not hit and (folder / "ids.bin").read_bytes() == b"1234"
-        assert not (root / f".tokens-k.{dead.pid}.abc").exists()
-        assert (root / f".tokens-k.{child.pid}.def").exists()
+        assert not (root / f".tokens-k.{_HOST}.{dead.pid}.abc").exists()
+        assert (root / f".tokens-k.{_HOST}.{child.pid}.def").exists()
+        assert (root / f".tokens-k.otherhost.{dead.pid}.ghi").exists()
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
@@ -274,3 +276,86 @@ def test_compiled_pair_builder_equals_its_python_self():
         ends = np.arange(1, offsets[-1] + 1, dtype=np.int64) * 5
         out = _pairs_kernel(ends - 5, ends, offsets, 20, np.random.default_rng(0), 0.1)
         assert out.shape[1] == 5
+
+
+def _documents_by_definition(text: str) -> list[list[str]]:
+    """How a text file is cut into documents: blocks between blank lines (str.strip: any whitespace, U+3000
+    too), or lines when the file has no blank line or a single non-blank one."""
+    lines = text.splitlines()
+    if any(not ln.strip() for ln in lines) and sum(1 for ln in lines if ln.strip()) > 1:
+        docs, cur = [], []
+        for ln in lines:
+            if ln.strip():
+                cur.append(ln.strip())
+            elif cur:
+                docs.append(cur)
+                cur = []
+        return docs + ([cur] if cur else [])
+    return [[ln.strip()] for ln in lines if ln.strip()]
+
+
+@pytest.mark.parametrize("text", [
+    "一。\n二。\n\u3000\u3000\n三。\n四。\n",  # a blank line of ideographic spaces
+    "一。\n\u00a0\n二。\n三。\n \n四。",  # non-breaking space; no final newline
+    "\n一。\n二。\n三。\n",  # the first line blank
+    "一。\r\r二。\r三。\r",  # old Mac line ends
+    "一。\r\n\r\n二。\r\n三。\r\n",  # Windows
+    "一。\u2028\u2028二。\u2028三。",  # Unicode line separators
+    "只有一行。\n\n",  # one paragraph and a blank line: one document
+], ids=["u3000", "nbsp", "leading-blank", "cr", "crlf", "u2028", "one-line"])
+def test_documents_are_cut_by_blank_lines_of_any_whitespace(tmp_path, text):
+    f = tmp_path / "c.txt"
+    f.write_text(text, encoding="utf-8", newline="")
+    got = [[p.text for p in d] for d in TextFiles(str(f)).load().documents]
+    assert got == _documents_by_definition(text)
+
+
+def test_chunks_cut_crlf_files_at_document_boundaries(tmp_path, pd_docs, monkeypatch):
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4 << 10)
+    text = "\r\n\r\n".join("\r\n".join(d) for d in pd_docs)
+    f = tmp_path / "c.txt"
+    f.write_text(text, encoding="utf-8", newline="")
+    src = TextFiles(str(f))
+    assert len(list(src.chunks())) > 10
+    assert [[p.text for p in d] for d in src.load().documents] == _documents_by_definition(text)
+
+
+def test_damaged_and_odd_inputs_are_one_line_errors_or_read(tmp_path):
+    good = gzip.compress("一。\n二。\n".encode() * 2000)
+    (tmp_path / "cut.txt.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "plain.txt.gz").write_text("不是压缩文件。\n", encoding="utf-8")
+    for name in ("cut.txt.gz", "plain.txt.gz"):
+        with pytest.raises(DataError, match="is not a readable gzip file"):
+            TextFiles(str(tmp_path / name)).load()
+    # a lone surrogate escape (a broken emoji in scraped JSON) becomes U+FFFD, as a decoder would make it
+    (tmp_path / "s.jsonl").write_text('{"text": "好的\\ud800好的。"}\n', encoding="utf-8")
+    data = PretrainingData.from_text_file(str(tmp_path / "s.jsonl"), cache_dir=str(tmp_path / "cache"))
+    assert [p.text for d in data.source.load().documents for p in d] == ["好的\ufffd好的。"]
+    from bertexp.data.prepare import _init_worker
+
+    _init_worker('{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,'
+                 '"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,'
+                 '"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}', "rjieba")
+    assert prepare.tokenize_chunk(next(data.source.chunks()))["sent_len"].sum() > 0
+    # a literal path with brackets is a file, not a glob
+    (tmp_path / "news[2020].txt").write_text("一。\n二。\n", encoding="utf-8")
+    assert TextFiles(str(tmp_path / "news[2020].txt")).files == [tmp_path / "news[2020].txt"]
+    # a directory's .json files are metadata as often as data: only named ones are read
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "train.jsonl").write_text('{"text": "一。二。"}\n', encoding="utf-8")
+    (hf / "dataset_info.json").write_text('{"features": {}}', encoding="utf-8")
+    assert TextFiles(str(hf)).files == [hf / "train.jsonl"]
+
+
+def test_decode_errors_name_the_byte_in_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4 << 10)
+    for name, line in (("c.jsonl", '{"text": "一二三四五六七八九十。"}\n'), ("c.txt", "一二三四五六七八九十。\n\n")):
+        good = (line * 1000).encode()
+        at = len(good) - 500
+        at = good.rfind(b"\n", 0, at) + 1  # a line's first byte, near the end: in a later chunk
+        (tmp_path / name).write_bytes(good[:at] + b"\xff" + good[at + 1 :])
+        src = TextFiles(str(tmp_path / name))
+        with pytest.raises(DataError, match=rf"{name} is not valid utf-8 at byte {at}\b"):
+            for chunk in src.chunks():
+                parse_chunk(chunk)

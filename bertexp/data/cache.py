@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -27,7 +32,7 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
     if final.is_dir():
         return final, True
     _remove_orphans(root, name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{_HOST}.{os.getpid()}.", dir=root))
     try:
         build(tmp)
         try:
@@ -41,10 +46,11 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
 
 
 def _remove_orphans(root: Path, name: str) -> None:
-    """Temporary folders of this entry left by a process that was killed (SIGKILL, a lost node): their
-    names hold the builder's pid; a folder whose builder is gone is removed, one still being built is not."""
-    for tmp in root.glob(f".{name}.*"):
-        parts = tmp.name[len(name) + 2 :].split(".")
+    """Temporary folders of this entry left by a process that was killed (SIGKILL): their names hold the
+    builder's host and pid; a folder of this host whose builder is gone is removed. One still being built,
+    or one of another host sharing the cache (NFS), whose processes cannot be seen from here, is not."""
+    for tmp in root.glob(f".{name}.{_HOST}.*"):
+        parts = tmp.name[len(name) + len(_HOST) + 3 :].split(".")
         if not parts or not parts[0].isdigit():
             continue
         pid = int(parts[0])

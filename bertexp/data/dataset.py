@@ -170,13 +170,16 @@ class PretrainingData:
             order = rng.permutation(n_docs)
             val_docs, train_docs = np.sort(order[:n_val]), np.sort(order[n_val:])
             offsets = np.asarray(t.doc_offsets)
-            sent_ranges = lambda docs: list(zip(offsets[docs].tolist(), offsets[docs + 1].tolist()))  # noqa: E731
+            # (first, end) sentence of each document, as arrays: millions of documents, no Python objects
+            sent_ranges = lambda docs: np.stack([offsets[docs], offsets[docs + 1]], axis=1)  # noqa: E731
             self._train_sents, self._val_sents = sent_ranges(train_docs), sent_ranges(val_docs)
         else:  # a single document (one essay): hold out its last sentences instead
             n = t.num_sentences
             n_val = int(round(self.val_fraction * n)) if self.val_fraction > 0 else 0
-            self._train_sents = [(0, n - n_val)]
-            self._val_sents = [(n - n_val, n)] if n_val else []
+            self._train_sents = np.asarray([(0, n - n_val)], dtype=np.int64)
+            self._val_sents = np.asarray([(n - n_val, n)] if n_val else [], dtype=np.int64).reshape(-1, 2)
+        self._pieces.clear()  # prepared again (another tokenizer): nothing from before holds
+        self._epoch_cache = self._next_epoch = None
         self.train_segs = self._segments(self._train_sents, self.max_length)
         self.epoch_examples(0)  # fails early, with the data error, if the training part cannot make pairs
 
@@ -196,7 +199,7 @@ class PretrainingData:
         documents instead (on_train=True), with a warning."""
         rng = np.random.default_rng([self.split_seed, length, 2])
         try:
-            if not self._val_sents:
+            if not len(self._val_sents):
                 raise DataError("no held-out documents (data.val_fraction=0)")
             return build_pairs(*self._segments(self._val_sents, length), length, rng, short_seq_prob), False
         except DataError as e:
@@ -222,6 +225,8 @@ class PretrainingData:
             pending = self._next_epoch
             if pending is not None and pending[0] == epoch:
                 pending[1].join()
+                if isinstance(pending[2][0], BaseException):  # the thread failed: its error, here
+                    raise pending[2][0]
                 self._epoch_cache = (epoch, pending[2][0])
             else:
                 self._epoch_cache = (epoch, self._build_epoch(epoch))
@@ -241,7 +246,14 @@ class PretrainingData:
         import threading
 
         out: list = []
-        thread = threading.Thread(target=lambda: out.append(self._build_epoch(epoch)), daemon=True)
+
+        def build() -> None:
+            try:
+                out.append(self._build_epoch(epoch))
+            except BaseException as e:  # noqa: BLE001 - raised by epoch_examples, on the thread that asks
+                out.append(e)
+
+        thread = threading.Thread(target=build, daemon=True)
         thread.start()
         self._next_epoch = (epoch, thread, out)
 

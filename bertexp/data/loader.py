@@ -112,7 +112,12 @@ def batch_stream(data, masker, position: Position, batch_size: int, seed: int, f
                 if stop.is_set():
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
-            ready.put(e)
+            while not stop.is_set():
+                try:
+                    ready.put(e, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     thread = threading.Thread(target=receive, name="batch-receiver", daemon=True)
     thread.start()

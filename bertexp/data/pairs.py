@@ -55,7 +55,10 @@ def build_pairs(
     """Return an (N, 5) int64 array of examples: A range, B range, NSP label."""
     seg_start = np.ascontiguousarray(seg_start, dtype=np.int64)
     seg_end = np.ascontiguousarray(seg_end, dtype=np.int64)
-    doc_seg_offsets = np.ascontiguousarray(doc_seg_offsets, dtype=np.int64)
+    # documents without segments are left out (the compiled loop assumes none; the pipeline makes none)
+    doc_seg_offsets = np.unique(np.ascontiguousarray(doc_seg_offsets, dtype=np.int64))
+    if len(doc_seg_offsets) < 2 or doc_seg_offsets[0] != 0:
+        raise DataError("corpus too small for NSP: it has no sentences")
     ex = _pairs_kernel(seg_start, seg_end, doc_seg_offsets, int(max_length) - 3, rng, float(short_seq_prob))
     if len(ex) == 0:
         raise DataError(

@@ -44,8 +44,14 @@ def default_num_proc() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _init_worker(tokenizer_json: str, segmenter_name: str | None) -> None:
+def _init_worker(tokenizer_json: str, segmenter_name: str | None, in_pool: bool = False) -> None:
     global _tokenizer, _segment
+    if in_pool:
+        import signal
+
+        os.environ["RAYON_NUM_THREADS"] = "1"  # one tokenizer thread per process: num_proc processes, num_proc cores
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        _die_with_parent()
     _tokenizer = FastEncoder(tokenizer_json)
     _segment = segmenter(segmenter_name)
 
@@ -139,6 +145,20 @@ class FastEncoder:
         return ids[order], starts[order]
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when its parent dies, however it dies (a SIGTERM from `timeout`, docker or
+    a scheduler runs no Python cleanup in the parent)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl
+            os._exit(1)
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
+        pass
+
+
 def tokenize_chunk(chunk: Chunk) -> dict[str, np.ndarray]:
     """One chunk -> ids, word_start (per token), sentence lengths (per sentence with tokens) and sentences per
     document (per document with any), plus the chunk's input size."""
@@ -198,12 +218,10 @@ def _chunk_results(source, tokenizer_json: str, num_proc: int, used: list):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    # one tokenizer thread per process: num_proc processes, num_proc cores
-    os.environ["RAYON_NUM_THREADS"] = "1"
     # Forked: a spawned worker would re-run the user's script (one without a __main__ guard, a notebook);
     # the workers use no torch and no threads of the parent, so forking is safe here.
     with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                             initargs=(tokenizer_json, seg)) as pool:
+                             initargs=(tokenizer_json, seg, True)) as pool:
         pending: deque = deque()
         for c in chain([first, second], chunks):
             pending.append(pool.submit(tokenize_chunk, c))

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -31,12 +32,14 @@ from bertexp.errors import DataError
 # Bumped whenever parsing changes, so old caches are not reused for new semantics.
 PARSER_VERSION = "2"
 CHUNK_BYTES = 4 << 20  # one unit of work for a tokenising process
-_HASH_WHOLE_BELOW = 64 << 20  # smaller files are keyed by their content; larger by size, mtime, head and tail
+_HASH_WHOLE_BELOW = 64 << 20  # a corpus up to this size is keyed by its content; larger by size, mtime, head, tail
 TEXT_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+DIR_SKIPS = (".json",)  # in a directory, .json is often metadata (dataset_info.json): name such files explicitly
 PARQUET_SUFFIXES = (".parquet",)
 SEGMENTERS = ("rjieba", "jieba", "char")
-_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # an ASCII blank line: always a document boundary (a safe cut)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -62,7 +65,8 @@ class Chunk:
     kind: str  # "text" | "jsonl" | "texts" (one document per string) | "docs" (parsed documents)
     data: bytes | list
     origin: str = ""  # the file, for messages
-    offset: int = 0  # byte offset in the file (text) or first line number (jsonl), for messages
+    offset: int = 0  # byte offset in the (uncompressed) file, for messages
+    line: int = 1  # number of its first line, for messages
     size: int = 0  # bytes of input it covers (the progress bar)
     by_line: bool = False  # text: one document per line (the file has no blank lines)
     encoding: str = "utf-8"
@@ -166,8 +170,9 @@ class PeoplesDaily:
 
 class TextFiles:
     """The user's corpus: one or many files of plain text, JSON lines or Parquet (see the module's doc).
-    Word boundaries come from `segmenter`: rjieba (jieba's dictionary and HMM, in Rust: the same words as
-    jieba, ~14x faster), jieba, or char (every character a word)."""
+    Word boundaries come from `segmenter`: rjieba (jieba's dictionary and HMM in Rust, ~14x faster: the same
+    words on Chinese text; runs of Latin letters, digits and symbols such as `COVID-19` or `2008-6-1` may be
+    kept whole where jieba splits them), jieba, or char (every character a word)."""
 
     name = "text_file"
 
@@ -199,16 +204,17 @@ class TextFiles:
         files: list[Path] = []
         for pattern in self.patterns:
             p = user_path(pattern)
-            if any(c in pattern for c in "*?["):
+            if not p.exists() and any(c in pattern for c in "*?["):
                 found = sorted(Path(f) for f in globlib.glob(str(p), recursive=True) if Path(f).is_file())
                 if not found:
                     raise DataError(f"data.path: no file matches {pattern}")
                 files += found
             elif p.is_dir():
-                found = sorted(f for f in p.rglob("*") if f.is_file() and _format(f, known_only=True))
+                found = sorted(f for f in p.rglob("*") if f.is_file() and _format(f, known_only=True)
+                               and _base_suffix(f) not in DIR_SKIPS)
                 if not found:
                     raise DataError(f"data.path: {p} is a directory with no text, JSON lines or Parquet files "
-                                    f"(.txt, .jsonl, .json, .parquet, optionally .gz)")
+                                    f"(.txt, .jsonl, .ndjson, .parquet, optionally .gz)")
                 files += found
             elif not p.exists():
                 raise DataError(f"data.path: file not found: {p}")
@@ -225,12 +231,13 @@ class TextFiles:
         """Checks the files (before anything else is done) and keys the caches by what they hold."""
         if self._fingerprint is None:
             h = hashlib.sha1()
+            by_content = self.total_bytes() <= _HASH_WHOLE_BELOW  # a large corpus is not read on every start
             for f in self.files:
                 self._check_head(f)
                 st = f.stat()
                 h.update(f"{f.resolve()}\0{st.st_size}\0".encode())
                 with open(f, "rb") as fh:
-                    if st.st_size <= _HASH_WHOLE_BELOW:  # small files: by content alone
+                    if by_content:
                         for block in iter(lambda: fh.read(1 << 20), b""):
                             h.update(block)
                     else:  # a large one is not read whole on every start
@@ -248,7 +255,7 @@ class TextFiles:
         if kind == "parquet":
             return
         with _open(f) as fh:
-            head = fh.read(1 << 20)
+            head = _read(fh, 1 << 20, f)
         if b"\x00" in head[:65536]:
             raise DataError(f"data.path: {f} looks binary (contains NUL bytes), expected a text file")
         try:
@@ -275,23 +282,23 @@ class TextFiles:
                 yield from self._byte_chunks(f, kind)
 
     def _byte_chunks(self, f: Path, kind: str) -> Iterator[Chunk]:
-        by_line = kind == "text" and not _has_blank_line(f)
+        by_line = kind == "text" and not _has_blank_line(f, self.encoding)
         sep = (lambda b: b.rfind(b"\n") + 1) if (kind == "jsonl" or by_line) else _last_blank_line_end
         common = dict(origin=str(f), by_line=by_line, encoding=self.encoding, text_field=self.text_field)
         with _open(f) as fh:
             raw = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # progress in the file's own bytes
             buf, offset, line, done = b"", 0, 1, 0
             while True:
-                block = fh.read(CHUNK_BYTES)
+                block = _read(fh, CHUNK_BYTES, f)
                 buf += block
                 # Cut at the last document boundary; a document with no boundary in sight (over 16 chunks)
                 # is cut at a line end instead, so a huge file without structure still streams.
                 cut = sep(buf) if block else len(buf)
                 if block and cut == 0 and len(buf) > 16 * CHUNK_BYTES:
-                    cut = buf.rfind(b"\n") + 1
+                    cut = max(buf.rfind(b"\n"), buf.rfind(b"\r")) + 1 or len(buf)
                 if cut > 0:
                     pos = raw.tell()
-                    yield Chunk(kind, buf[:cut], offset=offset if kind == "text" else line, size=pos - done, **common)
+                    yield Chunk(kind, buf[:cut], offset=offset, line=line, size=pos - done, **common)
                     done = pos
                     line += buf.count(b"\n", 0, cut) if kind == "jsonl" else 0
                     offset += cut
@@ -324,10 +331,7 @@ class TextFiles:
 
 
 def _format(f: Path, known_only: bool = False) -> str | None:
-    suffixes = [s.lower() for s in f.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    last = suffixes[-1] if suffixes else ""
+    last = _base_suffix(f)
     if last in JSON_SUFFIXES:
         return "jsonl"
     if last in PARQUET_SUFFIXES:
@@ -343,25 +347,39 @@ def _open(f: Path):
     return open(f, "rb")
 
 
-def _has_blank_line(f: Path) -> bool:
-    tail = b""
+def _has_blank_line(f: Path, encoding: str) -> bool:
+    """Whether the file has a blank line (by str.strip, as documents are cut) and two non-blank ones: then
+    documents are blocks between blank lines, else lines."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    blank, nonblank, carry = False, 0, ""
     with _open(f) as fh:
-        for block in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            if _BLANK_LINE.search(tail + block) and (tail + block).strip():
-                return _text_lines(f) > 1
-            tail = block[-64:]
-    return False
+        while True:
+            block = _read(fh, CHUNK_BYTES, f)
+            lines = (carry + decoder.decode(block, final=not block)).splitlines(keepends=True)
+            carry = lines.pop() if block and lines and not lines[-1].endswith(("\n", "\r")) else ""
+            for ln in lines:
+                if ln.strip():
+                    nonblank += 1
+                else:
+                    blank = True
+                if blank and nonblank > 1:
+                    return True
+            if not block:
+                return False
 
 
-def _text_lines(f: Path) -> int:
-    """Non-blank lines, up to two (a single paragraph with a trailing blank line is still one document)."""
-    n = 0
-    with _open(f) as fh:
-        for line in fh:
-            n += bool(line.strip())
-            if n > 1:
-                break
-    return n
+def _read(fh, n: int, f: Path) -> bytes:
+    try:
+        return fh.read(n)
+    except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz, a plain file named .gz
+        raise DataError(f"data.path: {f} is not a readable gzip file ({e})") from None
+
+
+def _base_suffix(f: Path) -> str:
+    suffixes = [x.lower() for x in f.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def _last_blank_line_end(buf: bytes) -> int:
@@ -382,15 +400,23 @@ def parse_chunk(chunk: Chunk) -> list[list[Paragraph]]:
         return chunk.data
     if chunk.kind == "texts":
         return [d for d in ([Paragraph(s) for s in (ln.strip() for ln in t.splitlines()) if s] for t in chunk.data) if d]
-    text = _decode(chunk.data, chunk.encoding, chunk.origin, chunk.offset if chunk.kind == "text" else 0)
+    text = _decode(chunk.data, chunk.encoding, chunk.origin, chunk.offset)
     if text.startswith("\ufeff"):
         text = text[1:]
     if chunk.kind == "text":
+        lines = [ln.strip() for ln in text.splitlines()]
         if chunk.by_line:
-            return [[Paragraph(s)] for s in (ln.strip() for ln in text.splitlines()) if s]
-        blocks = re.split(r"\n[ \t\r\f\v]*\n", text)
-        docs = [[Paragraph(s) for s in (ln.strip() for ln in b.splitlines()) if s] for b in blocks]
-        return [d for d in docs if d]
+            return [[Paragraph(s)] for s in lines if s]
+        docs, cur = [], []
+        for ln in lines:  # a blank line (whitespace of any kind, U+3000 too) ends a document
+            if ln:
+                cur.append(Paragraph(ln))
+            elif cur:
+                docs.append(cur)
+                cur = []
+        if cur:
+            docs.append(cur)
+        return docs
     docs = []
     for i, line in enumerate(text.split("\n")):  # not splitlines: U+2028 may sit inside a JSON string
         if not line.strip():
@@ -398,11 +424,13 @@ def parse_chunk(chunk: Chunk) -> list[list[Paragraph]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"data.path: {chunk.origin} line {chunk.offset + i}: not valid JSON ({e.msg})") from None
+            raise DataError(f"data.path: {chunk.origin} line {chunk.line + i}: not valid JSON ({e.msg})") from None
         value = record.get(chunk.text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise DataError(f"data.text_field: {chunk.origin} line {chunk.offset + i} has no text field "
+            raise DataError(f"data.text_field: {chunk.origin} line {chunk.line + i} has no text field "
                             f"{chunk.text_field!r} (a string)")
+        if not value.isascii() and _SURROGATE.search(value):  # a broken "\ud83d" escape: U+FFFD, like a decoder
+            value = _SURROGATE.sub("\ufffd", value)
         doc = [Paragraph(s) for s in (ln.strip() for ln in value.splitlines()) if s]
         if doc:
             docs.append(doc)
