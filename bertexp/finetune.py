@@ -477,8 +477,12 @@ def _pm(s: dict) -> str:
 
 def _reused(summary: dict, init: str) -> str:
     src = summary[init].get("source") or []
-    shown = [f"seed {i} from the {s}" for i, s in enumerate(src, 1) if s != "trained"]
-    return f"   ({', '.join(shown)})" if shown else ""
+    shown = []
+    for where in ("run dir", "cache"):
+        seeds = [str(i) for i, s in enumerate(src, 1) if s == where]
+        if seeds:
+            shown.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)} reused from the {where}")
+    return f"   ({'; '.join(shown)})" if shown else ""
 
 
 def describe(summary: dict) -> str:
@@ -486,12 +490,12 @@ def describe(summary: dict) -> str:
     n = summary["pretrained"]["test"]["n"]
     took = f", {summary['seconds']:.0f} s" if summary.get("seconds") is not None else ""
     lines = [f"{t} ({m}, mean ± sd over {n} fine-tuning seeds; test at each seed's best dev epoch{took}):",
-             f"  pretrained encoder   dev {_pm(summary['pretrained']['dev'])}   test {_pm(summary['pretrained']['test'])}"
+             f"  {'pretrained encoder':<31} dev {_pm(summary['pretrained']['dev'])}   test {_pm(summary['pretrained']['test'])}"
              + _reused(summary, "pretrained"),
-             f"  random init          dev {_pm(summary['random']['dev'])}   test {_pm(summary['random']['test'])}"
+             f"  {'random init':<31} dev {_pm(summary['random']['dev'])}   test {_pm(summary['random']['test'])}"
              + _reused(summary, "random"),
-             f"  {summary['baseline']['name']:<20} dev {summary['baseline']['dev']:.4f}            test {summary['baseline']['test']:.4f}"]
+             f"  {summary['baseline']['name']:<31} dev {summary['baseline']['dev']:.4f}            test {summary['baseline']['test']:.4f}"]
     also = summary["baseline"].get("also")
     if also:
-        lines.append(f"  {also['name']:<20} dev {also['dev']:.4f}            test {also['test']:.4f}")
+        lines.append(f"  {also['name']:<31} dev {also['dev']:.4f}            test {also['test']:.4f}")
     return "\n".join(lines)

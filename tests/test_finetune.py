@@ -71,7 +71,7 @@ def test_random_init_is_reused_across_checkpoints_of_one_architecture(tmp_path, 
     assert b["pretrained"]["source"] == ["trained", "trained"] and b["pretrain/step"] == 2
     assert b["random"]["test"]["values"] == a["random"]["test"]["values"]
     assert b["pretrained"]["dev"]["values"] != a["pretrained"]["dev"]["values"]  # other weights, other numbers
-    assert "seed 1 from the cache, seed 2 from the cache" in capsys.readouterr().out
+    assert "random init" in (out := capsys.readouterr().out) and "(seeds 1, 2 reused from the cache)" in out
     recs = read_metrics(tmp_path / "b" / "metrics.jsonl")  # the reused runs' records are in this run's metrics
     assert sum("finetune/sentiment/random/dev" in r and r.get("finetune/reused") == "cache" for r in recs) == 2
     c = _finetune(tmp_path / "c", earlier, "sentiment", ["task.lr=5e-4"])
