@@ -319,9 +319,12 @@ def write_curve(path: Path, summaries: list[dict]) -> None:
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])
     path.write_text(buf.getvalue(), encoding="utf-8")
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"{summaries[-1]['task']} test {summaries[-1]['metric']} by pretraining step (mean ± sd over fine-tuning "
-             f"seeds; random init {fmt(rows[-1][3])} ± {fmt(rows[-1][4])}, {summaries[-1]['baseline']['name']} {fmt(rows[-1][5])}):"]
+    def fmt(v) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    last = summaries[-1]
+    lines = [(f"{last['task']} test {last['metric']} by pretraining step (mean ± sd over fine-tuning seeds; random "
+              f"init {fmt(rows[-1][3])} ± {fmt(rows[-1][4])}, {last['baseline']['name']} {fmt(rows[-1][5])}):")]
     lines += [f"  step {r[0]:>7}: {fmt(r[1])} ± {fmt(r[2])}" for r in rows]
     print("\n".join(lines) + f"\nWritten: {path}")
 
