@@ -37,10 +37,15 @@ def sentence_pieces(sent_offsets: np.ndarray, max_piece: int) -> tuple[np.ndarra
     lengths = ends - starts
     n_pieces = np.maximum(1, -(-lengths // max_piece))
     sent_of_piece = np.repeat(np.arange(len(lengths)), n_pieces)
-    k = np.arange(len(sent_of_piece)) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
-    n = n_pieces[sent_of_piece]
-    piece_start = starts[sent_of_piece] + (lengths[sent_of_piece] * k) // n
-    piece_end = starts[sent_of_piece] + (lengths[sent_of_piece] * (k + 1)) // n
+    piece_start, piece_end = starts[sent_of_piece], ends[sent_of_piece]
+    # only the pieces of long sentences need cutting (most sentences are one piece)
+    at = np.flatnonzero(n_pieces[sent_of_piece] > 1)
+    if len(at):
+        s = sent_of_piece[at]
+        k = at - (np.cumsum(n_pieces) - n_pieces)[s]
+        n, length = n_pieces[s], lengths[s]
+        piece_start[at] = starts[s] + (length * k) // n
+        piece_end[at] = starts[s] + (length * (k + 1)) // n
     return piece_start, piece_end, sent_of_piece
 
 
@@ -56,7 +61,8 @@ def build_pairs(
     seg_start = np.ascontiguousarray(seg_start, dtype=np.int64)
     seg_end = np.ascontiguousarray(seg_end, dtype=np.int64)
     # documents without segments are left out (the compiled loop assumes none; the pipeline makes none)
-    doc_seg_offsets = np.unique(np.ascontiguousarray(doc_seg_offsets, dtype=np.int64))
+    doc_seg_offsets = np.ascontiguousarray(doc_seg_offsets, dtype=np.int64)
+    doc_seg_offsets = doc_seg_offsets[np.concatenate([[True], np.diff(doc_seg_offsets) > 0])]
     if len(doc_seg_offsets) < 2 or doc_seg_offsets[0] != 0:
         raise DataError("corpus too small for NSP: it has no sentences")
     ex = _pairs_kernel(seg_start, seg_end, doc_seg_offsets, int(max_length) - 3, rng, float(short_seq_prob))
@@ -140,8 +146,11 @@ def _pairs_kernel(seg_start, seg_end, doc_seg_offsets, max_tokens, rng, short_se
 def truncate_pairs(ex: np.ndarray, max_tokens: int, rng: np.random.Generator) -> np.ndarray:
     """BERT's truncate_seq_pair, vectorised: trim the longer side first, each cut split at random
     between its front and back."""
-    la, lb = ex[:, A1] - ex[:, A0], ex[:, B1] - ex[:, B0]
-    excess = np.maximum(0, la + lb - max_tokens)
+    ex = ex.copy()
+    rows = np.flatnonzero((ex[:, A1] - ex[:, A0]) + (ex[:, B1] - ex[:, B0]) > max_tokens)  # only these are cut
+    sub = ex[rows]
+    la, lb = sub[:, A1] - sub[:, A0], sub[:, B1] - sub[:, B0]
+    excess = la + lb - max_tokens
     # Cut the longer down towards the shorter, then share what is left (longer side takes the odd token).
     diff = np.abs(la - lb)
     first = np.minimum(excess, diff)
@@ -156,9 +165,9 @@ def truncate_pairs(ex: np.ndarray, max_tokens: int, rng: np.random.Generator) ->
     # (and leaves the generator where drawing everywhere would) at a fraction of the time.
     front_a[cut_a > 0] = rng.binomial(cut_a[cut_a > 0], 0.5)
     front_b[cut_b > 0] = rng.binomial(cut_b[cut_b > 0], 0.5)
-    ex = ex.copy()
-    ex[:, A0] += front_a
-    ex[:, A1] -= cut_a - front_a
-    ex[:, B0] += front_b
-    ex[:, B1] -= cut_b - front_b
+    sub[:, A0] += front_a
+    sub[:, A1] -= cut_a - front_a
+    sub[:, B0] += front_b
+    sub[:, B1] -= cut_b - front_b
+    ex[rows] = sub
     return ex
