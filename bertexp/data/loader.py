@@ -99,25 +99,23 @@ def batch_stream(data, masker, position: Position, batch_size: int, seed: int, f
     ready: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
+    def offer(item) -> bool:
+        """Queue `item` unless the stream is closed first (then False)."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def receive() -> None:
         try:
             for (buffer, layout), after in it:
-                item = (*unpack(buffer, layout), after)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((*unpack(buffer, layout), after)):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
-            while not stop.is_set():
-                try:
-                    ready.put(e, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
+            offer(e)
 
     thread = threading.Thread(target=receive, name="batch-receiver", daemon=True)
     thread.start()
