@@ -176,22 +176,28 @@ def seed_groups(runs: list[dict], keys: list[str], metric: str) -> tuple[list[di
     if len(ranked) == 1:
         return groups, ""
     second = ranked[1]
-    if best["n"] < 2 or second["n"] < 2:
-        verdict = "cannot be told from seed noise (fewer than 2 seeds)"
-    else:
-        from scipy import stats
-
-        if best["sd"] == 0 and second["sd"] == 0:
-            p = 0.0 if best["mean"] != second["mean"] else 1.0
-        else:
-            p = float(stats.ttest_ind(best["values"], second["values"], equal_var=False).pvalue)
+    p, verdict = welch_lead(best, second, "seed noise", "seeds")
+    if p is not None:
         best["p_vs_next"] = p
-        verdict = (f"is larger than seed noise (Welch's t-test p = {p:.3g} < 0.05)" if p < 0.05 else
-                   f"is within seed noise (Welch's t-test p = {p:.3g} >= 0.05)")
         best["best"] = "best" + (" (significant)" if p < 0.05 else " (within noise)")
     note = (f"Best group by {metric}: {best['label']} ({_fmt(best['mean'])}, n={best['n']}); its lead over "
             f"{second['label']} ({_fmt(second['mean'])}, n={second['n']}) {verdict}.")
     return groups, note
+
+
+def welch_lead(a: dict, b: dict, noise: str, seeds: str) -> tuple[float | None, str]:
+    """Whether group a's lead over group b (each with n, sd, mean, values) is larger than `noise`: Welch's
+    t-test p (None with fewer than 2 values on a side) and the verdict in words."""
+    if a["n"] < 2 or b["n"] < 2:
+        return None, f"cannot be told from seed noise (fewer than 2 {seeds})"
+    from scipy import stats
+
+    if a["sd"] == 0 and b["sd"] == 0:
+        p = 0.0 if a["mean"] != b["mean"] else 1.0
+    else:
+        p = float(stats.ttest_ind(a["values"], b["values"], equal_var=False).pvalue)
+    return p, (f"is larger than {noise} (Welch's t-test p = {p:.3g} < 0.05)" if p < 0.05 else
+               f"is within {noise} (Welch's t-test p = {p:.3g} >= 0.05)")
 
 
 INITS = (("pretrained", "pretrained"), ("random", "random init"))
@@ -210,8 +216,6 @@ def downstream_over_seeds(runs: list[dict]) -> dict:
 def downstream_notes(groups: list[dict]) -> list[str]:
     """Per task, the group whose pretrained encoder fine-tunes best, and whether its lead over the runner-up
     is larger than the noise of pretraining seeds (Welch's t-test over the runs' test means)."""
-    from scipy import stats
-
     notes = []
     for t in sorted({t for g in groups for t in g.get("downstream", {})}):
         ranked = sorted((g for g in groups if g["downstream"].get(t, {}).get("pretrained", {}).get("mean") is not None),
@@ -219,15 +223,7 @@ def downstream_notes(groups: list[dict]) -> list[str]:
         if len(ranked) < 2:
             continue
         a, b = ranked[0]["downstream"][t]["pretrained"], ranked[1]["downstream"][t]["pretrained"]
-        if a["n"] < 2 or b["n"] < 2:
-            verdict = "cannot be told from seed noise (fewer than 2 pretraining seeds)"
-        else:
-            if a["sd"] == 0 and b["sd"] == 0:
-                p = 0.0 if a["mean"] != b["mean"] else 1.0
-            else:
-                p = float(stats.ttest_ind(a["values"], b["values"], equal_var=False).pvalue)
-            verdict = (f"is larger than pretraining-seed noise (Welch's t-test p = {p:.3g} < 0.05)" if p < 0.05 else
-                       f"is within pretraining-seed noise (Welch's t-test p = {p:.3g} >= 0.05)")
+        _, verdict = welch_lead(a, b, "pretraining-seed noise", "pretraining seeds")
         notes.append(f"Best group by {t} test (pretrained encoder): {ranked[0]['label']} ({_fmt(a['mean'])}, n={a['n']}); "
                      f"its lead over {ranked[1]['label']} ({_fmt(b['mean'])}, n={b['n']}) {verdict}.")
     return notes
