@@ -155,3 +155,51 @@ def test_one_document_random_b_never_overlaps_a_or_its_continuation():
         for a0, a1, b0, b1, label in ex:
             if label == 1:
                 assert b1 <= a0 or b0 > a1, (seed, a0, a1, b0, b1)  # not A, and not the segment right after it
+
+
+def test_segments_tile_the_chosen_sentences_in_near_equal_pieces(pd_data):
+    """Long sentences are cut into pieces that fit half a pair; the pieces of the documents asked for cover
+    their sentences exactly, in order, and no piece is longer than its share by more than one token."""
+    data, _ = pd_data
+    so = np.asarray(data.tokens.sent_offsets)
+    length = 32  # max piece (32 - 3) // 2 = 14 tokens: many People's Daily sentences are longer
+    for ranges in (data._val_sents, data._train_sents[:500]):
+        starts, ends, offs = data._segments(ranges, length)
+        assert len(offs) == len(ranges) + 1 and (np.diff(offs) >= 0).all()
+        assert (ends - starts).max() <= 14 and (ends > starts).all()
+        cut = 0
+        for d, (a, b) in enumerate(ranges):
+            s, e = starts[offs[d] : offs[d + 1]], ends[offs[d] : offs[d + 1]]
+            # contiguous pieces from the document's first token to its last, each sentence boundary a piece's
+            assert s[0] == so[a] and e[-1] == so[b] and (s[1:] == e[:-1]).all()
+            assert set(so[a:b]) <= set(s)
+            cut += len(s) - (b - a)
+        assert cut > 0  # the length really cut sentences: the check above saw pieces
+
+
+def test_first_epoch_pairs_come_from_the_cache_and_equal_a_fresh_build(tmp_path):
+    """Epoch 0's pairs are written beside the tokens and memory-mapped by the next run (the warm start of a
+    corpus of gigabytes); what is read equals what is built, and an unreadable file is rebuilt."""
+    from bertexp.data.tokenizer import load_tokenizer
+
+    def prepared(seed=0):
+        data = PretrainingData.from_text_file(str(ESSAY), cache_dir=str(tmp_path), max_length=32, batch_size=4)
+        data.prepare(load_tokenizer(data.vocab_dir(500)), seed=seed)
+        return data
+
+    first = prepared()
+    built = np.array(first.epoch_examples(0))
+    assert np.array_equal(built, first._pairs_of(0))
+    (cached,) = tmp_path.glob("pairs-*.npy")
+    again = prepared()
+    assert isinstance(again.epoch_examples(0), np.memmap) and np.array_equal(again.epoch_examples(0), built)
+    assert again._train_segs is None  # nothing of the training documents was cut to start
+    assert np.array_equal(again.epoch_examples(1), first.epoch_examples(1))  # later epochs: built as before
+
+    other = prepared(seed=1)  # another seed: other pairs, in a file of its own
+    assert len(list(tmp_path.glob("pairs-*.npy"))) == 2 and not np.array_equal(other.epoch_examples(0), built)
+
+    cached.write_bytes(cached.read_bytes()[:100])  # cut short (a full disk, a copy gone wrong)
+    mended = prepared()
+    assert not isinstance(mended.epoch_examples(0), np.memmap) and np.array_equal(mended.epoch_examples(0), built)
+    assert np.array_equal(np.load(cached), built)  # and written whole again

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from bertexp.data.cache import cache_root, cached_dir, key_of
-from bertexp.data.pairs import A0, A1, B0, B1, LABEL, build_pairs, sentence_pieces
+from bertexp.data.pairs import A0, A1, B0, B1, LABEL, PAIRS_SOURCE, build_pairs, sentence_pieces
 from bertexp.data.sources import Corpus
 from bertexp.data.tokenized import TokenizedCorpus
 from bertexp.data.tokenizer import train_wordpiece
@@ -80,7 +81,7 @@ class PretrainingData:
         self._corpus: Corpus | None = None
         self._epoch_cache: tuple[int, np.ndarray] | None = None
         self._next_epoch: tuple | None = None  # (epoch, building thread, [its examples])
-        self._pieces: dict[int, tuple] = {}
+        self._train_segs: tuple | None = None
         # Per-token flags besides word starts that a masking strategy adds (PMI: `unit_start`), aligned with
         # the token array and carried into batches like `word_start`.
         self.token_flags: dict[str, np.ndarray] = {}
@@ -178,20 +179,24 @@ class PretrainingData:
             n_val = int(round(self.val_fraction * n)) if self.val_fraction > 0 else 0
             self._train_sents = np.asarray([(0, n - n_val)], dtype=np.int64)
             self._val_sents = np.asarray([(n - n_val, n)] if n_val else [], dtype=np.int64).reshape(-1, 2)
-        self._pieces.clear()  # prepared again (another tokenizer): nothing from before holds
-        self._epoch_cache = self._next_epoch = None
-        self.train_segs = self._segments(self._train_sents, self.max_length)
+        self._train_segs = self._epoch_cache = self._next_epoch = None  # prepared again: nothing from before holds
         self.epoch_examples(0)  # fails early, with the data error, if the training part cannot make pairs
 
-    def _segments(self, sent_ranges: list[tuple[int, int]], max_length: int):
+    @property
+    def train_segs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The training documents' segments (built when an epoch's pairs are: a cached epoch 0 needs none)."""
+        if self._train_segs is None:
+            self._train_segs = self._segments(self._train_sents, self.max_length)
+        return self._train_segs
+
+    def _segments(self, sent_ranges, max_length: int):
         """Segments (sentences, long ones cut into pieces that fit half a pair) of the given documents, given
-        as sentence ranges, with their document offsets."""
-        max_piece = max(1, (max_length - 3) // 2)
-        if max_piece not in self._pieces:  # training segments and the exam's (same length) share it
-            self._pieces[max_piece] = sentence_pieces(self.tokens.sent_offsets, max_piece)
-        starts, ends, sent_of_piece = self._pieces[max_piece]
-        bounds = np.searchsorted(sent_of_piece, np.asarray(sent_ranges, dtype=np.int64).reshape(-1, 2), side="left")
-        return _gather(starts, ends, bounds)
+        as sentence ranges, with their document offsets. Only the sentences asked for are cut: the exam's
+        documents cost in proportion to their own size, not the corpus's."""
+        so = np.asarray(self.tokens.sent_offsets)
+        starts, ends, doc_sents = _gather(so[:-1], so[1:], sent_ranges)
+        piece_start, piece_end, sent_of_piece = sentence_pieces(starts, ends, max(1, (max_length - 3) // 2))
+        return piece_start, piece_end, np.searchsorted(sent_of_piece, doc_sents, side="left")
 
     def heldout_examples(self, length: int, short_seq_prob: float) -> tuple[np.ndarray, bool]:
         """NSP pairs of the held-out documents at `length` tokens, drawn from `split_seed` alone; returns
@@ -234,9 +239,39 @@ class PretrainingData:
         return self._epoch_cache[1]
 
     def _build_epoch(self, epoch: int) -> np.ndarray:
+        if epoch == 0:  # every run starts here: its pairs are kept on disk, beside the tokens
+            return self._cached_first_epoch()
+        return self._pairs_of(epoch)
+
+    def _pairs_of(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch, 3])
         ex = build_pairs(*self.train_segs, self.max_length, rng, self.short_seq_prob)
         return ex[rng.permutation(len(ex))]
+
+    def _cached_first_epoch(self) -> np.ndarray:
+        """Epoch 0's examples, memory-mapped from the cache when an earlier run with the same tokens, split,
+        seed and pair settings built them: on a corpus of gigabytes they cost seconds to build, and a sweep
+        or a restarted run would otherwise build the same ones again before its first step."""
+        key = key_of(tokens=Path(self.tokens_dir).name, seed=self.seed, split_seed=self.split_seed,
+                     val_fraction=self.val_fraction, max_length=self.max_length, short_seq_prob=self.short_seq_prob,
+                     pairs=PAIRS_SOURCE)
+        path = self.cache / f"pairs-{key}.npy"
+        try:
+            ex = np.load(path, mmap_mode="r")
+            if ex.ndim == 2 and ex.shape[1] == LABEL + 1 and ex.dtype == np.int64:
+                return ex
+        except (OSError, ValueError):
+            pass
+        ex = self._pairs_of(0)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:  # under a temporary name first: a run killed mid-write leaves nothing another run would trust
+            with open(tmp, "wb") as f:
+                np.save(f, ex)
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only or full cache costs this build next time, nothing else
+            tmp.unlink(missing_ok=True)
+            log.debug("epoch 0's pairs not cached (%s)", e)
+        return ex
 
     def prefetch_epoch(self, epoch: int) -> None:
         """Start building `epoch`'s examples in a thread (the compiled builder runs without the GIL), so that

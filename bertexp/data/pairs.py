@@ -11,6 +11,9 @@ three sentences terminates as surely as a large one.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 
 from bertexp.errors import DataError
@@ -26,14 +29,17 @@ except ImportError:  # pragma: no cover
 
 # Columns of an example row.
 A0, A1, B0, B1, LABEL = range(5)
+# What made the pairs, for the key of cached ones: any edit of this file invalidates them.
+PAIRS_SOURCE = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def sentence_pieces(sent_offsets: np.ndarray, max_piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split every sentence longer than `max_piece` tokens into near-equal pieces, so one enormous line
-    without punctuation becomes many usable segments instead of being truncated to nothing.
+def sentence_pieces(starts: np.ndarray, ends: np.ndarray, max_piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split every sentence (token range [start, end)) longer than `max_piece` tokens into near-equal pieces,
+    so one enormous line without punctuation becomes many usable segments instead of being truncated to
+    nothing.
 
-    Returns (piece start, piece end, sentence index of each piece)."""
-    starts, ends = np.asarray(sent_offsets[:-1]), np.asarray(sent_offsets[1:])
+    Returns (piece start, piece end, index of each piece's sentence), in sentence order."""
+    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
     lengths = ends - starts
     n_pieces = np.maximum(1, -(-lengths // max_piece))
     sent_of_piece = np.repeat(np.arange(len(lengths)), n_pieces)
