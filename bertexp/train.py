@@ -351,6 +351,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         with _StopFlag() as stop:
             while not budget.done(state):
                 t0 = time.perf_counter()
+                batch = masked = None  # the last step's batch is freed before the next is taken (batch_stream)
                 batch, masked, next_position = next(batches)
                 waited = time.perf_counter() - t0
                 before = budget.progress(state)

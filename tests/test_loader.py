@@ -33,9 +33,9 @@ def test_workers_train_on_the_same_batches(tmp_path):
 
 def test_slow_masking_does_not_keep_the_loop_waiting(tmp_path, monkeypatch):
     """A masking strategy 50 ms slower per batch, 2 workers, steps of at least 100 ms: once the workers are
-    running (after the first two logging windows: they start and build their first epoch) the loop waits
-    under 5 ms per step for its batch; on the training thread it waits the 50 ms every step. The workers
-    mask with a linear schedule over max_steps, and the losses equal the synchronous run's."""
+    running (after the first logging window: they start and build their first epoch) the loop waits under
+    5 ms per step for its batch in every window; on the training thread it waits the 50 ms every step. The
+    workers mask with a linear schedule over max_steps, and the losses equal the synchronous run's."""
     from bertexp.masking import TokenMasking
 
     real = TokenMasking.select
@@ -50,14 +50,12 @@ def test_slow_masking_does_not_keep_the_loop_waiting(tmp_path, monkeypatch):
                  "masking.final_ratio=0.3", "data.num_workers=2"]
     run_in_process(tmp_path / "w", overrides)
     records = train_records(tmp_path / "w")
-    steady = records[2:]
     step_s = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(records, records[1:])]
     assert min(step_s) >= 0.1, step_s  # the premise: a step long enough to hide a batch behind
-    waits = [r["throughput/data_wait_s"] for r in steady]
-    # Taking a ready batch costs microseconds; on a loaded machine (CI runs two test processes on two cores)
-    # the OS may deschedule the loop at that moment, so a window's mean is held under 5 ms at the median
-    # and every window under 15 ms, against 50 ms and more without the workers.
-    assert np.median(waits) < 0.005 and max(waits) < 0.015, waits
+    waits = [r["throughput/data_wait_s"] for r in records[1:]]
+    # Taking a ready batch and freeing the last one costs about 0.3 ms; two such runs sharing the two cores
+    # measured window means of 0.2 to 2 ms (the OS running the other one's processes at that moment).
+    assert max(waits) < 0.005 and np.median(waits) < 0.0025, waits
     # the same run masking on the training thread waits for every batch, and trains on the same ones
     run_in_process(tmp_path / "sync", [*overrides[:-1], "data.num_workers=0"])
     sync = train_records(tmp_path / "sync")
