@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from bertexp.data.cache import write_atomically
 from bertexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -342,9 +342,8 @@ def _read_result(path: Path, key: str) -> dict | None:
 
 def _write_result(path: Path, key: str, result: dict, what: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "what": what, "result": result}, ensure_ascii=False))
-    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
+    write_atomically(path, lambda f: f.write(json.dumps({"key": key, "what": what, "result": result},
+                                                       ensure_ascii=False).encode()))
 
 
 def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, out_dir: Path, logger_cfg: dict | None,

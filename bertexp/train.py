@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -33,7 +32,7 @@ from transformers.utils import logging as hf_logging
 from bertexp import distributed
 from bertexp.budget import Budget
 from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from bertexp.data.cache import key_of
+from bertexp.data.cache import key_of, write_atomically
 from bertexp.data.loader import batch_stream, mask_step, step_seed  # noqa: F401 - step_seed: finetune uses it
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
@@ -264,10 +263,8 @@ def _baseline_scores(data, exam, batches) -> dict[str, float]:
     except (OSError, ValueError):
         pass
     scores = CountingBaselines(data.train_token_ids(), data.vocab_size).score(batches)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(scores))
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: f.write(json.dumps(scores).encode()))
     except OSError as e:  # a read-only cache costs a recount next time, nothing else
         log.debug("baseline scores not cached (%s)", e)
     return scores

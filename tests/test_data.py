@@ -203,3 +203,21 @@ def test_first_epoch_pairs_come_from_the_cache_and_equal_a_fresh_build(tmp_path)
     mended = prepared()
     assert not isinstance(mended.epoch_examples(0), np.memmap) and np.array_equal(mended.epoch_examples(0), built)
     assert np.array_equal(np.load(cached), built)  # and written whole again
+
+
+def test_a_cache_file_is_whole_or_absent(tmp_path):
+    """A write that dies midway leaves the previous file and no temporary one; a finished write replaces it."""
+    from bertexp.data.cache import write_atomically
+
+    path = tmp_path / "pairs-x.npy"
+    write_atomically(path, lambda f: f.write(b"old"))
+
+    def dies(f):
+        f.write(b"half of the new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, dies)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["pairs-x.npy"]
+    write_atomically(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["pairs-x.npy"]

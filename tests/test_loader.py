@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 
 from bertexp.tracking import read_metrics
 from conftest import run_in_process

@@ -10,7 +10,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
@@ -43,6 +43,20 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final, False
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write one cache file through a temporary file named with this host and process, renamed into place: a
+    run killed mid-write leaves the old file or the new one, never half of one, and two writers (ranks, hosts
+    sharing the cache) never share a temporary file. Raises OSError, with the temporary file removed."""
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _remove_orphans(root: Path, name: str) -> None:

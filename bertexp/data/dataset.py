@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from bertexp.data.cache import cache_root, cached_dir, key_of
+from bertexp.data.cache import cache_root, cached_dir, key_of, write_atomically
 from bertexp.data.pairs import A0, A1, B0, B1, LABEL, PAIRS_SOURCE, build_pairs, sentence_pieces
 from bertexp.data.sources import Corpus
 from bertexp.data.tokenized import TokenizedCorpus
@@ -263,13 +262,9 @@ class PretrainingData:
         except (OSError, ValueError):
             pass
         ex = self._pairs_of(0)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:  # under a temporary name first: a run killed mid-write leaves nothing another run would trust
-            with open(tmp, "wb") as f:
-                np.save(f, ex)
-            os.replace(tmp, path)
+        try:
+            write_atomically(path, lambda f: np.save(f, ex))
         except OSError as e:  # a read-only or full cache costs this build next time, nothing else
-            tmp.unlink(missing_ok=True)
             log.debug("epoch 0's pairs not cached (%s)", e)
         return ex
 
