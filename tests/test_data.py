@@ -182,8 +182,8 @@ def test_first_epoch_pairs_come_from_the_cache_and_equal_a_fresh_build(tmp_path)
     corpus of gigabytes); what is read equals what is built, and an unreadable file is rebuilt."""
     from bertexp.data.tokenizer import load_tokenizer
 
-    def prepared(seed=0):
-        data = PretrainingData.from_text_file(str(ESSAY), cache_dir=str(tmp_path), max_length=32, batch_size=4)
+    def prepared(seed=0, **kw):
+        data = PretrainingData.from_text_file(str(ESSAY), cache_dir=str(tmp_path), max_length=32, batch_size=4, **kw)
         data.prepare(load_tokenizer(data.vocab_dir(500)), seed=seed)
         return data
 
@@ -199,10 +199,17 @@ def test_first_epoch_pairs_come_from_the_cache_and_equal_a_fresh_build(tmp_path)
     other = prepared(seed=1)  # another seed: other pairs, in a file of its own
     assert len(list(tmp_path.glob("pairs-*.npy"))) == 2 and not np.array_equal(other.epoch_examples(0), built)
 
-    cached.write_bytes(cached.read_bytes()[:100])  # cut short (a full disk, a copy gone wrong)
-    mended = prepared()
-    assert not isinstance(mended.epoch_examples(0), np.memmap) and np.array_equal(mended.epoch_examples(0), built)
-    assert np.array_equal(np.load(cached), built)  # and written whole again
+    # another split (other training text): other pairs, never the cached ones of text now held out
+    split = prepared(val_fraction=0.5)
+    assert len(list(tmp_path.glob("pairs-*.npy"))) == 3 and not np.array_equal(split.epoch_examples(0), built)
+
+    whole = cached.read_bytes()
+    header_at = whole.index(b"'shape'")
+    for damaged in (whole[:100], b"", whole[:header_at] + b"\x00" + whole[header_at + 1 :]):
+        cached.write_bytes(damaged)  # cut short, empty (a crash before the data reached the disk), a bad header
+        mended = prepared()
+        assert not isinstance(mended.epoch_examples(0), np.memmap) and np.array_equal(mended.epoch_examples(0), built)
+        assert np.array_equal(np.load(cached), built)  # and written whole again
 
 
 def test_a_cache_file_is_whole_or_absent(tmp_path):
@@ -219,5 +226,14 @@ def test_a_cache_file_is_whole_or_absent(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_atomically(path, dies)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["pairs-x.npy"]
+    # one left by a writer killed outright (SIGKILL: no cleanup ran) is removed by the next writer
+    import subprocess
+    import sys
+
+    from bertexp.data.cache import _HOST
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".pairs-x.npy.{_HOST}.{int(gone.stdout)}.tmp"
+    orphan.write_bytes(b"half")
     write_atomically(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["pairs-x.npy"]

@@ -47,12 +47,17 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write one cache file through a temporary file named with this host and process, renamed into place: a
-    run killed mid-write leaves the old file or the new one, never half of one, and two writers (ranks, hosts
-    sharing the cache) never share a temporary file. Raises OSError, with the temporary file removed."""
+    run killed mid-write leaves the old file or the new one, never half of one (the data reaches the disk
+    before the rename, so a crash of the machine does not leave an empty file under the final name either),
+    and two writers (ranks, hosts sharing the cache) never share a temporary file; one left by a killed
+    writer of this host is removed. Raises OSError, with the temporary file removed."""
+    _remove_orphans(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -60,8 +65,8 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 def _remove_orphans(root: Path, name: str) -> None:
-    """Temporary folders of this entry left by a process that was killed (SIGKILL): their names hold the
-    builder's host and pid; a folder of this host whose builder is gone is removed. One still being built,
+    """Temporary folders (or files) of this entry left by a process that was killed (SIGKILL): their names
+    hold the builder's host and pid; one of this host whose builder is gone is removed. One still being built,
     or one of another host sharing the cache (NFS), whose processes cannot be seen from here, is not."""
     for tmp in root.glob(f".{name}.{_HOST}.*"):
         parts = tmp.name[len(name) + len(_HOST) + 3 :].split(".")
@@ -76,4 +81,7 @@ def _remove_orphans(root: Path, name: str) -> None:
         except PermissionError:  # someone else's live process
             alive = True
         if not alive:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)

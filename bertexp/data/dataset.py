@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bertexp.data.cache import cache_root, cached_dir, key_of, write_atomically
-from bertexp.data.pairs import A0, A1, B0, B1, LABEL, PAIRS_SOURCE, build_pairs, sentence_pieces
+from bertexp.data.pairs import A0, A1, B0, B1, LABEL, PAIRS_SOURCE, build_pairs, document_segments, epoch_pairs
 from bertexp.data.sources import Corpus
 from bertexp.data.tokenized import TokenizedCorpus
 from bertexp.data.tokenizer import train_wordpiece
@@ -189,13 +189,7 @@ class PretrainingData:
         return self._train_segs
 
     def _segments(self, sent_ranges, max_length: int):
-        """Segments (sentences, long ones cut into pieces that fit half a pair) of the given documents, given
-        as sentence ranges, with their document offsets. Only the sentences asked for are cut: the exam's
-        documents cost in proportion to their own size, not the corpus's."""
-        so = np.asarray(self.tokens.sent_offsets)
-        starts, ends, doc_sents = _gather(so[:-1], so[1:], sent_ranges)
-        piece_start, piece_end, sent_of_piece = sentence_pieces(starts, ends, max(1, (max_length - 3) // 2))
-        return piece_start, piece_end, np.searchsorted(sent_of_piece, doc_sents, side="left")
+        return document_segments(self.tokens.sent_offsets, sent_ranges, max_length)
 
     def heldout_examples(self, length: int, short_seq_prob: float) -> tuple[np.ndarray, bool]:
         """NSP pairs of the held-out documents at `length` tokens, drawn from `split_seed` alone; returns
@@ -243,23 +237,22 @@ class PretrainingData:
         return self._pairs_of(epoch)
 
     def _pairs_of(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, 3])
-        ex = build_pairs(*self.train_segs, self.max_length, rng, self.short_seq_prob)
-        return ex[rng.permutation(len(ex))]
+        return epoch_pairs(self.train_segs, self.max_length, self.seed, epoch, self.short_seq_prob)
 
     def _cached_first_epoch(self) -> np.ndarray:
-        """Epoch 0's examples, memory-mapped from the cache when an earlier run with the same tokens, split,
-        seed and pair settings built them: on a corpus of gigabytes they cost seconds to build, and a sweep
-        or a restarted run would otherwise build the same ones again before its first step."""
-        key = key_of(tokens=Path(self.tokens_dir).name, seed=self.seed, split_seed=self.split_seed,
-                     val_fraction=self.val_fraction, max_length=self.max_length, short_seq_prob=self.short_seq_prob,
-                     pairs=PAIRS_SOURCE)
+        """Epoch 0's examples, memory-mapped from the cache when an earlier run with the same tokens, training
+        documents, seed and pair settings built them: on a corpus of gigabytes they cost seconds to build, and
+        a sweep or a restarted run would otherwise build the same ones again before its first step. The key
+        holds the training documents themselves (so no change of the split can reuse pairs of held-out text)
+        and the source of the pair builder (bertexp/data/pairs.py: segments, pairs and their order)."""
+        key = key_of(tokens=Path(self.tokens_dir).name, train=hashlib.sha1(self._train_sents.tobytes()).hexdigest(),
+                     seed=self.seed, max_length=self.max_length, short_seq_prob=self.short_seq_prob, pairs=PAIRS_SOURCE)
         path = self.cache / f"pairs-{key}.npy"
         try:
             ex = np.load(path, mmap_mode="r")
-            if ex.ndim == 2 and ex.shape[1] == LABEL + 1 and ex.dtype == np.int64:
+            if ex.ndim == 2 and ex.shape[1] == LABEL + 1 and ex.dtype == np.int64 and len(ex):
                 return ex
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - empty, cut short, a damaged header: any unreadable file is rebuilt
             pass
         ex = self._pairs_of(0)
         try:
@@ -357,13 +350,3 @@ class PretrainingData:
             "next_sentence_label": torch.from_numpy(ex[:, LABEL].copy()),
             **{name: torch.from_numpy(v | special) for name, v in starts.items()},
         }
-
-
-def _gather(starts: np.ndarray, ends: np.ndarray, groups: np.ndarray):
-    """Segments of the chosen documents (rows of [first, end) segment indices), concatenated, with their new
-    document offsets."""
-    groups = np.asarray(groups, dtype=np.int64).reshape(-1, 2)
-    sizes = groups[:, 1] - groups[:, 0]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    idx = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - groups[:, 0], sizes)
-    return starts[idx], ends[idx], offsets

@@ -55,6 +55,33 @@ def sentence_pieces(starts: np.ndarray, ends: np.ndarray, max_piece: int) -> tup
     return piece_start, piece_end, sent_of_piece
 
 
+def document_segments(sent_offsets: np.ndarray, sent_ranges, max_length: int):
+    """Segments (sentences, long ones cut into pieces that fit half a pair of `max_length`) of the documents
+    given as [first, end) sentence ranges, concatenated, with each document's first segment (offsets). Only
+    the sentences asked for are cut: the exam's documents cost in proportion to their own size."""
+    so = np.asarray(sent_offsets)
+    starts, ends, doc_sents = _gather(so[:-1], so[1:], sent_ranges)
+    piece_start, piece_end, sent_of_piece = sentence_pieces(starts, ends, max(1, (max_length - 3) // 2))
+    return piece_start, piece_end, np.searchsorted(sent_of_piece, doc_sents, side="left")
+
+
+def _gather(starts: np.ndarray, ends: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ranges of the chosen groups (rows of [first, end) indices), concatenated, with the groups' new
+    offsets."""
+    groups = np.asarray(groups, dtype=np.int64).reshape(-1, 2)
+    sizes = groups[:, 1] - groups[:, 0]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    idx = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - groups[:, 0], sizes)
+    return starts[idx], ends[idx], offsets
+
+
+def epoch_pairs(segments, max_length: int, seed: int, epoch: int, short_seq_prob: float) -> np.ndarray:
+    """One epoch's training examples in training order: pairs and order drawn from (seed, epoch) alone."""
+    rng = np.random.default_rng([seed, epoch, 3])
+    ex = build_pairs(*segments, max_length, rng, short_seq_prob)
+    return ex[rng.permutation(len(ex))]
+
+
 def build_pairs(
     seg_start: np.ndarray,
     seg_end: np.ndarray,
