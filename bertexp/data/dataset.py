@@ -244,9 +244,12 @@ class PretrainingData:
         documents, seed and pair settings built them: on a corpus of gigabytes they cost seconds to build, and
         a sweep or a restarted run would otherwise build the same ones again before its first step. The key
         holds the training documents themselves (so no change of the split can reuse pairs of held-out text)
-        and the source of the pair builder (bertexp/data/pairs.py: segments, pairs and their order)."""
-        key = key_of(tokens=Path(self.tokens_dir).name, train=hashlib.sha1(self._train_sents.tobytes()).hexdigest(),
-                     seed=self.seed, max_length=self.max_length, short_seq_prob=self.short_seq_prob, pairs=PAIRS_SOURCE)
+        and the source of the pair builder (bertexp/data/pairs.py: segments, pairs and their order). The tokens
+        are named by their build (meta.json), not their folder: a folder rebuilt under the same name (after an
+        upgrade of the tokenizer, say) gets new pairs."""
+        key = key_of(tokens=hashlib.sha1((Path(self.tokens_dir) / "meta.json").read_bytes()).hexdigest(),
+                     train=hashlib.sha1(self._train_sents.tobytes()).hexdigest(), seed=self.seed,
+                     max_length=self.max_length, short_seq_prob=self.short_seq_prob, pairs=PAIRS_SOURCE)
         path = self.cache / f"pairs-{key}.npy"
         try:
             ex = np.load(path, mmap_mode="r")

@@ -19,18 +19,24 @@ import numpy as np
 from bertexp.errors import DataError
 
 try:  # compiled when numba is there (it is a dependency); the same code runs as plain Python otherwise
+    import numba
     from numba import njit as _njit
 
     _jit = _njit(cache=True, nogil=True)
+    _COMPILER = f"numba {numba.__version__}"
 except ImportError:  # pragma: no cover
     def _jit(f):
         f.py_func = f
         return f
 
+    _COMPILER = "python"
+
 # Columns of an example row.
 A0, A1, B0, B1, LABEL = range(5)
-# What made the pairs, for the key of cached ones: any edit of this file invalidates them.
-PAIRS_SOURCE = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:16]
+# What makes the pairs, for the key of cached ones: this file (any edit invalidates them), and the versions of
+# NumPy and numba, whose generator streams are not promised to stay the same across versions.
+_MADE_BY = f"numpy {np.__version__}, {_COMPILER}".encode()
+PAIRS_SOURCE = hashlib.sha1(Path(__file__).read_bytes() + _MADE_BY).hexdigest()[:16]
 
 
 def sentence_pieces(starts: np.ndarray, ends: np.ndarray, max_piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

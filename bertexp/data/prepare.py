@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections import deque
 from itertools import chain
 from pathlib import Path
@@ -260,7 +261,8 @@ def write_tokens(source, tokenizer, out: Path, num_proc: int | None = None) -> d
     seconds = time.perf_counter() - t0
     num_proc = used[0]
     meta = {"tokens": n_tokens, "sentences": len(sl), "documents": len(ds), "input_bytes": total,
-            "seconds": round(seconds, 2), "num_proc": num_proc}
+            "seconds": round(seconds, 2), "num_proc": num_proc,
+            "build": uuid.uuid4().hex}  # names these arrays: what is derived from them (pairs) is keyed by it
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     log.info("Tokenised %.1f MB into %d tokens, %d sentences, %d documents in %.1f s (%.1f MB/s, %d process%s)",
              total / 1e6, n_tokens, len(sl), len(ds), seconds, total / 1e6 / max(seconds, 1e-9), num_proc,
