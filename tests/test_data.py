@@ -281,3 +281,18 @@ def test_a_cache_file_is_whole_or_absent(tmp_path):
         w.join()
     assert path.read_bytes() in (b"a" * 1_000_000, b"b" * 1_000_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs-x.npy"]
+
+
+def test_the_same_corpus_gives_the_same_vocabulary_in_fresh_caches(tmp_path):
+    """Two vocabulary builds from the same corpus and settings, in fresh caches, are identical files
+    (tokenizers' trainer alone breaks ties by a per-process hash order: 5,733 entries one time, 5,734 the next)."""
+    built = []
+    for name in ("a", "b"):
+        data = PretrainingData.from_peoples_daily(cache_dir=str(tmp_path / name))
+        folder = data.vocab_dir(8000)
+        assert folder.parent == tmp_path / name  # built, not found in a shared cache
+        built.append({f.name: f.read_bytes() for f in sorted(folder.iterdir())})
+    assert set(built[0]) >= {"vocab.txt", "tokenizer.json", "tokenizer_config.json"}
+    assert built[0] == built[1]
+    vocab = built[0]["vocab.txt"].decode().splitlines()
+    assert len(vocab) == len(set(vocab)) > 5000 and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -19,7 +19,7 @@ from bertexp.data.cache import cache_root, cached_dir, key_of, write_atomically
 from bertexp.data.pairs import A0, A1, B0, B1, LABEL, PAIRS_SOURCE, build_pairs, document_segments, epoch_pairs
 from bertexp.data.sources import Corpus
 from bertexp.data.tokenized import TokenizedCorpus
-from bertexp.data.tokenizer import train_wordpiece
+from bertexp.data.tokenizer import VOCAB_TRAINER_VERSION, train_wordpiece
 from bertexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class PretrainingData:
         """A WordPiece vocabulary trained on this corpus, cached by corpus and size."""
         sample = self.vocab_sample_bytes
         key = key_of(corpus=self.source.fingerprint(), vocab_size=vocab_size, v=TOKENS_VERSION,
-                     **({"sample": sample} if sample < self.source.total_bytes() else {}))
+                     trainer=VOCAB_TRAINER_VERSION, **({"sample": sample} if sample < self.source.total_bytes() else {}))
 
         def build(tmp: Path) -> None:
             from bertexp.data.prepare import paragraph_texts
