@@ -6,6 +6,7 @@ A checkpoint is written under a temporary name and renamed into place, so a run 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -65,7 +66,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int,
+                    files: dict | None = None) -> Path:
+    """Write checkpoints/step_N (and point `last` at it); `files` are JSON files to add, {name: value}."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -74,6 +77,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+    for name, value in (files or {}).items():
+        (tmp / name).write_text(json.dumps(value, indent=0, ensure_ascii=False, default=str), encoding="utf-8")
     if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)

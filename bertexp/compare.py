@@ -105,6 +105,7 @@ def load_run(path: Path) -> dict:
         "steps": max((m.get("step", 0) for m in metrics), default=0),
         "status": status.get("status", "unknown"),
         "error": status.get("error", ""),
+        "downstream_error": status.get("downstream_error"),  # pretraining completed, its downstream did not
     }
 
 

@@ -6,7 +6,7 @@ every blank shown as [MASK]. Nothing about the exam depends on the run's `seed`,
 masking strategy, ratio or replacement split, so `eval/mlm_acc` ranks runs on the same questions. And since
 every blank is [MASK], no answer can be copied from the input: a rule that copies scores 0.
 
-`exam_id` is a hash of the exam's token ids and blank positions; runs with different ids took different
+`exam_id` is a hash of the exam's token ids, blank positions and NSP answer key; runs with different ids took different
 exams and are not ranked together (`bertexp.compare`, the sweep summary).
 
 The counting baselines say what a model must beat before it has learned anything worth the name: the most
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bertexp.data.pairs import A0, A1, B0, B1
+from bertexp.data.pairs import A0, A1, B0, B1, LABEL
 from bertexp.masking import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,13 @@ def build_exam(examples: np.ndarray, tokens: np.ndarray, length: int, split_seed
         rows.append(np.full(k, r))
     blank_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     blank_pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
-    h = hashlib.sha1(f"exam v1 length={length}".encode())
-    for r in range(len(ex)):  # the token ids each pair shows, then where its blanks are
+    h = hashlib.sha1(f"exam v2 length={length}".encode())
+    for r in range(len(ex)):  # the token ids each pair shows, then where its blanks are, then the NSP answers
         h.update(np.asarray(tokens[ex[r, A0] : ex[r, A1]], dtype=np.int32).tobytes() + b"|")
         h.update(np.asarray(tokens[ex[r, B0] : ex[r, B1]], dtype=np.int32).tobytes() + b"#")
     h.update(blank_rows.astype(np.int64).tobytes())
     h.update(blank_pos.astype(np.int64).tobytes())
+    h.update(np.asarray(ex[:, LABEL], dtype=np.int64).tobytes())
     return Exam(ex, blank_rows.astype(np.int64), blank_pos.astype(np.int64), length, h.hexdigest()[:12])
 
 

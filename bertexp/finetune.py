@@ -60,6 +60,70 @@ def task_config(name: str) -> DictConfig:
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "defaults"])
 
 
+PEOPLES_DAILY = "bertexp.data.dataset.PretrainingData.from_peoples_daily"
+SPLIT_KEYS = ("path", "split_seed", "val_fraction")  # what decides which documents pretraining held out
+
+
+def downstream_configs(trainer_cfg) -> dict[str, DictConfig]:
+    """Each task of `trainer.downstream` with `trainer.downstream_settings` applied, checked now: an unknown
+    task, setting or value is an error before pretraining starts, not after it."""
+    settings = dict(trainer_cfg.get("downstream_settings") or {})
+    out = {}
+    for name in trainer_cfg.get("downstream") or []:
+        tc = task_config(str(name))
+        unknown = sorted(set(settings) - set(tc))
+        if unknown:
+            raise ConfigError(f"trainer.downstream_settings: unknown setting {unknown[0]!r} (settings: "
+                              f"{', '.join(k for k in tc if k != 'name')})")
+        tc = OmegaConf.merge(tc, settings)
+        check_task(tc)
+        out[str(name)] = tc
+    return out
+
+
+def check_downstream(cfg) -> None:
+    """Every precondition of `trainer.downstream` that can fail, checked before pretraining starts."""
+    tasks = downstream_configs(cfg.trainer)
+    if "ner" in tasks and cfg.data.get("_target_") != PEOPLES_DAILY:
+        raise ConfigError("trainer.downstream=[ner] needs data=peoples_daily: NER's dev and test are People's Daily "
+                          "documents that pretraining holds out, which a run on another corpus cannot do "
+                          "(drop ner, or pretrain on data=peoples_daily)")
+
+
+def ner_split(data_cfg, checkpoint: Path | None, typed: dict | None = None) -> tuple[DictConfig, dict]:
+    """The data config whose held-out documents become NER's dev and test: the checkpoint's own pretraining
+    split (its run_config.json), so no dev or test sentence was seen in pretraining. Refused in one line when
+    that cannot hold: a checkpoint pretrained on another corpus, or a split typed on the command line (`typed`:
+    data.* overrides) that differs from the checkpoint's. A directory bertexp did not train (no run config)
+    uses the command's data settings, with a warning. Returns (data config, the split, for the records)."""
+    from bertexp.rundir import checkpoint_config
+
+    trained = checkpoint_config(checkpoint) if checkpoint is not None else None
+    if trained is None:
+        if checkpoint is not None:
+            log.warning("NER: %s records no pretraining data (not a bertexp checkpoint): its dev and test are the "
+                        "held-out documents of data.split_seed=%s, which its pretraining may have seen", checkpoint,
+                        data_cfg.get("split_seed"))
+        cfg = data_cfg
+        source = "command line"
+    else:
+        pretrained = {k[len("data."):]: v for k, v in trained.items() if k.startswith("data.")}
+        if pretrained.get("_target_") != PEOPLES_DAILY:
+            raise ConfigError(f"task=ner: {checkpoint} was pretrained on {pretrained.get('path') or pretrained.get('_target_')}, "
+                              "not People's Daily, so NER's dev and test (People's Daily documents) were not held out "
+                              "of it by its split; use a checkpoint pretrained with data=peoples_daily, or task=sentiment")
+        for key, value in (typed or {}).items():
+            if key in SPLIT_KEYS and json.dumps(value, default=str) != json.dumps(pretrained.get(key), default=str):
+                raise ConfigError(f"task=ner: data.{key}={value} differs from the split {checkpoint} was pretrained "
+                                  f"with (data.{key}={pretrained.get(key)}): NER's dev and test must be documents it "
+                                  f"held out; drop data.{key}")
+        mine = OmegaConf.to_container(data_cfg, resolve=True)
+        cfg = OmegaConf.create({**mine, **{k: pretrained[k] for k in (*SPLIT_KEYS, "_target_") if k in pretrained}})
+        source = str(checkpoint)
+    split = {"from": source, **{k: cfg.get(k) for k in SPLIT_KEYS}}
+    return cfg, split
+
+
 def check_task(tc) -> None:
     if tc.name not in TASKS:
         raise ConfigError(f"task.name={tc.name!r} must be one of {', '.join(TASKS)}")
@@ -80,7 +144,7 @@ def load_task(name: str, data_cfg, tokenizer, seed: int):
         return tasks.load_sentiment()
     from hydra.utils import instantiate
 
-    data = instantiate(data_cfg)  # NER: the held-out documents of this pretraining split are its dev and test
+    data = instantiate(data_cfg)  # NER: the held-out documents of the pretraining split are its dev and test
     data.prepare(tokenizer, seed)
     return tasks.load_ner(data)
 
@@ -207,7 +271,7 @@ def finetune_once(task, splits: dict, encoded: dict, path: Path, init: str, seed
     # warm-up over task.warmup_fraction of the fine-tuning steps (the step count never ends it first)
     ocfg = OmegaConf.merge(optim_cfg, {"lr": float(tc.lr), "warmup_steps": 10**9, "warmup_fraction": float(tc.warmup_fraction)})
     optimizer = build_optimizer(ocfg, model)
-    scheduler = build_scheduler(ocfg, optimizer, by_budget=True)
+    scheduler = build_scheduler(ocfg, optimizer)
     clip = ocfg.get("grad_clip")
     clip = float(clip) if clip is not None and float(clip) > 0 else None
     params = [q for q in model.parameters() if q.requires_grad]
@@ -347,9 +411,10 @@ def _write_result(path: Path, key: str, result: dict, what: dict) -> None:
 
 
 def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, out_dir: Path, logger_cfg: dict | None,
-                 seed: int, info: dict) -> dict:
+                 seed: int, info: dict, typed_data: dict | None = None) -> dict:
     """Fine-tune `path` on task `tc` over its seeds, from the pretrained weights and from random init; write
-    each run's result as it ends, then `out_dir/summary.json`; return the summary."""
+    each run's result as it ends, then `out_dir/summary.json`; return the summary. NER's dev and test follow the
+    checkpoint's pretraining split (`ner_split`; `typed_data`: the data.* settings typed on the command line)."""
     import time
 
     import transformers
@@ -366,6 +431,12 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
         raise ConfigError(f"model.path: {path} is not a model directory (no config.json); use e.g. RUN/checkpoints/last")
     device = resolve_device(str(trainer_cfg.device))
     precision = resolve_precision(str(trainer_cfg.precision), device)
+    pretrain_split = None
+    if tc.name == "ner":
+        data_cfg, pretrain_split = ner_split(data_cfg, path, typed_data)
+        log.info("NER dev and test: the held-out documents of the pretraining split (data.split_seed=%s, "
+                 "data.val_fraction=%s, from %s)", pretrain_split["split_seed"], pretrain_split["val_fraction"],
+                 pretrain_split["from"])
     tokenizer = load_tokenizer(path)
     task = load_task(tc.name, data_cfg, tokenizer, seed)
     splits = task.splits()
@@ -448,7 +519,7 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
                 step0 += r["steps"]
                 results[init].append(r)
         metric = "accuracy" if task.kind == "sequence" else "entity F1"
-        summary = {"task": tc.name, "metric": metric, "baseline": base, **origin,
+        summary = {"task": tc.name, "metric": metric, "baseline": base, **origin, "pretrain_split": pretrain_split,
                    **{init: {"dev": stats([r["dev"] for r in rs]), "test": stats([r["test"] for r in rs]),
                              "source": [source[(init, s)] for s in range(1, len(rs) + 1)]}
                       for init, rs in results.items()},

@@ -16,8 +16,6 @@ from bertexp.errors import BertexpError, Interrupted
 
 log = logging.getLogger("bertexp")
 STATUS_FILE = "status.json"
-JOB_CONFIG_FILE = "job_config.json"  # the job's composed config as first launched; a re-launch must match it
-RESUME_INSENSITIVE = ("trainer.resume",)
 
 
 def run_info(cfg: DictConfig) -> dict:
@@ -115,53 +113,23 @@ def read_status(run_dir: Path) -> dict:
         return {}
 
 
-def _flat_config(cfg: DictConfig) -> dict:
-    from omegaconf import OmegaConf
-
-    from bertexp.compare import _flatten
-
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
-    return {k: v for k, v in flat.items() if k not in RESUME_INSENSITIVE}
-
-
-def check_relaunch(cfg: DictConfig, run_dir: Path, job_num) -> dict:
-    """A job re-launched into its old dir (a sweep re-run with the same hydra.sweep.dir) must have the same
-    composed config as the first launch, or the dir would mix two experiments. Records the config on the
-    first launch; returns the dir's previous status ({} if none)."""
+def _claim(cfg: DictConfig, run_dir: Path, hc, multirun: bool):
+    """Lock the run dir and check that this launch may train in it (bertexp.rundir). A sweep's record of its
+    command line (multirun.yaml, rewritten by Hydra on every launch) is put back too when a job is refused."""
     import shutil
 
-    record = Path(run_dir) / JOB_CONFIG_FILE
-    hydra_dir, first = Path(run_dir) / ".hydra", Path(run_dir) / ".hydra.first"
-    flat = _flat_config(cfg)
+    from bertexp.rundir import claim
+
     sweep_record = Path(run_dir).parent / "multirun.yaml"
     sweep_first = Path(run_dir).parent / "multirun.first.yaml"
-    if sweep_record.is_file() and not sweep_first.is_file():
+    if multirun and sweep_record.is_file() and not sweep_first.is_file():
         shutil.copy(sweep_record, sweep_first)
-    previous = read_status(run_dir)
-    if record.is_file():
-        old = json.loads(record.read_text())
-        diff = sorted(k for k in set(old) | set(flat) if json.dumps(old.get(k), default=str) != json.dumps(flat.get(k), default=str))
-        never_trained = previous.get("status") == "failed" and not (Path(run_dir) / "checkpoints").is_dir()
-        if diff and never_trained:  # e.g. a bad value fixed on the command line: nothing of it to keep
-            log.warning("job %s failed before its first checkpoint; starting it afresh with its new config", job_num)
-            record.write_text(json.dumps(flat, default=str, indent=0))
-            if hydra_dir.is_dir():
-                shutil.copytree(hydra_dir, first, dirs_exist_ok=True)
-            return {}
-        if diff:
-            if first.is_dir():  # Hydra has just written the new config over the old one: put the old one back
-                shutil.copytree(first, hydra_dir, dirs_exist_ok=True)
-            if sweep_first.is_file():  # and the sweep's record of its command line
-                shutil.copy(sweep_first, sweep_record)
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {flat.get(k)!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")
-            raise BertexpError(f"job {job_num} ({run_dir}) was first run with another config ({shown}); re-run "
-                               "the sweep with its original command, or use a new hydra.sweep.dir")
-    else:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(flat, default=str, indent=0))
-        if hydra_dir.is_dir():
-            shutil.copytree(hydra_dir, first, dirs_exist_ok=True)
-    return previous
+    try:
+        return claim(cfg, run_dir, sweep_job=hc.job.num if multirun else None)
+    except BertexpError:
+        if multirun and sweep_first.is_file():
+            shutil.copy(sweep_first, sweep_record)
+        raise
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
@@ -184,32 +152,42 @@ def run_job(cfg: DictConfig) -> float | None:
     if not is_main_process():  # under torchrun: rank 0 speaks and writes for all
         logging.getLogger().setLevel(logging.WARNING)
         return _run_quiet_rank(cfg, run_dir, info, run_training)
-    for name in (cfg.trainer.get("downstream") or []) if not cfg.get("task") else []:
+    if not cfg.get("task") and cfg.trainer.get("downstream"):
         try:
-            from bertexp.finetune import task_config
+            from bertexp.finetune import check_downstream
 
-            task_config(str(name))  # an unknown task is an error now, not after an hour of pretraining
+            check_downstream(cfg)  # now, not after an hour of pretraining
         except BertexpError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    if info["multirun"]:
-        try:
-            previous = check_relaunch(cfg, run_dir, hc.job.num)
-        except BertexpError as e:  # the whole sweep stops: going on would mix two experiments' results
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        if previous.get("status") == "completed":
-            log.info("Job %s (%s) already completed in %s: not run again, its files untouched", hc.job.num,
-                     info["name"], run_dir)
-            return previous.get("result")
-        if previous:
-            log.info("Job %s (%s) was %s: resuming it in %s", hc.job.num, info["name"], previous.get("status"), run_dir)
+    try:
+        claimed = _claim(cfg, run_dir, hc, info["multirun"])
+    except BertexpError as e:  # a sweep stops whole: going on would mix two experiments' results
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        return _run_claimed(cfg, run_dir, info, hc, claimed, run_training)
+    finally:
+        claimed.release()
+
+
+def _run_claimed(cfg: DictConfig, run_dir: Path, info: dict, hc, claimed, run_training) -> float | None:
+    previous = claimed.previous_status
+    if claimed.skip:
+        log.info("Job %s (%s) already completed in %s: not run again, its files untouched", hc.job.num,
+                 info["name"], run_dir)
+        return previous.get("result")
+    if info["multirun"] and previous:
+        log.info("Job %s (%s) was %s: resuming it in %s", hc.job.num, info["name"], previous.get("status"), run_dir)
+    info = {**info, "branch": claimed.branch, "changes": claimed.changes}
     write_status(run_dir, "running", name=info["name"])
     try:
         try:
-            final = run_task(cfg, run_dir, info) if cfg.get("task") else run_training(cfg, run_dir, info)
-            if not cfg.get("task"):
-                final.update(run_downstream(cfg, run_dir, info))
+            if cfg.get("task"):
+                final = run_task(cfg, run_dir, info)
+            else:
+                final = run_training(cfg, run_dir, info)
+                final.update(_downstream_kept_apart(cfg, run_dir, info))
         except InstantiationException as e:  # Hydra wraps what a _target_ raised: show the user's error
             raise _user_error(e) or e
     except Interrupted as e:
@@ -249,8 +227,27 @@ def run_job(cfg: DictConfig) -> float | None:
             return float("nan")
         raise
     result = final.get("final/eval/mlm_acc")
-    write_status(run_dir, "completed", name=info["name"], result=result)
+    write_status(run_dir, "completed", name=info["name"], result=result, **final.get("status", {}))
+    failed = final.get("status", {}).get("downstream_error")
+    if failed and not info["multirun"]:
+        print(f"error: {failed} (pretraining completed: its checkpoints and metrics are in {run_dir})", file=sys.stderr)
+        sys.exit(2)
     return result
+
+
+def _downstream_kept_apart(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
+    """trainer.downstream after a completed pretraining run. A failure there is the downstream's: the
+    pretraining stays completed (its results count in comparisons and seed groups), with the error beside it."""
+    try:
+        return run_downstream(cfg, run_dir, info)
+    except Interrupted:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported in status.json and the sweep summary, not lost
+        user = _user_error(e)
+        msg = str(user or f"{type(e).__name__}: {e}").splitlines()[0]
+        if user is None:
+            log.exception("downstream evaluation failed")
+        return {"status": {"downstream_error": f"downstream: {msg}", "error": f"downstream: {msg}"}}
 
 
 def _logger(cfg: DictConfig) -> dict | None:
@@ -269,10 +266,20 @@ def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
 
         raise ConfigError(f"task={cfg.task.name} needs model.path=DIR (a pretraining run's checkpoints/last, or "
                           "a local pretrained BERT directory)")
+    typed = {k[len("data."):]: cfg.data.get(k[len("data."):]) for k in _typed_keys() if k.startswith("data.")}
     summary = run_finetune(cfg.task, user_path(cfg.model.path), cfg.data, cfg.optim, cfg.trainer, run_dir,
-                           _logger(cfg), int(cfg.seed), info)
+                           _logger(cfg), int(cfg.seed), info, typed_data=typed)
     # what a sweeper optimises over fine-tuning settings: dev, never test
-    return {"final/eval/mlm_acc": summary["pretrained"]["dev"]["mean"]}
+    out = {"final/eval/mlm_acc": summary["pretrained"]["dev"]["mean"]}
+    if summary.get("pretrain_split"):
+        out["status"] = {"pretrain_split": summary["pretrain_split"]}
+    return out
+
+
+def _typed_keys() -> list[str]:
+    """The keys the user set on the command line (not Hydra's own)."""
+    overrides = HydraConfig.get().overrides.task
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o and not o.startswith(("hydra.", "hydra/"))]
 
 
 def run_downstream(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
@@ -281,17 +288,14 @@ def run_downstream(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
     `trainer.downstream_every_checkpoint=true` also fine-tunes every earlier checkpoint still on disk (into
     RUN/downstream/TASK/steps/step_N/) and writes the downstream-vs-pretraining-step curve, curve.csv (random
     init is trained once: its results are reused for every checkpoint)."""
-    from omegaconf import OmegaConf
-
     from bertexp.checkpoint import checkpoint_dirs
-    from bertexp.finetune import run_finetune, task_config
+    from bertexp.finetune import downstream_configs, run_finetune
 
     out = {}
     last = (run_dir / "checkpoints" / "last").resolve()
     every = bool(cfg.trainer.get("downstream_every_checkpoint", False))
     points = [p for _, p in checkpoint_dirs(run_dir) if p.resolve() != last] if every else []
-    for name in cfg.trainer.get("downstream") or []:
-        tc = OmegaConf.merge(task_config(name), cfg.trainer.get("downstream_settings") or {})
+    for name, tc in downstream_configs(cfg.trainer).items():
         curve = []
         for ckpt in [*points, run_dir / "checkpoints" / "last"]:
             final = ckpt not in points

@@ -4,8 +4,9 @@ The optimizer itself comes from the config (`optim.optimizer`, a `_partial_` `_t
 decides which parameters get weight decay (not biases, not LayerNorm, as in BERT) and the schedule: linear
 warm-up to `optim.lr` over `warmup_steps` steps, then linear decay to `min_lr_ratio * lr` at the end of the
 run, as a function of the fraction of the run done (bertexp.budget), so a time-, token- or FLOP-budgeted run
-reaches its final learning rate exactly when its budget ends. Warm-up lasts `warmup_steps` steps; on a
-budget, it also ends at `warmup_fraction` of the run if that comes first.
+reaches its final learning rate exactly when its budget ends. Warm-up lasts `warmup_steps` steps, or
+`warmup_fraction` of the run if that comes first: a short run (or a slow one on a budget) still finishes its
+warm-up and ends at its final lr.
 """
 from __future__ import annotations
 
@@ -87,9 +88,10 @@ class ProgressLR:
         """Nothing to restore (the lr is a function of the run state); older checkpoints hold LambdaLR's."""
 
 
-def build_scheduler(cfg, optimizer, by_budget: bool = False) -> ProgressLR:
-    """`optim.warmup_fraction` caps warm-up only for a run that a budget ends (a slow run must not spend its
-    budget warming up); a run that max_steps ends warms up for exactly `optim.warmup_steps` steps."""
+def build_scheduler(cfg, optimizer) -> ProgressLR:
+    """Warm-up ends after `optim.warmup_steps` steps or at `optim.warmup_fraction` of the run, whichever comes
+    first, so a run shorter than its warm-up (max_steps=40 with warmup_steps=100) still reaches its peak and
+    decays to its final lr by the end."""
     warmup = int(cfg.warmup_steps)
     if warmup < 0:
         raise ConfigError(f"optim.warmup_steps={warmup} must be >= 0")
@@ -98,5 +100,5 @@ def build_scheduler(cfg, optimizer, by_budget: bool = False) -> ProgressLR:
         raise ConfigError(f"optim.warmup_fraction={fraction} must be in [0, 1) (or null: warm-up by steps only)")
     if not 0.0 <= float(cfg.min_lr_ratio) <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
-    return ProgressLR(optimizer, warmup, None if fraction is None or not by_budget else float(fraction),
+    return ProgressLR(optimizer, warmup, None if fraction is None else float(fraction),
                       float(cfg.min_lr_ratio))

@@ -121,6 +121,7 @@ class TrainerSchema:
     save_every: int = 250
     keep_checkpoints: int = 2
     resume: str = "auto"
+    allow_changes: List[str] = field(default_factory=list)
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False

@@ -51,7 +51,8 @@ class SweepSummary(Callback):
         if runs is None:
             return
         log_summary_to_wandb(config, sweep_dir)
-        failed = sum(1 for r in runs if r["status"] in ("failed", "interrupted"))
+        failed = sum(1 for r in runs if r["status"] in ("failed", "interrupted") or r.get("downstream_error"))
         if failed:
-            print(f"{failed} job(s) of this sweep failed: see the error column above.", file=sys.stderr)
+            print(f"{failed} job(s) of this sweep failed (or their downstream evaluation did): see the error column "
+                  "above.", file=sys.stderr)
             sys.exit(1)

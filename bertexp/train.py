@@ -43,14 +43,12 @@ from bertexp.modeling import PretrainingObjective, encoder_params, fit_attention
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
+from bertexp.rundir import NO_RESUME, RUN_CONFIG, flat_config, provenance, record_provenance, resume_target
 from bertexp.tracking import NullTracker, Tracker, saved_wandb_id
 
 log = logging.getLogger(__name__)
 # Exit codes 128 + signal number. SIGUSR1 is SLURM's usual pre-emption warning; SIGUSR2 is submitit's.
 _SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGUSR2: 140}
-
-
-NO_RESUME = ("never", "false", "False", "none", "None")  # trainer.resume values that start afresh
 
 
 def process_age() -> float:
@@ -195,7 +193,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
             )
     masker = instantiate(cfg.masking)  # validates masking.* before any slow work
     make_objective = instantiate(cfg.objective)  # likewise objective.*
-    resume_from = _resume_checkpoint(run_dir, str(tc.resume))
+    resume_from = resume_target(run_dir, str(tc.resume))
     tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
     data.prepare(tokenizer, int(cfg.seed))
     masker.bind(Vocab.from_tokenizer(tokenizer))
@@ -218,8 +216,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
              precision, f", {dist.world} ranks" if dist.enabled else "")
     log.info("Instantiating optimizer <%s>", cfg.optim.optimizer._target_)
     optimizer = build_optimizer(cfg.optim, model)
-    # warm-up is capped at optim.warmup_fraction of the run only when a budget ends it (bertexp.optim)
-    scheduler = build_scheduler(cfg.optim, optimizer, by_budget=not budget.by_steps)
+    scheduler = build_scheduler(cfg.optim, optimizer)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from)
 
@@ -302,15 +299,29 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     parts = build(cfg, run_dir, device, dist, budget)
     state = restore(parts, budget)
     exam, exam_batches, baselines = prepare_exam(cfg, parts.data, parts.data.batch_size)
+    flat = flat_config(cfg)
     if state.exam_id not in (None, exam.exam_id):  # e.g. resumed with another trainer.exam_length
         log.warning("This run was scored on exam %s before the resume and on exam %s from now on: its best-so-far "
                     "values start afresh, and comparisons will not rank it", state.exam_id, exam.exam_id)
         state.best = {}
     state.exam_id = exam.exam_id
     config = OmegaConf.to_container(cfg, resolve=True)
-    # A job cut off before its first checkpoint (a sweep re-run, a requeue) keeps its W&B run id too.
-    fresh_by_request = str(tc.resume) in NO_RESUME
-    resume_id = state.wandb_id or (None if fresh_by_request else saved_wandb_id(run_dir))
+    resumed_here = parts.resume_from is not None and Path(run_dir).resolve() in parts.resume_from.resolve().parents
+    branch = run_info.get("branch")
+    lineage = {"resumed_from": str(parts.resume_from) if parts.resume_from else None, "branch": branch,
+               "config_changes": {k: list(v) for k, v in (run_info.get("changes") or {}).items()}}
+    attempt = provenance(step=state.step, tokens_build=_tokens_build(parts.data), vocab=str(parts.tokenizer.name_or_path),
+                         exam_id=exam.exam_id, **lineage)
+    if dist.main:
+        record_provenance(run_dir, attempt)
+    config["provenance"] = attempt
+    # The W&B run continues only what this run dir itself trained: a rollback, a fresh start in a used dir, or
+    # another dir's checkpoint get a W&B run of their own (the config names where they branched off). A job cut
+    # off before its first checkpoint (a sweep re-run, a requeue) keeps its W&B run id.
+    if branch or (parts.resume_from is not None and not resumed_here) or str(tc.resume) in NO_RESUME:
+        resume_id = None
+    else:
+        resume_id = state.wandb_id or saved_wandb_id(run_dir)
     tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, resume_id) if dist.main else NullTracker()
     tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
     state.wandb_id = tracker.run_id
@@ -331,7 +342,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
             run_dir, state.step, parts.model, parts.tokenizer,
             {"run": state.to_dict(), "optimizer": parts.optimizer.state_dict(),
              "scheduler": parts.scheduler.state_dict(), "config": config},
-            keep=int(tc.keep_checkpoints),
+            keep=int(tc.keep_checkpoints), files={RUN_CONFIG: flat},
         )
 
     step_fn = Stepper(cfg, parts, run_dir, dist, device)
@@ -581,15 +592,11 @@ def describe_final(final: dict, baselines: dict) -> str:
             f"{final.get('final/eval/nsp_acc', float('nan')):.3f}; {f'{tps:.0f}' if tps else 'n/a'} tokens/s")
 
 
-def _resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    if resume in NO_RESUME:
+def _tokens_build(data) -> str | None:
+    try:
+        return json.loads((Path(data.tokens_dir) / "meta.json").read_text()).get("build")
+    except (OSError, ValueError, AttributeError):
         return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise CheckpointError(f"trainer.resume: {path} is not a checkpoint (no trainer_state.pt)")
-    return path
 
 
 def _logger_dict(cfg: DictConfig) -> dict | None:

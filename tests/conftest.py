@@ -87,3 +87,21 @@ def pd_data():
     tok = spec.tokenizer(data)
     data.prepare(tok, seed=0)
     return data, tok
+
+
+def run_main(monkeypatch, args: list[str]) -> int:
+    """`python run.py ARGS` in this process (Hydra's real entry point, bertexp.job and all), so failures can be
+    injected where they happen; returns the exit code (0 when it returned)."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "run.py"), *args])
+    GlobalHydra.instance().clear()
+    try:
+        runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        GlobalHydra.instance().clear()
+    return 0

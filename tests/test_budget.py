@@ -106,3 +106,14 @@ def test_budget_progress_is_the_furthest_budget():
 def test_bad_budgets_are_config_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         Budget.from_config(compose([override]).trainer)
+
+
+def test_a_run_shorter_than_its_warmup_still_warms_up_and_ends_at_the_final_lr(tmp_path):
+    """warmup_steps=100 with max_steps=40: warm-up ends at optim.warmup_fraction (0.04) of the run, so the lr
+    reaches its peak at step 2 and decays to the final lr at step 40 (it used to end at 8e-4, still warming up)."""
+    run_in_process(tmp_path, [*FAST, "trainer.max_steps=40", "optim.warmup_steps=100", "optim.warmup_fraction=0.04"])
+    lrs = [r["train/lr"] for r in _train_records(tmp_path)]
+    assert len(lrs) == 40
+    assert lrs[-1] == pytest.approx(FINAL, abs=1e-12)
+    assert max(lrs) == pytest.approx(PEAK, rel=0.05) and lrs.index(max(lrs)) <= 2
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # decaying after warm-up

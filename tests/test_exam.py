@@ -106,3 +106,20 @@ def test_neighbour_tables_count_the_training_split():
     assert got["left_neighbour"].tolist() == [2, 2, 3, 1]  # unseen left (5): the most frequent token
     assert got["neighbours"].tolist() == [2, 2, 3, 1]  # unseen pairs fall back to the left table
     assert cb.predict(np.array([1]), np.array([3]))["neighbours"].tolist() == [2]
+
+
+def test_exam_id_covers_the_nsp_answer_key(pd_data):
+    """The same questions with another NSP answer key are another exam: flipping any label changes the id."""
+    from bertexp.data.pairs import LABEL
+    from bertexp.exam import build_exam
+
+    data, _ = pd_data
+    examples, _ = data.heldout_examples(128, 0.1)
+    exam = build_exam(examples, data.tokens.ids, 128, 0, 256)
+    for rows in (slice(None), [0]):  # every label flipped, or one
+        flipped = exam.examples.copy()
+        flipped[rows, LABEL] = 1 - flipped[rows, LABEL]
+        other = build_exam(flipped, data.tokens.ids, 128, 0, None)
+        assert np.array_equal(other.blank_pos, exam.blank_pos)  # the same blanks: only the answer key moved
+        assert other.exam_id != exam.exam_id
+    assert build_exam(exam.examples.copy(), data.tokens.ids, 128, 0, None).exam_id == exam.exam_id

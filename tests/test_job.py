@@ -7,26 +7,14 @@ from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
-from conftest import ROOT, signal_at_training_call
+from conftest import run_main, signal_at_training_call
 
 TINY = ["trainer=smoke", "trainer.max_steps=2", "logger=none"]
 
 
 def _multirun(monkeypatch, sweep_dir, args):
     """`python run.py -m ARGS` in this process; returns the SystemExit code (None when it returned)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    import runpy
-
-    monkeypatch.setattr(sys, "argv", [str(ROOT / "run.py"), "-m", *args, f"hydra.sweep.dir={sweep_dir}"])
-    GlobalHydra.instance().clear()
-    try:
-        runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
-    except SystemExit as e:
-        return e.code
-    finally:
-        GlobalHydra.instance().clear()
-    return None
+    return run_main(monkeypatch, ["-m", *args, f"hydra.sweep.dir={sweep_dir}"]) or None
 
 
 def _status(d):

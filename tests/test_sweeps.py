@@ -222,4 +222,4 @@ def test_a_job_that_failed_on_a_bad_value_can_be_fixed_in_place(tmp_path):
     r = run_cli(["-m", *TINY, "masking.ratio=0.15,0.5", f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert _statuses(d) == ["completed", "completed"] and (d / "0" / "metrics.jsonl").read_bytes() == before
-    assert json.loads((d / "1" / "job_config.json").read_text())["masking.ratio"] == 0.5
+    assert json.loads((d / "1" / "run_config.json").read_text())["masking.ratio"] == 0.5

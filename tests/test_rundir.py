@@ -1,0 +1,174 @@
+"""A run dir belongs to one experiment (bertexp.rundir): a resume that would change the result is refused and
+leaves the dir as it was, two runs never share a dir, a rollback moves the abandoned branch aside, and every
+attempt records its provenance."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from bertexp.checkpoint import checkpoint_dirs
+from bertexp.tracking import read_metrics
+from conftest import ROOT, run_cli, run_main
+from wandb_reader import inspect, wandb_files
+
+SMOKE = ["trainer=smoke", "trainer.exam_pairs=32"]
+
+
+def _job(monkeypatch, run_dir, args) -> int:
+    return run_main(monkeypatch, [*args, f"hydra.run.dir={run_dir}"])
+
+
+def _train_steps(run_dir):
+    return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+@pytest.mark.slow
+def test_resuming_with_other_values_is_refused_and_the_run_keeps_its_config(tmp_path):
+    """The issue's acceptance, as typed: a finished run at ratio 0.15 in D, then ratio 0.4 into D: exit 2 with
+    one line naming masking.ratio; D's .hydra files, W&B run, metrics and status still say what it trained."""
+    d = tmp_path / "D"
+    r = run_cli([*SMOKE, "logger.mode=offline", f"hydra.run.dir={d}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = {f: (d / f).read_bytes() for f in ("metrics.jsonl", "status.json", ".hydra/config.yaml", ".hydra/overrides.yaml")}
+    r = run_cli([*SMOKE, "logger.mode=offline", "masking.ratio=0.4", "optim.lr=1e-4", f"hydra.run.dir={d}"])
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "masking.ratio: 0.15 -> 0.4" in errors[0] and "optim.lr" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert {f: (d / f).read_bytes() for f in before} == before
+    assert OmegaConf.load(d / ".hydra" / "config.yaml").masking.ratio == 0.15
+    files = wandb_files(d)
+    assert len(files) == 1 and inspect(files[0])["run"]["config"]["update"]["masking"]["ratio"] == 0.15
+
+
+def test_a_checkpoint_continued_in_a_new_dir_with_other_values_is_refused(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _job(monkeypatch, a, [*SMOKE, "logger=none"]) == 0
+    code = _job(monkeypatch, b, [*SMOKE, "logger=none", "masking.ratio=0.4", f"trainer.resume={a}/checkpoints/last"])
+    assert code == 2 and not checkpoint_dirs(b)
+    # with the same values it continues (a new dir, a new W&B run: it is not the first dir's run any more)
+    assert _job(monkeypatch, b, [*SMOKE, "logger=none", "trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]",
+                                 f"trainer.resume={a}/checkpoints/last"]) == 0
+    assert _train_steps(b) == [5, 6] and [s for s, _ in checkpoint_dirs(b)] == [6]
+    change = json.loads((b / "config_changes.jsonl").read_text().splitlines()[0])
+    assert change == {"step": 4, "changes": {"trainer.max_steps": [4, 6]}, "time": change["time"]}
+
+
+def test_allowed_changes_are_recorded_and_unknown_keys_refused(tmp_path, monkeypatch):
+    d = tmp_path / "run"
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none"]) == 0
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "trainer.max_steps=6"]) == 2  # not allowed: refused
+    assert _train_steps(d) == [1, 2, 3, 4]
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "trainer.max_steps=6", "trainer.allow_changes=[trainer.maxsteps]"]) == 2
+    # keys that cannot change what is trained may differ freely
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]",
+                                 "trainer.log_every=2", "data.num_workers=0"]) == 0
+    assert _train_steps(d) == [1, 2, 3, 4, 6]
+    assert json.loads((d / "run_config.json").read_text())["trainer.max_steps"] == 6
+    assert json.loads((d / "checkpoints" / "last" / "run_config.json").read_text())["trainer.max_steps"] == 6
+    assert [json.loads(line)["changes"] for line in (d / "config_changes.jsonl").read_text().splitlines()] == [
+        {"trainer.max_steps": [4, 6]}]
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_get_two_dirs(tmp_path):
+    """`for r in 0.2 0.3; do python run.py masking.ratio=$r & done`: two dirs, each with its own run."""
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), *SMOKE, "logger=none", f"masking.ratio={r}"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0.2, 0.3)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    dirs = sorted(p.parent.parent for p in (tmp_path / "outputs").rglob(".hydra/config.yaml"))
+    assert len(dirs) == 2
+    ratios = sorted(OmegaConf.load(d / ".hydra" / "config.yaml").masking.ratio for d in dirs)
+    assert ratios == [0.2, 0.3]
+    for d in dirs:
+        assert json.loads((d / "status.json").read_text())["status"] == "completed"
+        assert _train_steps(d) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_run_dir_is_locked_while_a_live_process_writes_it(tmp_path):
+    d = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "run.py"), *SMOKE, "logger=none", "trainer.max_steps=400", f"hydra.run.dir={d}"]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not _train_steps(d):
+            assert first.poll() is None and time.time() < deadline, "the first run did not start training"
+            time.sleep(0.2)
+        r = run_cli([*SMOKE, "logger=none", "masking.ratio=0.3", f"hydra.run.dir={d}"])
+        assert r.returncode == 2 and "is in use by a running job" in r.stderr, r.stderr[-2000:]
+        assert f"pid {first.pid}" in r.stderr
+        assert "masking.ratio" not in (d / ".hydra" / "overrides.yaml").read_text()  # the live run's files put back
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_rollback_moves_the_abandoned_branch_aside(tmp_path, monkeypatch):
+    """trainer.resume=RUN/checkpoints/step_2 in RUN: the later checkpoints and the records after step 2 move
+    to RUN/abandoned/ (nothing deleted), metrics.jsonl holds one branch, the new checkpoint is not pruned
+    by the old ones (keep_checkpoints=1), resume=auto then follows the new branch, and W&B gets a new run."""
+    d = tmp_path / "run"
+    base = [*SMOKE, "logger.mode=offline", "trainer.max_steps=6", "trainer.keep_checkpoints=0"]
+    assert _job(monkeypatch, d, base) == 0
+    old_metrics = (d / "metrics.jsonl").read_text()
+    old_id = (d / "wandb_id").read_text()
+    assert _job(monkeypatch, d, [*base, "trainer.keep_checkpoints=1", f"trainer.resume={d}/checkpoints/step_0000002",
+                                 "trainer.max_steps=4", "trainer.allow_changes=[trainer.max_steps]"]) == 0
+    abandoned = list((d / "abandoned").iterdir())
+    assert len(abandoned) == 1 and abandoned[0].name.endswith("rolled-back-to-step_0000002")
+    assert sorted(p.name for p in (abandoned[0] / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    assert (abandoned[0] / "metrics.jsonl").read_text() == old_metrics
+    assert _train_steps(d) == [1, 2, 3, 4]  # one branch: the old steps 3-6 are gone from it
+    assert [s for s, _ in checkpoint_dirs(d)] == [4] and (d / "checkpoints" / "last").resolve().name == "step_0000004"
+    new_id = (d / "wandb_id").read_text()
+    assert new_id != old_id
+    run = inspect(sorted(wandb_files(d))[-1])["run"]
+    assert run["config"]["update"]["provenance"]["branch"]["previous_wandb_id"] == old_id
+    # the next plain resume continues the new branch
+    assert _job(monkeypatch, d, [*base, "trainer.keep_checkpoints=1", "trainer.max_steps=5",
+                                 "trainer.allow_changes=[trainer.max_steps]"]) == 0
+    assert _train_steps(d) == [1, 2, 3, 4, 5] and (d / "wandb_id").read_text() == new_id
+
+
+def test_a_fresh_start_in_a_used_dir_moves_the_old_run_aside(tmp_path, monkeypatch):
+    d = tmp_path / "run"
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none"]) == 0
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "masking.ratio=0.3", "trainer.resume=never",
+                                 "trainer.max_steps=2"]) == 0
+    (old,) = (d / "abandoned").iterdir()
+    assert old.name.endswith("fresh-start")
+    assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    assert _train_steps(d) == [1, 2] and [s for s, _ in checkpoint_dirs(d)] == [2]
+    assert json.loads((d / "checkpoints" / "last" / "run_config.json").read_text())["masking.ratio"] == 0.3
+
+
+def test_provenance_names_the_code_packages_tokens_and_exam(tmp_path, monkeypatch):
+    import torch
+    import transformers
+
+    d = tmp_path / "run"
+    assert _job(monkeypatch, d, [*SMOKE, "logger.mode=offline"]) == 0
+    (attempt,) = json.loads((d / "provenance.json").read_text())["attempts"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout.strip())
+    assert attempt["commit"] == head and attempt["dirty"] is dirty
+    assert attempt["packages"]["torch"] == torch.__version__
+    assert attempt["packages"]["transformers"] == transformers.__version__
+    evals = [r for r in read_metrics(d / "metrics.jsonl") if "eval/exam_id" in r]
+    assert {r["eval/exam_id"] for r in evals} == {attempt["exam_id"]}
+    from bertexp.data.cache import cache_root
+
+    builds = {json.loads(m.read_text())["build"] for m in cache_root(None).glob("tokens-*/meta.json")}
+    assert attempt["tokens_build"] in builds
+    config = inspect(wandb_files(d)[0])["run"]["config"]["update"]
+    assert config["provenance"]["commit"] == head and config["provenance"]["exam_id"] == attempt["exam_id"]
+    resolved = json.loads((d / "run_config.json").read_text())
+    assert resolved["masking.ratio"] == 0.15 and resolved["logger.mode"] == "offline"
