@@ -2,6 +2,9 @@
 
 Thin by design: Hydra composes conf/, bertexp.job runs one job.
 """
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -17,4 +20,15 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from bertexp.errors import config_error_line
+
+    full_error = "HYDRA_FULL_ERROR" in os.environ  # the user asked for Hydra's own report
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing; we print one line
+    try:
+        main()
+    except Exception as e:  # noqa: BLE001 - a bad command line is one line and exit 2; anything else is re-raised
+        line = None if full_error else config_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)

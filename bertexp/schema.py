@@ -1,6 +1,7 @@
 """Structured config schemas, one per group option, registered in Hydra's ConfigStore.
 
-Each YAML in conf/ names its schema first in its defaults list, so a wrong type (`data.batch_size=abc`)
+Each YAML in conf/ names its schema first in its defaults list (`- /schema/NAME@_here_`; the schemas live in a
+group of their own, so `masking=masking_schema` is no option), so a wrong type (`data.batch_size=abc`)
 or an unknown key (`optim.lrr=1e-4`) is rejected when the config is composed, before anything runs.
 Ranges (ratio in (0, 1), max_length >= 8, ...) are checked by the objects that use them, with messages
 that name the field, the value and the allowed range.
@@ -160,19 +161,19 @@ class LoggerSchema:
 
 
 SCHEMAS = {
-    ("data", "data_schema"): DataSchema,
-    ("data", "text_file_schema"): TextFileDataSchema,
-    ("model", "scratch_schema"): ScratchModelSchema,
-    ("model", "pretrained_schema"): PretrainedModelSchema,
-    ("optim", "optim_schema"): OptimSchema,
-    ("masking", "masking_schema"): MaskingSchema,
-    ("masking", "span_schema"): SpanMaskingSchema,
-    ("masking", "ngram_schema"): NgramMaskingSchema,
-    ("masking", "pmi_schema"): PmiMaskingSchema,
-    ("objective", "objective_schema"): ObjectiveSchema,
-    ("trainer", "trainer_schema"): TrainerSchema,
-    ("task", "task_schema"): TaskSchema,
-    ("logger", "logger_schema"): LoggerSchema,
+    "data_schema": DataSchema,
+    "text_file_schema": TextFileDataSchema,
+    "scratch_schema": ScratchModelSchema,
+    "pretrained_schema": PretrainedModelSchema,
+    "optim_schema": OptimSchema,
+    "masking_schema": MaskingSchema,
+    "span_schema": SpanMaskingSchema,
+    "ngram_schema": NgramMaskingSchema,
+    "pmi_schema": PmiMaskingSchema,
+    "objective_schema": ObjectiveSchema,
+    "trainer_schema": TrainerSchema,
+    "task_schema": TaskSchema,
+    "logger_schema": LoggerSchema,
 }
 
 
@@ -181,8 +182,8 @@ def register() -> None:
     # type-checks it; Hydra notes that matching as deprecated on every run. The check is what we want.
     warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
     cs = ConfigStore.instance()
-    for (group, name), node in SCHEMAS.items():
-        cs.store(group=group, name=name, node=node)
+    for name, node in SCHEMAS.items():  # a group of their own: never offered as an option of a real group
+        cs.store(group="schema", name=name, node=node)
 
 
 register()

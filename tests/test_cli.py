@@ -125,7 +125,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         results[i] = ("", text, int((tmp_path / f"case{i}.rc").read_text()))
     for i, (name, _, expected) in enumerate(cases):
         out, err, rc = results[i]
-        assert rc not in (0, 99), f"{name}: exit {rc}:\n{err[-1500:]}"
+        assert rc == 2, f"{name}: exit {rc}:\n{err[-1500:]}"
         assert expected in err, f"{name}: expected {expected!r} in stderr:\n{err[-1500:]}"
         assert "Traceback" not in err and "Traceback" not in out, f"{name}: traceback shown:\n{err[-1500:]}"
         line = next(l for l in err.splitlines() if expected in l)
