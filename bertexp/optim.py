@@ -2,9 +2,10 @@
 
 The optimizer itself comes from the config (`optim.optimizer`, a `_partial_` `_target_`); this module only
 decides which parameters get weight decay (not biases, not LayerNorm, as in BERT) and the schedule: linear
-warm-up to `optim.lr` over `warmup_steps` steps, then linear decay to `min_lr_ratio * lr` at the end of the
-run, as a function of the fraction of the run done (bertexp.budget), so a time-, token- or FLOP-budgeted run
-reaches its final learning rate exactly when its budget ends. Warm-up lasts `warmup_steps` steps, or
+warm-up to `optim.lr` over `warmup_steps` steps, then a decay to `min_lr_ratio * lr` at the end of the run
+(`optim.schedule`: linear, cosine, or warmup-stable-decay over the last `decay_fraction` of the run), as a
+function of the fraction of the run done (bertexp.budget), so a time-, token- or FLOP-budgeted run reaches
+its final learning rate exactly when its budget ends. Warm-up lasts `warmup_steps` steps, or
 `warmup_fraction` of the run if that comes first: a short run (or a slow one on a budget) still finishes its
 warm-up and ends at its final lr.
 """
@@ -50,14 +51,26 @@ def warmup_done(step: int, progress: float, warmup_steps: int, warmup_fraction: 
     return min(1.0, max(by_steps, by_share))
 
 
-def lr_factor(warm: float, progress: float, decay_from: float | None, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr: `warm` (< 1) during warm-up; after it, linear decay from 1 at `decay_from`
-    (the fraction of the run done when warm-up ended) to `min_lr_ratio` at the end of the run."""
+SCHEDULES = ("linear", "cosine", "wsd")
+
+
+def lr_factor(warm: float, progress: float, decay_from: float | None, min_lr_ratio: float, schedule: str = "linear",
+              decay_fraction: float = 0.2) -> float:
+    """Multiplier of the peak lr at `progress` (the fraction of the run done): `warm` (< 1) during warm-up;
+    after it, from 1 down to `min_lr_ratio` at the end of the run:
+    - linear: in a straight line from `decay_from` (the fraction done when warm-up ended);
+    - cosine: along half a cosine from `decay_from` (slow at both ends);
+    - wsd (warmup-stable-decay): 1 until the run's last `decay_fraction`, then in a straight line."""
     if warm < 1.0:
         return warm
     if decay_from is None or decay_from >= 1.0:
         return 1.0
-    f = min(1.0, max(0.0, (progress - decay_from) / (1.0 - decay_from)))
+    start = max(decay_from, 1.0 - decay_fraction) if schedule == "wsd" else decay_from
+    if start >= 1.0:
+        return 1.0
+    f = min(1.0, max(0.0, (progress - start) / (1.0 - start)))
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * f))
     return 1.0 - (1.0 - min_lr_ratio) * f
 
 
@@ -66,23 +79,25 @@ class ProgressLR:
     needs is in the run state, so a resume sets exactly the lr an uninterrupted run would."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, warmup_fraction: float | None,
-                 min_lr_ratio: float):
+                 min_lr_ratio: float, schedule: str = "linear", decay_fraction: float = 0.2):
         self.optimizer = optimizer
         self.warmup_steps, self.warmup_fraction, self.min_lr_ratio = warmup_steps, warmup_fraction, min_lr_ratio
+        self.schedule, self.decay_fraction = schedule, decay_fraction
         self.peaks = [g["lr"] for g in optimizer.param_groups]
 
     def warm(self, step: int, progress: float) -> float:
         return warmup_done(step, progress, self.warmup_steps, self.warmup_fraction)
 
     def set(self, step: int, progress: float, decay_from: float | None) -> float:
-        factor = lr_factor(self.warm(step, progress), progress, decay_from, self.min_lr_ratio)
+        factor = lr_factor(self.warm(step, progress), progress, decay_from, self.min_lr_ratio, self.schedule,
+                           self.decay_fraction)
         for g, peak in zip(self.optimizer.param_groups, self.peaks):
             g["lr"] = peak * factor
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
         return {"peaks": list(self.peaks), "warmup_steps": self.warmup_steps, "warmup_fraction": self.warmup_fraction,
-                "min_lr_ratio": self.min_lr_ratio}
+                "min_lr_ratio": self.min_lr_ratio, "schedule": self.schedule, "decay_fraction": self.decay_fraction}
 
     def load_state_dict(self, state: dict) -> None:
         """Nothing to restore (the lr is a function of the run state); older checkpoints hold LambdaLR's."""
@@ -100,5 +115,11 @@ def build_scheduler(cfg, optimizer) -> ProgressLR:
         raise ConfigError(f"optim.warmup_fraction={fraction} must be in [0, 1) (or null: warm-up by steps only)")
     if not 0.0 <= float(cfg.min_lr_ratio) <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
-    return ProgressLR(optimizer, warmup, None if fraction is None else float(fraction),
-                      float(cfg.min_lr_ratio))
+    schedule = str(cfg.get("schedule", "linear"))
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
+    decay = float(cfg.get("decay_fraction", 0.2))
+    if not 0.0 < decay <= 1.0:
+        raise ConfigError(f"optim.decay_fraction={decay:g} must be in (0, 1] (the share of the run the lr decays over)")
+    return ProgressLR(optimizer, warmup, None if fraction is None else float(fraction), float(cfg.min_lr_ratio),
+                      schedule, decay)

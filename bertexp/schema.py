@@ -66,6 +66,8 @@ class OptimSchema:
     warmup_steps: int = 100
     warmup_fraction: Optional[float] = 0.04
     min_lr_ratio: float = 0.1
+    schedule: str = "linear"
+    decay_fraction: float = 0.2
     grad_clip: Optional[float] = 1.0
     optimizer: Any = None
 

@@ -117,3 +117,60 @@ def test_a_run_shorter_than_its_warmup_still_warms_up_and_ends_at_the_final_lr(t
     assert lrs[-1] == pytest.approx(FINAL, abs=1e-12)
     assert max(lrs) == pytest.approx(PEAK, rel=0.05) and lrs.index(max(lrs)) <= 2
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # decaying after warm-up
+
+
+def _schedule_lr(schedule: str, progress: float, decay_fraction: float = 0.2) -> float:
+    """The schedules written out independently (no warm-up): PEAK at progress 0 to FINAL at progress 1."""
+    import math
+
+    if schedule == "cosine":
+        return FINAL + (PEAK - FINAL) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        start = 1 - decay_fraction
+        return PEAK if progress <= start else PEAK - (PEAK - FINAL) * (progress - start) / decay_fraction
+    return _lr_at(progress)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_lr_schedules_follow_their_formula_over_steps_and_over_a_budget(tmp_path, schedule):
+    """optim.schedule=cosine / wsd: each step's lr is the schedule's value where the step ends, over steps
+    (exactly; the first step, which cannot know its share yet, at the start) and over a token budget (within
+    one batch's share), ending at the final lr."""
+    run_in_process(tmp_path / "steps", [*FAST, "trainer.max_steps=10", f"optim.schedule={schedule}",
+                                        "optim.decay_fraction=0.3"])
+    recs = _train_records(tmp_path / "steps")
+    assert [r["train/lr"] for r in recs] == pytest.approx(
+        [_schedule_lr(schedule, k / 10, 0.3) for k in (0, *range(2, 11))], abs=1e-12)
+    if schedule == "wsd":
+        assert [r["train/lr"] for r in recs[:7]] == pytest.approx([PEAK] * 7)  # stable until the last 30%
+    run_in_process(tmp_path / "tokens", [*FAST, "trainer.max_tokens=40000", "data.batch_size=16",
+                                         f"optim.schedule={schedule}"])
+    recs = _train_records(tmp_path / "tokens")
+    assert recs[-1]["train/lr"] == pytest.approx(FINAL, abs=1e-12)
+    for r in recs[1:]:
+        # the lr of a step is set where it is expected to end: the progress before it plus the previous step's
+        ends = min(1.0, r["tokens"] / 40000)
+        assert r["train/lr"] == pytest.approx(_schedule_lr(schedule, ends), abs=0.05 * PEAK), r["step"]
+
+
+def test_a_resumed_run_follows_the_schedule_exactly(tmp_path, monkeypatch):
+    """A wsd run stopped by SIGTERM during step 4 and resumed logs exactly the lrs and losses of an
+    uninterrupted one."""
+    import signal
+
+    from bertexp.errors import Interrupted
+    from conftest import signal_at_training_call
+
+    args = [*FAST, "trainer.max_steps=8", "optim.schedule=wsd", "optim.decay_fraction=0.5"]
+    run_in_process(tmp_path / "full", args)
+    with monkeypatch.context() as m:
+        signal_at_training_call(m, signal.SIGTERM, 4)
+        with pytest.raises(Interrupted):
+            run_in_process(tmp_path / "cut", args)
+    assert [r["step"] for r in _train_records(tmp_path / "cut")] == [1, 2, 3, 4]
+    run_in_process(tmp_path / "cut", args)
+    full, cut = _train_records(tmp_path / "full"), _train_records(tmp_path / "cut")
+    assert [r["train/lr"] for r in full] == pytest.approx([_schedule_lr("wsd", k / 8, 0.5) for k in (0, *range(2, 9))],
+                                                          abs=1e-12)
+    assert [r["step"] for r in cut] == list(range(1, 9))
+    assert [(r["train/lr"], r["train/loss"]) for r in cut] == [(r["train/lr"], r["train/loss"]) for r in full]
