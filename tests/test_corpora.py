@@ -359,3 +359,36 @@ def test_decode_errors_name_the_byte_in_the_file(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=rf"{name} is not valid utf-8 at byte {at}\b"):
             for chunk in src.chunks():
                 parse_chunk(chunk)
+
+
+def test_a_large_corpus_of_small_files_is_keyed_and_trains(tmp_path, pd_docs, monkeypatch):
+    """Many files under 1 MB in a corpus too large to be hashed whole (an extracted Wikipedia dump, a sharded
+    corpus): the size threshold is lowered so that a few small files take that path. The key reads each file's
+    head and tail without seeking before its start; a file under 2 MB is keyed by all of its bytes (an edit in
+    its middle that keeps its size and time is seen); and the corpus trains."""
+    import os
+
+    monkeypatch.setattr(sources, "_HASH_WHOLE_BELOW", 32 << 10)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(4):
+        part = pd_docs[i * 30 : (i + 1) * 30]
+        (folder / f"wiki_{i:02d}.txt").write_text("\n\n".join("\n".join(d) for d in part) + "\n", encoding="utf-8")
+    sizes = [f.stat().st_size for f in folder.iterdir()]
+    assert sum(sizes) > sources._HASH_WHOLE_BELOW and max(sizes) < 1 << 20
+    key = TextFiles(str(folder)).fingerprint()
+
+    f = folder / "wiki_01.txt"
+    whole, st = f.read_bytes(), f.stat()
+    mid = whole.index("。".encode(), len(whole) // 2)
+    f.write_bytes(whole[:mid] + "！".encode() + whole[mid + 3 :])  # the same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same time
+    assert TextFiles(str(folder)).fingerprint() != key
+    f.write_bytes(whole)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert TextFiles(str(folder)).fingerprint() == key
+
+    run = tmp_path / "run"
+    final = run_in_process(run, ["logger=none", "data=text_file", f"data.path={folder}", "data.max_length=64",
+                                 f"data.cache_dir={tmp_path / 'cache'}", "trainer.exam_length=64", "model.vocab_size=3000"])
+    assert final["final/step"] == 4 and (run / "checkpoints" / "last" / "model.safetensors").is_file()
