@@ -255,7 +255,7 @@ def restore(parts: Parts, budget: Budget) -> RunState:
 def _baseline_scores(data, exam, batches) -> dict[str, float]:
     """The counting baselines' scores on the exam, cached on disk beside the tokens: every run of a sweep
     takes the same exam on the same training split, and counting it costs about a second each time."""
-    key = key_of(tokens=data.tokens_dir, split_seed=data.split_seed, val_fraction=data.val_fraction,
+    key = key_of(tokens=data.tokens_build_id, split_seed=data.split_seed, val_fraction=data.val_fraction,
                  exam=exam.exam_id, v=BASELINES_VERSION)
     path = data.cache / f"baselines-{key}.json"
     try:

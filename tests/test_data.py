@@ -334,3 +334,24 @@ def test_cache_entries_are_readable_as_the_umask_allows(tmp_path, monkeypatch):
         want = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == want, (path.relative_to(tmp_path), oct(path.stat().st_mode))
 
+
+def test_collocations_and_baselines_follow_the_tokens_build(tmp_path):
+    """The PMI collocations and the counting baselines' scores are keyed by the build of the token arrays (the
+    id in their meta.json), as epoch 0's pairs are: tokens rebuilt under the same folder name get new ones."""
+    from bertexp.data.collocations import build_collocations
+    from bertexp.train import prepare_exam
+    from conftest import compose
+
+    cfg = compose(["trainer=smoke", "trainer.exam_length=32"])
+
+    def derived():
+        data, tok = _essay_data(tmp_path)
+        build_collocations(data, tok, min_count=2)
+        prepare_exam(cfg, data, 8)
+        return len(list(tmp_path.glob("pmi-*"))), len(list(tmp_path.glob("baselines-*.json")))
+
+    assert derived() == (1, 1)
+    assert derived() == (1, 1)  # the same build: both found in the cache
+    meta = next(tmp_path.glob("tokens-*/meta.json"))
+    meta.write_text(meta.read_text().replace('"build": "', '"build": "0'))
+    assert derived() == (2, 2)

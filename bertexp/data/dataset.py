@@ -158,6 +158,13 @@ class PretrainingData:
         self.mask_id = tokenizer.mask_token_id
         self._split()
 
+    @property
+    def tokens_build_id(self) -> str:
+        """Names the token arrays by their build (their meta.json, new whenever they are written), not their
+        folder, for the caches of what is derived from them (pairs, collocations, counting baselines): a
+        folder rebuilt under the same name (after an upgrade of the tokenizer, say) gets new ones."""
+        return hashlib.sha1((Path(self.tokens_dir) / "meta.json").read_bytes()).hexdigest()
+
     def _split(self) -> None:
         """Choose the held-out documents (a function of `split_seed` and `val_fraction` alone) and cut the
         training documents into segments of at most half a pair each."""
@@ -244,10 +251,8 @@ class PretrainingData:
         documents, seed and pair settings built them: on a corpus of gigabytes they cost seconds to build, and
         a sweep or a restarted run would otherwise build the same ones again before its first step. The key
         holds the training documents themselves (so no change of the split can reuse pairs of held-out text)
-        and the source of the pair builder (bertexp/data/pairs.py: segments, pairs and their order). The tokens
-        are named by their build (meta.json), not their folder: a folder rebuilt under the same name (after an
-        upgrade of the tokenizer, say) gets new pairs."""
-        key = key_of(tokens=hashlib.sha1((Path(self.tokens_dir) / "meta.json").read_bytes()).hexdigest(),
+        and the source of the pair builder (bertexp/data/pairs.py: segments, pairs and their order)."""
+        key = key_of(tokens=self.tokens_build_id,
                      train=hashlib.sha1(self._train_sents.tobytes()).hexdigest(), seed=self.seed,
                      max_length=self.max_length, short_seq_prob=self.short_seq_prob, pairs=PAIRS_SOURCE)
         path = self.cache / f"pairs-{key}.npy"
