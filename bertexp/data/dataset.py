@@ -94,12 +94,12 @@ class PretrainingData:
 
     @classmethod
     def from_text_file(cls, path=None, encoding: str = "utf-8", segmenter: str = "rjieba", text_field: str = "text",
-                       **kwargs) -> "PretrainingData":
+                       documents: str = "auto", **kwargs) -> "PretrainingData":
         """The user's corpus: text, JSON lines or Parquet files (a file, directory, glob or list); word
-        boundaries (for whole-word masking) from `segmenter`."""
+        boundaries (for whole-word masking) from `segmenter`; plain text cut into documents by `documents`."""
         from bertexp.data.sources import TextFiles
 
-        return cls(TextFiles(path, encoding, segmenter, text_field), **kwargs)
+        return cls(TextFiles(path, encoding, segmenter, text_field, documents), **kwargs)
 
     @property
     def name(self) -> str:
