@@ -532,6 +532,7 @@ class Stepper:
             "selected": int(selected.sum()), "corrupted": int(corrupted.sum()), "predicted": int(predicted.sum()),
             "maskable": maskable, "scheduled": p.masker.schedule(progress) * maskable,
             "seq": batch["input_ids"].numel(), "rows": n_pairs, "width": int(batch["input_ids"].shape[1]),
+            "nsp_random": int(batch["next_sentence_label"].sum()),  # label 1: B is not A's next sentence
             "flops": float(self.step_flops(n_pairs, int(batch["input_ids"].shape[1]), int(predicted.sum()))),
         }
         return sums, bool(stop_votes)
@@ -555,6 +556,7 @@ def train_record(state: RunState, nsp_weight: float, lr: float, peak: float, flo
         "masking/realized_ratio": w["selected"] / max(w["maskable"], 1),
         "masking/corrupted_ratio": w["corrupted"] / max(w["maskable"], 1),
         "masking/predicted_ratio": w["predicted"] / max(w["maskable"], 1),
+        "data/nsp_random_share": w["nsp_random"] / max(w["rows"], 1),  # BERT's recipe: about 0.55
         "throughput/tokens_per_s": tps,
         "throughput/data_wait_s": w["data_wait"] / n,  # per step: how long the loop waited for its batch
     }

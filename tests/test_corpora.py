@@ -391,6 +391,52 @@ def test_a_document_over_many_chunks_is_one_document_in_the_token_arrays(tmp_pat
         assert sum(c.continues for c in TextFiles(str(folder), **kw).chunks()) >= 5
 
 
+def test_one_sentence_per_line_nsp_share_is_warned_and_logged(tmp_path, pd_docs, caplog):
+    """A file of one sentence per line, read as one document per line (`auto` and `lines`), gives NSP pairs that
+    are nearly all random-next: one warning says so, with the share, the one-sentence documents and the fix, and
+    every `train/*` record logs the share of the batches it trained on. Read as one document (`file`), the share is
+    BERT's usual one, with no warning. Each setting is a cache key of its own: its tokens are built anew."""
+    import logging
+
+    from hydra.utils import instantiate
+
+    from bertexp.data.pairs import LABEL
+    from conftest import compose
+
+    corpus = tmp_path / "sentences.txt"
+    corpus.write_text("\n".join(_sentences_per_line(pd_docs, 600)) + "\n", encoding="utf-8")
+    common = ["logger=none", "data=text_file", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+              "model.vocab_size=3000"]
+    for documents, low, high, train in (("auto", 0.85, 1.0, True), ("lines", 0.85, 1.0, False),
+                                        ("file", 0.45, 0.65, True)):
+        overrides = [*common, f"data.documents={documents}"]
+        cfg = compose(["trainer=smoke", *overrides])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bertexp.data.dataset"):
+            data = instantiate(cfg.data)
+            data.prepare(instantiate(cfg.model).tokenizer(data), seed=int(cfg.seed))
+        examples = np.asarray(data.epoch_examples(0))
+        share = examples[:, LABEL].mean()
+        assert low < share < high, (documents, share)
+        warned = [r.getMessage() for r in caplog.records if "random-next" in r.getMessage()]
+        if documents == "file":
+            assert not warned
+        else:
+            single = int(np.sum(np.diff(data._train_sents, axis=1) == 1))
+            assert len(warned) == 1 and single > 500
+            for part in (f"{100 * share:.0f}% random-next", f"{single} of the {len(data._train_sents)} training documents",
+                         "data.documents=blank_lines", "data.documents=file", "objective=mlm"):
+                assert part in warned[0], part
+        if train:
+            run = tmp_path / documents
+            run_in_process(run, overrides)
+            logged = [r["data/nsp_random_share"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+            batch = data.batch_size
+            assert logged == pytest.approx([examples[k * batch : (k + 1) * batch, LABEL].mean() for k in range(4)])
+            assert low < np.mean(logged) < high, (documents, logged)
+    assert len(list((tmp_path / "cache").glob("tokens-*"))) == 3
+
+
 def test_damaged_and_odd_inputs_are_one_line_errors_or_read(tmp_path):
     good = gzip.compress("一。\n二。\n".encode() * 2000)
     (tmp_path / "cut.txt.gz").write_bytes(good[: len(good) // 2])

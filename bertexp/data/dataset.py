@@ -27,6 +27,9 @@ TOKENS_VERSION = "2"
 # Statistics of the training split (counting baselines, the unigram MLM bias) read at most this many tokens:
 # plenty for frequencies, and bounded on a corpus of gigabytes.
 STATS_MAX_TOKENS = 20_000_000
+# BERT's pair recipe makes about 55% of NSP pairs random-next on People's Daily; above this share the documents
+# are too short for NSP (one sentence each), and the task is mostly "is B random?"
+NSP_RANDOM_WARN = 0.7
 
 
 @dataclass
@@ -186,7 +189,21 @@ class PretrainingData:
             self._train_sents = np.asarray([(0, n - n_val)], dtype=np.int64)
             self._val_sents = np.asarray([(n - n_val, n)] if n_val else [], dtype=np.int64).reshape(-1, 2)
         self._train_segs = self._epoch_cache = self._next_epoch = None  # prepared again: nothing from before holds
-        self.epoch_examples(0)  # fails early, with the data error, if the training part cannot make pairs
+        self._warn_if_nsp_unbalanced(self.epoch_examples(0))  # fails early if the training part cannot make pairs
+
+    def _warn_if_nsp_unbalanced(self, examples: np.ndarray) -> None:
+        """A corpus of one sentence per line read as one document per line trains NSP on nearly all random-next
+        pairs (and its exam scores it so); nothing else would say so."""
+        share = float(np.mean(examples[:100_000, LABEL]))  # the epoch is in random order: its head is a fair sample
+        if share <= NSP_RANDOM_WARN:
+            return
+        single = int(np.sum(self._train_sents[:, 1] - self._train_sents[:, 0] == 1))
+        log.warning(
+            "NSP pairs are %.0f%% random-next (BERT's recipe gives about 55%%): %d of the %d training documents have "
+            "a single sentence, so they have no next sentence to pair. If the corpus has one sentence per line, "
+            "say where documents are: data.documents=blank_lines (blocks between blank lines) or data.documents=file "
+            "(each file one document); or train without NSP: objective=mlm",
+            100 * share, single, len(self._train_sents))
 
     @property
     def train_segs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
