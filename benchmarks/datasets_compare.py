@@ -51,8 +51,9 @@ def with_datasets(files: list[str], tokenizer_dir: str, num_proc: int, cache: Pa
         if prepare._tokenizer is None:
             prepare._init_worker(tokenizer_json, "rjieba")
         r = prepare.tokenize_chunk(Chunk("texts", batch["text"]))
-        per_doc = np.add.reduceat(r["sent_len"], np.concatenate([[0], np.cumsum(r["doc_sents"])[:-1]])) \
-            if len(r["doc_sents"]) else np.zeros(0, np.int64)
+        doc_sents = r["doc_sents"][r["doc_sents"] > 0]
+        per_doc = np.add.reduceat(r["sent_len"], np.concatenate([[0], np.cumsum(doc_sents)[:-1]])) \
+            if len(doc_sents) else np.zeros(0, np.int64)
         cuts = np.cumsum(per_doc)[:-1]
         keep = [bool(t.strip()) for t in batch["text"]]
         ids = iter(np.split(r["ids"], cuts))

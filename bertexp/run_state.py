@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from bertexp.data.dataset import Position
 
 WINDOW_KEYS = ("steps", "mlm", "nsp", "tokens", "selected", "corrupted", "predicted", "scheduled", "maskable", "seq",
-               "rows", "width", "time", "data_wait")
+               "rows", "width", "time", "data_wait", "nsp_random")
 # Which way is better, for each evaluation metric whose best value the summary reports.
 BEST = {"eval/mlm_acc": max, "eval/mlm_top5_acc": max, "eval/nsp_acc": max, "eval/mlm_loss": min, "eval/perplexity": min}
 

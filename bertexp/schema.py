@@ -36,6 +36,7 @@ class TextFileDataSchema(DataSchema):
     encoding: str = "utf-8"
     segmenter: str = "rjieba"
     text_field: str = "text"
+    documents: str = "auto"  # auto | blank_lines | lines | file: how plain text is cut into documents
 
 
 @dataclass

@@ -210,7 +210,7 @@ class Tracker:
         run.define_metric("step")
         for axis in ("tokens", "predicted_tokens", "flops", "elapsed_s"):  # alternative x axes (bertexp.budget)
             run.define_metric(axis)
-        for pattern in ("train/*", "eval/*", "throughput/*", "masking/*"):
+        for pattern in ("train/*", "eval/*", "throughput/*", "masking/*", "data/*"):
             run.define_metric(pattern, step_metric="step")
         run.define_metric("eval/mlm_acc", step_metric="step", summary="max,last")
         run.define_metric("eval/mlm_top5_acc", step_metric="step", summary="max,last")

@@ -252,7 +252,7 @@ def restore(parts: Parts, budget: Budget) -> RunState:
 def _baseline_scores(data, exam, batches) -> dict[str, float]:
     """The counting baselines' scores on the exam, cached on disk beside the tokens: every run of a sweep
     takes the same exam on the same training split, and counting it costs about a second each time."""
-    key = key_of(tokens=data.tokens_dir, split_seed=data.split_seed, val_fraction=data.val_fraction,
+    key = key_of(tokens=data.tokens_build_id, split_seed=data.split_seed, val_fraction=data.val_fraction,
                  exam=exam.exam_id, v=BASELINES_VERSION)
     path = data.cache / f"baselines-{key}.json"
     try:
@@ -543,6 +543,7 @@ class Stepper:
             "selected": int(selected.sum()), "corrupted": int(corrupted.sum()), "predicted": int(predicted.sum()),
             "maskable": maskable, "scheduled": p.masker.schedule(progress) * maskable,
             "seq": batch["input_ids"].numel(), "rows": n_pairs, "width": int(batch["input_ids"].shape[1]),
+            "nsp_random": int(batch["next_sentence_label"].sum()),  # label 1: B is not A's next sentence
             "flops": float(self.step_flops(n_pairs, int(batch["input_ids"].shape[1]), int(predicted.sum()))),
         }
         return sums, bool(stop_votes)
@@ -566,6 +567,7 @@ def train_record(state: RunState, nsp_weight: float, lr: float, peak: float, flo
         "masking/realized_ratio": w["selected"] / max(w["maskable"], 1),
         "masking/corrupted_ratio": w["corrupted"] / max(w["maskable"], 1),
         "masking/predicted_ratio": w["predicted"] / max(w["maskable"], 1),
+        "data/nsp_random_share": w["nsp_random"] / max(w["rows"], 1),  # BERT's recipe: about 0.55
         "throughput/tokens_per_s": tps,
         "throughput/data_wait_s": w["data_wait"] / n,  # per step: how long the loop waited for its batch
     }

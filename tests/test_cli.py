@@ -60,6 +60,8 @@ def _bad_inputs(tmp: Path):
         ("binary", ["data=text_file", f"data.path={tmp}/bin.dat"], "looks binary"),
         ("GBK text", ["data=text_file", f"data.path={tmp}/gbk.txt"], "data.encoding=gb18030"),
         ("path unset", ["data=text_file"], "data.path is not set"),
+        ("documents unknown", ["data=text_file", f"data.path={tmp}/one.txt", "data.documents=paragraphs"],
+         "data.documents='paragraphs' is not one of auto, blank_lines, lines, file"),
         ("one sentence", ["data=text_file", f"data.path={tmp}/one.txt"], "too small for NSP"),
         ("unknown option", ["masking=spam"], "Could not find 'masking/spam'"),
         ("unknown key", ["optim.lrr=1e-4"], "Could not override 'optim.lrr'"),

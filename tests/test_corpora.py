@@ -278,31 +278,44 @@ def test_compiled_pair_builder_equals_its_python_self():
         assert out.shape[1] == 5
 
 
-def _documents_by_definition(text: str) -> list[list[str]]:
-    """How a text file is cut into documents: blocks between blank lines (str.strip: any whitespace, U+3000
-    too), or lines when the file has no blank line or a single non-blank one."""
-    lines = text.splitlines()
-    if any(not ln.strip() for ln in lines) and sum(1 for ln in lines if ln.strip()) > 1:
-        docs, cur = [], []
-        for ln in lines:
-            if ln.strip():
-                cur.append(ln.strip())
-            elif cur:
-                docs.append(cur)
-                cur = []
-        return docs + ([cur] if cur else [])
-    return [[ln.strip()] for ln in lines if ln.strip()]
+def _documents_by_definition(text: str, documents: str = "auto") -> list[list[str]]:
+    """How a text file is cut into documents (data.documents): `lines`, one per non-blank line; `file`, one;
+    `blank_lines`, blocks between blank lines (str.strip: any whitespace, U+3000 too); `auto`, blank_lines when
+    the file has a blank line and more than one non-blank one, else lines."""
+    lines = [ln.strip() for ln in text.lstrip("\ufeff").splitlines()]
+    nonblank = [ln for ln in lines if ln]
+    if documents == "auto":
+        documents = "blank_lines" if 1 < len(nonblank) < len(lines) else "lines"
+    if documents == "file":
+        return [nonblank] if nonblank else []
+    if documents == "lines":
+        return [[ln] for ln in nonblank]
+    docs, cur = [], []
+    for ln in lines:
+        if ln:
+            cur.append(ln)
+        elif cur:
+            docs.append(cur)
+            cur = []
+    return docs + ([cur] if cur else [])
 
 
-@pytest.mark.parametrize("text", [
-    "一。\n二。\n\u3000\u3000\n三。\n四。\n",  # a blank line of ideographic spaces
-    "一。\n\u00a0\n二。\n三。\n \n四。",  # non-breaking space; no final newline
-    "\n一。\n二。\n三。\n",  # the first line blank
-    "一。\r\r二。\r三。\r",  # old Mac line ends
-    "一。\r\n\r\n二。\r\n三。\r\n",  # Windows
-    "一。\u2028\u2028二。\u2028三。",  # Unicode line separators
-    "只有一行。\n\n",  # one paragraph and a blank line: one document
-], ids=["u3000", "nbsp", "leading-blank", "cr", "crlf", "u2028", "one-line"])
+ODD_TEXTS = {
+    "u3000": "一。\n二。\n\u3000\u3000\n三。\n四。\n",  # a blank line of ideographic spaces
+    "nbsp": "一。\n\u00a0\n二。\n三。\n \n四。",  # non-breaking space; no final newline
+    "leading-blank": "\n一。\n二。\n三。\n",  # the first line blank
+    "cr": "一。\r\r二。\r三。\r",  # old Mac line ends
+    "crlf": "一。\r\n\r\n二。\r\n三。\r\n",  # Windows
+    "u2028": "一。\u2028\u2028二。\u2028三。",  # Unicode line separators
+    "one-line": "只有一行。\n\n",  # one paragraph and a blank line: one document
+    "crlf-blocks": "甲乙丙丁。\r\n戊己庚辛。\r\n\r\n壬癸子丑。\r\n   \r\n寅卯辰巳。\r\n午未申酉。\r\n\r\n\r\n戌亥。",
+    "form-feed": "一。\x0c   \n二。\n三。\n",  # a line break of str.splitlines's inside a line, then a blank one
+    "u3000-crlf": "一。\n\u3000\n二。\n三。\n\u3000\r\n四。\n",
+    "bom": "\ufeff\n一。\n二。\n\n三。\n",
+}
+
+
+@pytest.mark.parametrize("text", ODD_TEXTS.values(), ids=ODD_TEXTS.keys())
 def test_documents_are_cut_by_blank_lines_of_any_whitespace(tmp_path, text):
     f = tmp_path / "c.txt"
     f.write_text(text, encoding="utf-8", newline="")
@@ -318,6 +331,110 @@ def test_chunks_cut_crlf_files_at_document_boundaries(tmp_path, pd_docs, monkeyp
     src = TextFiles(str(f))
     assert len(list(src.chunks())) > 10
     assert [[p.text for p in d] for d in src.load().documents] == _documents_by_definition(text)
+
+
+@pytest.mark.parametrize("documents", ["auto", "blank_lines", "lines", "file"])
+def test_documents_setting_cuts_text_the_same_in_chunks_of_any_size(tmp_path, monkeypatch, documents):
+    """data.documents on text laid out in every way seen above, read in chunks of 2 bytes up (cuts between
+    any two lines, inside CR LF pairs and multi-byte characters, right before and after blank lines): the
+    documents are those of the definition, whatever the chunk size; `auto` is the setting's default."""
+    kw = {} if documents == "auto" else {"documents": documents}
+    f = tmp_path / "c.txt"
+    for name, text in ODD_TEXTS.items():
+        f.write_text(text, encoding="utf-8", newline="")
+        for size in [*range(2, 18), 4 << 20]:
+            monkeypatch.setattr(sources, "CHUNK_BYTES", size)
+            got = [[p.text for p in d] for d in TextFiles(str(f), **kw).load().documents]
+            assert got == _documents_by_definition(text, documents), (name, size)
+
+
+def _sentences_per_line(pd_docs, n: int) -> list[str]:
+    """People's Daily's first `n` sentences, as a corpus with one sentence per line would hold them."""
+    out = [p[a:b].strip() for d in pd_docs for p in d for a, b in split_sentences(p)]
+    return [s for s in out if s][:n]
+
+
+@pytest.mark.parametrize("documents", ["auto", "blank_lines", "lines", "file"])
+def test_a_document_over_many_chunks_is_one_document_in_the_token_arrays(tmp_path, pd_docs, pd_data, monkeypatch,
+                                                                         documents):
+    """A document that spans many chunks (a whole file, a block of 30 articles without a blank line), tokenised
+    in 2 KB chunks by two processes, gives the very arrays of tokenising each file in one chunk, and its
+    sentences stay one document: every document has the sentences of the definition, none split or merged."""
+    _, tok = pd_data
+    folder = tmp_path / "c"
+    folder.mkdir()
+    texts = {
+        "a-sentences.txt": "\n".join(_sentences_per_line(pd_docs, 400)) + "\n",
+        "b-articles.txt": "\r\n\r\n".join(["\r\n".join(d) for d in pd_docs[:60]]
+                                          + ["\r\n".join(p for d in pd_docs[60:90] for p in d)]  # ~80 KB, no blank line
+                                          + ["\r\n\u3000\r\n".join("\r\n".join(d) for d in pd_docs[90:])]),
+    }
+    for name, text in texts.items():
+        (folder / name).write_text(text, encoding="utf-8", newline="")
+    kw = {} if documents == "auto" else {"documents": documents}  # auto: the code before the setting, too
+
+    def tokens(num_proc):
+        out = tmp_path / f"out-{sources.CHUNK_BYTES}-{num_proc}"
+        out.mkdir()
+        prepare.write_tokens(TextFiles(str(folder), **kw), tok, out, num_proc=num_proc)
+        return TokenizedCorpus.load(out)
+
+    whole = tokens(1)  # one chunk per file
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 2 << 10)
+    cut = tokens(2)
+    for name in ("ids", "word_start", "sent_offsets", "doc_offsets"):
+        assert np.array_equal(getattr(whole, name), getattr(cut, name)), name
+    expected = [sum(len(split_sentences(p)) for p in doc)
+                for text in texts.values() for doc in _documents_by_definition(text, documents)]
+    assert np.diff(cut.doc_offsets).tolist() == expected
+    if documents != "lines":  # the chunks did cut documents
+        assert sum(c.continues for c in TextFiles(str(folder), **kw).chunks()) >= 5
+
+
+def test_one_sentence_per_line_nsp_share_is_warned_and_logged(tmp_path, pd_docs, caplog):
+    """A file of one sentence per line, read as one document per line (`auto` and `lines`), gives NSP pairs that
+    are nearly all random-next: one warning says so, with the share, the one-sentence documents and the fix, and
+    every `train/*` record logs the share of the batches it trained on. Read as one document (`file`), the share is
+    BERT's usual one, with no warning. Each setting is a cache key of its own: its tokens are built anew."""
+    import logging
+
+    from hydra.utils import instantiate
+
+    from bertexp.data.pairs import LABEL
+    from conftest import compose
+
+    corpus = tmp_path / "sentences.txt"
+    corpus.write_text("\n".join(_sentences_per_line(pd_docs, 600)) + "\n", encoding="utf-8")
+    common = ["logger=none", "data=text_file", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+              "model.vocab_size=3000"]
+    for documents, low, high, train in (("auto", 0.85, 1.0, True), ("lines", 0.85, 1.0, False),
+                                        ("file", 0.45, 0.65, True)):
+        overrides = [*common, f"data.documents={documents}"]
+        cfg = compose(["trainer=smoke", *overrides])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bertexp.data.dataset"):
+            data = instantiate(cfg.data)
+            data.prepare(instantiate(cfg.model).tokenizer(data), seed=int(cfg.seed))
+        examples = np.asarray(data.epoch_examples(0))
+        share = examples[:, LABEL].mean()
+        assert low < share < high, (documents, share)
+        warned = [r.getMessage() for r in caplog.records if "random-next" in r.getMessage()]
+        if documents == "file":
+            assert not warned
+        else:
+            single = int(np.sum(np.diff(data._train_sents, axis=1) == 1))
+            assert len(warned) == 1 and single > 500
+            for part in (f"{100 * share:.0f}% random-next", f"{single} of the {len(data._train_sents)} training documents",
+                         "data.documents=blank_lines", "data.documents=file", "objective=mlm"):
+                assert part in warned[0], part
+        if train:
+            run = tmp_path / documents
+            run_in_process(run, overrides)
+            logged = [r["data/nsp_random_share"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+            batch = data.batch_size
+            assert logged == pytest.approx([examples[k * batch : (k + 1) * batch, LABEL].mean() for k in range(4)])
+            assert low < np.mean(logged) < high, (documents, logged)
+    assert len(list((tmp_path / "cache").glob("tokens-*"))) == 3
 
 
 def test_damaged_and_odd_inputs_are_one_line_errors_or_read(tmp_path):
@@ -359,3 +476,36 @@ def test_decode_errors_name_the_byte_in_the_file(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=rf"{name} is not valid utf-8 at byte {at}\b"):
             for chunk in src.chunks():
                 parse_chunk(chunk)
+
+
+def test_a_large_corpus_of_small_files_is_keyed_and_trains(tmp_path, pd_docs, monkeypatch):
+    """Many files under 1 MB in a corpus too large to be hashed whole (an extracted Wikipedia dump, a sharded
+    corpus): the size threshold is lowered so that a few small files take that path. The key reads each file's
+    head and tail without seeking before its start; a file under 2 MB is keyed by all of its bytes (an edit in
+    its middle that keeps its size and time is seen); and the corpus trains."""
+    import os
+
+    monkeypatch.setattr(sources, "_HASH_WHOLE_BELOW", 32 << 10)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(4):
+        part = pd_docs[i * 30 : (i + 1) * 30]
+        (folder / f"wiki_{i:02d}.txt").write_text("\n\n".join("\n".join(d) for d in part) + "\n", encoding="utf-8")
+    sizes = [f.stat().st_size for f in folder.iterdir()]
+    assert sum(sizes) > sources._HASH_WHOLE_BELOW and max(sizes) < 1 << 20
+    key = TextFiles(str(folder)).fingerprint()
+
+    f = folder / "wiki_01.txt"
+    whole, st = f.read_bytes(), f.stat()
+    mid = whole.index("。".encode(), len(whole) // 2)
+    f.write_bytes(whole[:mid] + "！".encode() + whole[mid + 3 :])  # the same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same time
+    assert TextFiles(str(folder)).fingerprint() != key
+    f.write_bytes(whole)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert TextFiles(str(folder)).fingerprint() == key
+
+    run = tmp_path / "run"
+    final = run_in_process(run, ["logger=none", "data=text_file", f"data.path={folder}", "data.max_length=64",
+                                 f"data.cache_dir={tmp_path / 'cache'}", "trainer.exam_length=64", "model.vocab_size=3000"])
+    assert final["final/step"] == 4 and (run / "checkpoints" / "last" / "model.safetensors").is_file()

@@ -296,3 +296,62 @@ def test_the_same_corpus_gives_the_same_vocabulary_in_fresh_caches(tmp_path):
     assert built[0] == built[1]
     vocab = built[0]["vocab.txt"].decode().splitlines()
     assert len(vocab) == len(set(vocab)) > 5000 and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _essay_data(cache, **kw):
+    from bertexp.data.tokenizer import load_tokenizer
+
+    data = PretrainingData.from_text_file(str(ESSAY), cache_dir=str(cache), max_length=32, batch_size=4, **kw)
+    tok = load_tokenizer(data.vocab_dir(500))
+    data.prepare(tok, seed=0)
+    return data, tok
+
+
+def test_cache_entries_are_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    """A cache shared by several users (BERTEXP_CACHE): every entry a run builds (vocabulary, tokens, PMI
+    collocations folders; pairs and counting-baseline files) has the permissions open() and mkdir() give under
+    the umask, not the private ones of a temporary folder or file."""
+    import os
+    import stat
+
+    from bertexp.data import cache
+    from bertexp.data.collocations import build_collocations
+    from bertexp.train import prepare_exam
+    from conftest import compose
+
+    umask = 0o027  # not the usual 0o022: permissions that only follow the umask match it
+    old = os.umask(umask)
+    monkeypatch.setattr(cache, "_UMASK", umask)  # read once, at import
+    try:
+        data, tok = _essay_data(tmp_path)
+        build_collocations(data, tok, min_count=2)
+        prepare_exam(compose(["trainer=smoke", "trainer.exam_length=32"]), data, 8)
+    finally:
+        os.umask(old)
+    entries = {p.name.split("-")[0]: p for p in tmp_path.iterdir()}
+    assert set(entries) == {"vocab", "tokens", "pmi", "pairs", "baselines"}
+    for path in tmp_path.rglob("*"):
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path.relative_to(tmp_path), oct(path.stat().st_mode))
+
+
+def test_collocations_and_baselines_follow_the_tokens_build(tmp_path):
+    """The PMI collocations and the counting baselines' scores are keyed by the build of the token arrays (the
+    id in their meta.json), as epoch 0's pairs are: tokens rebuilt under the same folder name get new ones."""
+    from bertexp.data.collocations import build_collocations
+    from bertexp.train import prepare_exam
+    from conftest import compose
+
+    cfg = compose(["trainer=smoke", "trainer.exam_length=32"])
+
+    def derived():
+        data, tok = _essay_data(tmp_path)
+        build_collocations(data, tok, min_count=2)
+        prepare_exam(cfg, data, 8)
+        return len(list(tmp_path.glob("pmi-*"))), len(list(tmp_path.glob("baselines-*.json")))
+
+    assert derived() == (1, 1)
+    assert derived() == (1, 1)  # the same build: both found in the cache
+    meta = next(tmp_path.glob("tokens-*/meta.json"))
+    meta.write_text(meta.read_text().replace('"build": "', '"build": "0'))
+    assert derived() == (2, 2)

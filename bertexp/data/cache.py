@@ -39,6 +39,7 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Pa
     _IN_PROGRESS.add(tmp.name)
     try:
         build(tmp)
+        _as_created(tmp, folder=True)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished the same entry first: theirs is as good as ours
@@ -63,7 +64,7 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     _IN_PROGRESS.add(tmp.name)
     try:
         with open(fd, "wb") as f:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; the cache may be shared, as open() would
+            _as_created(fd)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -73,6 +74,12 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
     finally:
         _IN_PROGRESS.discard(tmp.name)
+
+
+def _as_created(path: Path | int, folder: bool = False) -> None:
+    """The permissions open() or mkdir() would have given: mkstemp and mkdtemp make entries private, and a cache
+    shared by several users (BERTEXP_CACHE) must not hold hits that only their builder can read."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_UMASK)
 
 
 def _remove_orphans(root: Path, name: str) -> None:

@@ -11,7 +11,7 @@ over the n-gram positions of that length that lie inside one sentence of the tra
 held-out documents are never read). Words are the corpus's word boundaries (gold ones for People's Daily).
 
 Kept: n-grams with PMI_n >= min_pmi and, when there are more than `max_ngrams`, the best of each length up
-to its share of the cap (`length_shares`). Built once per (tokens, split, settings) and cached beside the
+to its share of the cap (`length_shares`). Built once per (tokens build, split, settings) and cached beside the
 tokens: `collocations.tsv` (readable: rank,
 PMI, count, n, the words), `unit_start.npy` (the corpus cut into masking units: a collocation occurrence is
 one unit, every other word its own) and `meta.json`. Occurrences are taken greedily in PMI order, so two
@@ -189,7 +189,7 @@ def build_collocations(data, tokenizer, max_n: int = 5, min_count: int = 10, min
 
     limit = STATS_MAX_TOKENS if limit is None else limit
     t = data.tokens
-    key = key_of(tokens=data.tokens_dir, split_seed=data.split_seed, val_fraction=data.val_fraction, max_n=max_n,
+    key = key_of(tokens=data.tokens_build_id, split_seed=data.split_seed, val_fraction=data.val_fraction, max_n=max_n,
                  min_count=min_count, min_pmi=min_pmi, max_ngrams=max_ngrams, limit=limit, v=VERSION)
 
     def build(tmp: Path) -> None:

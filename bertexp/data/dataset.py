@@ -27,6 +27,9 @@ TOKENS_VERSION = "2"
 # Statistics of the training split (counting baselines, the unigram MLM bias) read at most this many tokens:
 # plenty for frequencies, and bounded on a corpus of gigabytes.
 STATS_MAX_TOKENS = 20_000_000
+# BERT's pair recipe makes about 55% of NSP pairs random-next on People's Daily; above this share the documents
+# are too short for NSP (one sentence each), and the task is mostly "is B random?"
+NSP_RANDOM_WARN = 0.7
 
 
 @dataclass
@@ -94,12 +97,12 @@ class PretrainingData:
 
     @classmethod
     def from_text_file(cls, path=None, encoding: str = "utf-8", segmenter: str = "rjieba", text_field: str = "text",
-                       **kwargs) -> "PretrainingData":
+                       documents: str = "auto", **kwargs) -> "PretrainingData":
         """The user's corpus: text, JSON lines or Parquet files (a file, directory, glob or list); word
-        boundaries (for whole-word masking) from `segmenter`."""
+        boundaries (for whole-word masking) from `segmenter`; plain text cut into documents by `documents`."""
         from bertexp.data.sources import TextFiles
 
-        return cls(TextFiles(path, encoding, segmenter, text_field), **kwargs)
+        return cls(TextFiles(path, encoding, segmenter, text_field, documents), **kwargs)
 
     @property
     def name(self) -> str:
@@ -158,6 +161,13 @@ class PretrainingData:
         self.mask_id = tokenizer.mask_token_id
         self._split()
 
+    @property
+    def tokens_build_id(self) -> str:
+        """Names the token arrays by their build (their meta.json, new whenever they are written), not their
+        folder, for the caches of what is derived from them (pairs, collocations, counting baselines): a
+        folder rebuilt under the same name (after an upgrade of the tokenizer, say) gets new ones."""
+        return hashlib.sha1((Path(self.tokens_dir) / "meta.json").read_bytes()).hexdigest()
+
     def _split(self) -> None:
         """Choose the held-out documents (a function of `split_seed` and `val_fraction` alone) and cut the
         training documents into segments of at most half a pair each."""
@@ -179,7 +189,21 @@ class PretrainingData:
             self._train_sents = np.asarray([(0, n - n_val)], dtype=np.int64)
             self._val_sents = np.asarray([(n - n_val, n)] if n_val else [], dtype=np.int64).reshape(-1, 2)
         self._train_segs = self._epoch_cache = self._next_epoch = None  # prepared again: nothing from before holds
-        self.epoch_examples(0)  # fails early, with the data error, if the training part cannot make pairs
+        self._warn_if_nsp_unbalanced(self.epoch_examples(0))  # fails early if the training part cannot make pairs
+
+    def _warn_if_nsp_unbalanced(self, examples: np.ndarray) -> None:
+        """A corpus of one sentence per line read as one document per line trains NSP on nearly all random-next
+        pairs (and its exam scores it so); nothing else would say so."""
+        share = float(np.mean(examples[:100_000, LABEL]))  # the epoch is in random order: its head is a fair sample
+        if share <= NSP_RANDOM_WARN:
+            return
+        single = int(np.sum(self._train_sents[:, 1] - self._train_sents[:, 0] == 1))
+        log.warning(
+            "NSP pairs are %.0f%% random-next (BERT's recipe gives about 55%%): %d of the %d training documents have "
+            "a single sentence, so they have no next sentence to pair. If the corpus has one sentence per line, "
+            "say where documents are: data.documents=blank_lines (blocks between blank lines) or data.documents=file "
+            "(each file one document); or train without NSP: objective=mlm",
+            100 * share, single, len(self._train_sents))
 
     @property
     def train_segs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -244,10 +268,8 @@ class PretrainingData:
         documents, seed and pair settings built them: on a corpus of gigabytes they cost seconds to build, and
         a sweep or a restarted run would otherwise build the same ones again before its first step. The key
         holds the training documents themselves (so no change of the split can reuse pairs of held-out text)
-        and the source of the pair builder (bertexp/data/pairs.py: segments, pairs and their order). The tokens
-        are named by their build (meta.json), not their folder: a folder rebuilt under the same name (after an
-        upgrade of the tokenizer, say) gets new pairs."""
-        key = key_of(tokens=hashlib.sha1((Path(self.tokens_dir) / "meta.json").read_bytes()).hexdigest(),
+        and the source of the pair builder (bertexp/data/pairs.py: segments, pairs and their order)."""
+        key = key_of(tokens=self.tokens_build_id,
                      train=hashlib.sha1(self._train_sents.tobytes()).hexdigest(), seed=self.seed,
                      max_length=self.max_length, short_seq_prob=self.short_seq_prob, pairs=PAIRS_SOURCE)
         path = self.cache / f"pairs-{key}.npy"

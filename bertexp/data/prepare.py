@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bertexp.data.sources import Chunk, parse_chunk, segmenter
+from bertexp.data.sources import Chunk, join_documents, parse_chunk, segmenter
 from bertexp.data.tokenized import CLOSERS, ENDS
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def _die_with_parent() -> None:
 
 def tokenize_chunk(chunk: Chunk) -> dict[str, np.ndarray]:
     """One chunk -> ids, word_start (per token), sentence lengths (per sentence with tokens) and sentences per
-    document (per document with any), plus the chunk's input size."""
+    document (per document, none too: which document a chunk that `continues` goes on with is only known once
+    the chunks are put in order), plus the chunk's input size and whether it continues the previous one."""
     docs = parse_chunk(chunk)
     paras = [p for doc in docs for p in doc]
     texts = [p.text for p in paras]
@@ -198,7 +199,7 @@ def tokenize_chunk(chunk: Chunk) -> dict[str, np.ndarray]:
     keep = sent_len > 0  # sentences that tokenise to nothing (stray symbols) are dropped
     doc_sents = np.bincount(para_doc[sent_para[keep]], minlength=len(docs)) if len(docs) else np.zeros(0, np.int64)
     return {"ids": ids, "word_start": word_start, "sent_len": sent_len[keep].astype(np.int64),
-            "doc_sents": doc_sents[doc_sents > 0].astype(np.int64), "size": np.int64(chunk.size)}
+            "doc_sents": doc_sents.astype(np.int64), "size": np.int64(chunk.size), "continues": chunk.continues}
 
 
 def _chunk_results(source, tokenizer_json: str, num_proc: int, used: list):
@@ -250,12 +251,13 @@ def write_tokens(source, tokenizer, out: Path, num_proc: int | None = None) -> d
             r["word_start"].tofile(f_ws)
             n_tokens += len(r["ids"])
             sent_lens.append(r["sent_len"])
-            doc_sents.append(r["doc_sents"])
+            join_documents(doc_sents, r["doc_sents"], r["continues"])
             bar.update(int(r["size"]))
             bar.set_postfix(tokens=f"{n_tokens / 1e6:.1f}M")
     bar.close()
     sl = np.concatenate(sent_lens) if sent_lens else np.zeros(0, np.int64)
     ds = np.concatenate(doc_sents) if doc_sents else np.zeros(0, np.int64)
+    ds = ds[ds > 0]  # documents whose sentences all tokenise to nothing (stray symbols)
     np.save(out / "sent_offsets.npy", np.concatenate([[0], np.cumsum(sl)]).astype(np.int64))
     np.save(out / "doc_offsets.npy", np.concatenate([[0], np.cumsum(ds)]).astype(np.int64))
     seconds = time.perf_counter() - t0

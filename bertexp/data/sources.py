@@ -1,14 +1,19 @@
 """Corpus sources: where the text is, and how it is cut into documents of paragraphs.
 
 A source is cheap to construct and fingerprint (so a warm cache never reads the corpus again). It hands the
-corpus out as `Chunk`s: a few MB of raw input each, always cut at a document boundary, in corpus order.
-`parse_chunk` turns one into documents of paragraphs in whichever process tokenises it
-(bertexp/data/prepare.py), so a corpus of gigabytes is never held in memory as Python objects, and the
-parsing runs on every core.
+corpus out as `Chunk`s: a few MB of raw input each, in corpus order, cut at a document boundary where there
+is one in reach, else at a line end inside a document (a whole file as one document, a huge document): such
+a chunk says that it `continues` the previous one's last document. `parse_chunk` turns one into documents of
+paragraphs in whichever process tokenises it (bertexp/data/prepare.py), so a corpus of gigabytes is never
+held in memory as Python objects, and the parsing runs on every core; `join_documents` puts a document that
+spans several chunks back together, in the order the chunks were cut.
 
 Formats (data=text_file, `data.path`: a file, a directory, a glob, or a list of them):
-- plain text (`.txt`, anything unknown given by name; `.gz` too): documents are blocks separated by blank
-  lines; a file without blank lines has one document per line.
+- plain text (`.txt`, anything unknown given by name; `.gz` too), cut into documents by `data.documents`:
+  `blank_lines` (blocks between blank lines; a file without any is one document), `lines` (one document per
+  line), `file` (each file one document), or `auto` (blank_lines in a file that has blank lines, else lines).
+  A file of one sentence per line read as `lines` gives documents of one sentence: nearly every NSP pair is
+  then random-next (bertexp/data/dataset.py warns).
 - JSON lines (`.jsonl`, `.json`, `.ndjson`; `.gz` too): one document per record, its `data.text_field`;
   paragraphs are the text's non-empty lines.
 - Parquet (`.parquet`): one document per row of the `data.text_field` column.
@@ -27,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from bertexp.errors import DataError
+from bertexp.errors import ConfigError, DataError
 
-# Bumped whenever parsing changes, so old caches are not reused for new semantics.
-PARSER_VERSION = "2"
+# Bumped whenever parsing changes, so old caches are not reused for new semantics. 3: a document longer than
+# 16 chunks without a blank line is one document, not cut in two.
+PARSER_VERSION = "3"
 CHUNK_BYTES = 4 << 20  # one unit of work for a tokenising process
 _HASH_WHOLE_BELOW = 64 << 20  # a corpus up to this size is keyed by its content; larger by size, mtime, head, tail
 TEXT_SUFFIXES = (".txt", ".text")
@@ -38,8 +44,10 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 DIR_SKIPS = (".json",)  # in a directory, .json is often metadata (dataset_info.json): name such files explicitly
 PARQUET_SUFFIXES = (".parquet",)
 SEGMENTERS = ("rjieba", "jieba", "char")
+DOCUMENTS = ("auto", "blank_lines", "lines", "file")  # how plain text is cut into documents (the module's doc)
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # an ASCII blank line: always a document boundary (a safe cut)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_OTHER_LINE_BREAK = re.compile("[\v\f\x1c\x1d\x1e\x85\u2028\u2029]")  # str.splitlines's, besides CR and LF
 
 
 @dataclass
@@ -68,7 +76,11 @@ class Chunk:
     offset: int = 0  # byte offset in the (uncompressed) file, for messages
     line: int = 1  # number of its first line, for messages
     size: int = 0  # bytes of input it covers (the progress bar)
-    by_line: bool = False  # text: one document per line (the file has no blank lines)
+    documents: str = "blank_lines"  # text: how it is cut into documents (DOCUMENTS, `auto` resolved per file)
+    # text: the chunk starts inside the last line of the previous chunk's last document (cut just before that
+    # line's end, or inside a line of over 16 chunks): its first line is the line's rest, never a boundary, and
+    # its first document is the document's rest
+    continues: bool = False
     encoding: str = "utf-8"
     text_field: str = "text"
 
@@ -176,7 +188,8 @@ class TextFiles:
 
     name = "text_file"
 
-    def __init__(self, path=None, encoding: str = "utf-8", segmenter: str = "rjieba", text_field: str = "text"):
+    def __init__(self, path=None, encoding: str = "utf-8", segmenter: str = "rjieba", text_field: str = "text",
+                 documents: str = "auto"):
         paths = list(path) if isinstance(path, (list, tuple)) or type(path).__name__ == "ListConfig" else [path]
         if not paths or any(p is None or str(p).strip() in ("", "???") for p in paths):
             raise DataError("data.path is not set: data=text_file needs data.path=FILE (a text, JSON lines or "
@@ -185,10 +198,14 @@ class TextFiles:
             raise DataError(f"data.segmenter: unknown segmenter {segmenter!r}, expected one of: {', '.join(SEGMENTERS)}")
         if not str(text_field).strip():
             raise DataError("data.text_field is empty: name the JSON / Parquet field that holds the text")
+        if documents not in DOCUMENTS:
+            raise ConfigError(f"data.documents={documents!r} is not one of {', '.join(DOCUMENTS)} (how plain text "
+                              "is cut into documents)")
         self.patterns = [str(p) for p in paths]
         self.encoding = encoding
         self.segmenter = segmenter
         self.text_field = str(text_field)
+        self.documents = documents
         self._files: list[Path] | None = None
         self._fingerprint: str | None = None
 
@@ -243,10 +260,13 @@ class TextFiles:
                     else:  # a large one is not read whole on every start
                         h.update(f"{st.st_mtime_ns}".encode())
                         h.update(fh.read(1 << 20))
-                        fh.seek(-(1 << 20), os.SEEK_END)
+                        # The last MB, from no earlier than where the head ended: a file under 2 MB (a shard of
+                        # a Wikipedia dump) is hashed whole, each byte once, and one under 1 MB is not seeked
+                        # to before its start (EINVAL).
+                        fh.seek(max(fh.tell(), st.st_size - (1 << 20)))
                         h.update(fh.read())
             self._fingerprint = (f"tf-{PARSER_VERSION}-{self.segmenter}{_segmenter_version(self.segmenter)}-"
-                                 f"{self.encoding}-{self.text_field}-{h.hexdigest()[:16]}")
+                                 f"{self.encoding}-{self.text_field}-{self.documents}-{h.hexdigest()[:16]}")
         return self._fingerprint
 
     def _check_head(self, f: Path) -> None:
@@ -281,24 +301,28 @@ class TextFiles:
             else:
                 yield from self._byte_chunks(f, kind)
 
+    def _documents_of(self, f: Path) -> str:
+        if self.documents != "auto":
+            return self.documents
+        return "blank_lines" if _has_blank_line(f, self.encoding) else "lines"
+
     def _byte_chunks(self, f: Path, kind: str) -> Iterator[Chunk]:
-        by_line = kind == "text" and not _has_blank_line(f, self.encoding)
-        sep = (lambda b: b.rfind(b"\n") + 1) if (kind == "jsonl" or by_line) else _last_blank_line_end
-        common = dict(origin=str(f), by_line=by_line, encoding=self.encoding, text_field=self.text_field)
+        documents = self._documents_of(f) if kind == "text" else "lines"  # a JSON record is a line
+        common = dict(origin=str(f), documents=documents, encoding=self.encoding, text_field=self.text_field)
         with _open(f) as fh:
             raw = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # progress in the file's own bytes
-            buf, offset, line, done = b"", 0, 1, 0
+            buf, offset, line, done, continues = b"", 0, 1, 0, False
             while True:
                 block = _read(fh, CHUNK_BYTES, f)
                 buf += block
-                # Cut at the last document boundary; a document with no boundary in sight (over 16 chunks)
-                # is cut at a line end instead, so a huge file without structure still streams.
-                cut = sep(buf) if block else len(buf)
-                if block and cut == 0 and len(buf) > 16 * CHUNK_BYTES:
-                    cut = max(buf.rfind(b"\n"), buf.rfind(b"\r")) + 1 or len(buf)
+                cut, inside = _cut(buf, documents, self.encoding) if block else (len(buf), False)
+                if block and cut == 0 and len(buf) > 16 * CHUNK_BYTES:  # one line of over 16 chunks still streams
+                    cut, inside = _last_whole_character(buf, self.encoding), True
                 if cut > 0:
                     pos = raw.tell()
-                    yield Chunk(kind, buf[:cut], offset=offset, line=line, size=pos - done, **common)
+                    yield Chunk(kind, buf[:cut], offset=offset, line=line, size=pos - done, continues=continues,
+                                **common)
+                    continues = inside and kind == "text"  # a JSON record cut in two is an error of its own
                     done = pos
                     line += buf.count(b"\n", 0, cut) if kind == "jsonl" else 0
                     offset += cut
@@ -326,7 +350,10 @@ class TextFiles:
     def load(self) -> Corpus:
         """The whole corpus as Python objects, segmented: for small corpora and tests (training streams)."""
         segment = segmenter(self.segmenter)
-        docs = [doc for chunk in self.chunks() for doc in parse_chunk(chunk)]
+        parts: list = []
+        for chunk in self.chunks():
+            join_documents(parts, parse_chunk(chunk), chunk.continues)
+        docs = [doc for part in parts for doc in part if doc]
         return Corpus([[Paragraph(p.text, word_starts(segment(p.text))) for p in doc] for doc in docs])
 
 
@@ -382,6 +409,45 @@ def _base_suffix(f: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+def _cut(buf: bytes, documents: str, encoding: str) -> tuple[int, bool]:
+    """Where a chunk of `buf` ends (0: read on) and whether the next chunk `continues` its last document: after
+    the last document boundary where there is one; else just before the last line end, so that the document
+    goes on in the next chunk, whose first line is the rest of this one and no boundary (a blank line there is
+    one, so the cut goes after it instead)."""
+    end = 0  # a whole file is one document: no boundary inside it
+    if documents == "lines":
+        end = buf.rfind(b"\n") + 1
+    elif documents == "blank_lines":
+        end = _last_blank_line_end(buf)
+    if end:
+        return end, False
+    start, end = _last_line_end(buf, len(buf))
+    if start <= 0:
+        return 0, False
+    if documents == "blank_lines":
+        line = buf[_last_line_end(buf, start)[1] : start].decode(encoding, errors="replace")
+        if not _OTHER_LINE_BREAK.split(line)[-1].strip():  # blank, but not in ASCII (U+3000; CR line ends)
+            return end, False
+    return start, True
+
+
+def _last_line_end(buf: bytes, before: int) -> tuple[int, int]:
+    """Where the last line end in buf[:before] starts and ends ((-1, 0): none). A CR LF is one; a CR that ends
+    `buf` may be the first half of one, so it is left for the next read."""
+    limit = before - (before == len(buf) and buf.endswith(b"\r"))
+    at = max(buf.rfind(b"\n", 0, limit), buf.rfind(b"\r", 0, limit))
+    if at > 0 and buf[at - 1 : at + 1] == b"\r\n":
+        return at - 1, at + 1
+    return at, at + 1
+
+
+def _last_whole_character(buf: bytes, encoding: str) -> int:
+    """Where the last whole character of `buf` ends: a cut there leaves no character in two (undecodable) halves."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    decoder.decode(buf, final=False)
+    return len(buf) - len(decoder.getstate()[0])
+
+
 def _last_blank_line_end(buf: bytes) -> int:
     """Where the last complete blank-line separator in `buf` ends (0: none)."""
     end = 0
@@ -404,19 +470,7 @@ def parse_chunk(chunk: Chunk) -> list[list[Paragraph]]:
     if text.startswith("\ufeff"):
         text = text[1:]
     if chunk.kind == "text":
-        lines = [ln.strip() for ln in text.splitlines()]
-        if chunk.by_line:
-            return [[Paragraph(s)] for s in lines if s]
-        docs, cur = [], []
-        for ln in lines:  # a blank line (whitespace of any kind, U+3000 too) ends a document
-            if ln:
-                cur.append(Paragraph(ln))
-            elif cur:
-                docs.append(cur)
-                cur = []
-        if cur:
-            docs.append(cur)
-        return docs
+        return _text_documents([ln.strip() for ln in text.splitlines()], chunk.documents, chunk.continues)
     docs = []
     for i, line in enumerate(text.split("\n")):  # not splitlines: U+2028 may sit inside a JSON string
         if not line.strip():
@@ -435,6 +489,38 @@ def parse_chunk(chunk: Chunk) -> list[list[Paragraph]]:
         if doc:
             docs.append(doc)
     return docs
+
+
+def _text_documents(lines: list[str], documents: str, continues: bool) -> list[list[Paragraph]]:
+    """Documents of a text chunk's stripped lines; when the chunk `continues`, the first one is the rest of the
+    previous chunk's last document (maybe empty)."""
+    head, rest = (lines[:1], lines[1:]) if continues else ([], lines)
+    if documents == "file":
+        return [[Paragraph(s) for s in lines if s]]
+    if documents == "lines":
+        return ([[Paragraph(s) for s in head if s]] if continues else []) + [[Paragraph(s)] for s in rest if s]
+    docs, cur = [], [Paragraph(s) for s in head if s]
+    for ln in rest:  # a blank line (whitespace of any kind, U+3000 too) ends a document
+        if ln:
+            cur.append(Paragraph(ln))
+        elif cur or (continues and not docs):
+            docs.append(cur)
+            cur = []
+    if cur or (continues and not docs):
+        docs.append(cur)
+    return docs
+
+
+def join_documents(parts: list, docs, continues: bool) -> None:
+    """Append one chunk's documents (a list of documents, or an array of their sentence counts) to `parts`, the
+    earlier chunks' ones, in corpus order; when the chunk `continues`, its first document is the rest of the last
+    one so far, and is added to it."""
+    if continues and len(docs):
+        last = next((p for p in reversed(parts) if len(p)), None)
+        if last is not None:
+            last[-1] += docs[0]  # a document's paragraphs, or its sentence count
+            docs = docs[1:]
+    parts.append(docs)
 
 
 def _segmenter_version(name: str) -> str:
