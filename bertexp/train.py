@@ -310,7 +310,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     branch = run_info.get("branch")
     lineage = {"resumed_from": str(parts.resume_from) if parts.resume_from else None, "branch": branch,
                "config_changes": {k: list(v) for k, v in (run_info.get("changes") or {}).items()}}
-    attempt = provenance(step=state.step, tokens_build=_tokens_build(parts.data), vocab=str(parts.tokenizer.name_or_path),
+    attempt = provenance(step=state.step, tokens_build=parts.data.tokens_build_id, vocab=str(parts.tokenizer.name_or_path),
                          exam_id=exam.exam_id, **lineage)
     if dist.main:
         record_provenance(run_dir, attempt)
@@ -592,13 +592,6 @@ def describe_final(final: dict, baselines: dict) -> str:
     return (f"Finished at step {final['final/step']}: exam mlm_acc {acc:.4f} = {acc / max(mf, 1e-9):.2f}x the "
             f"most-frequent-token baseline ({mf:.4f}); {verdict} ({table:.4f}). eval/nsp_acc "
             f"{final.get('final/eval/nsp_acc', float('nan')):.3f}; {f'{tps:.0f}' if tps else 'n/a'} tokens/s")
-
-
-def _tokens_build(data) -> str | None:
-    try:
-        return json.loads((Path(data.tokens_dir) / "meta.json").read_text()).get("build")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _logger_dict(cfg: DictConfig) -> dict | None:

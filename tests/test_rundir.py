@@ -166,7 +166,9 @@ def test_provenance_names_the_code_packages_tokens_and_exam(tmp_path, monkeypatc
     assert {r["eval/exam_id"] for r in evals} == {attempt["exam_id"]}
     from bertexp.data.cache import cache_root
 
-    builds = {json.loads(m.read_text())["build"] for m in cache_root(None).glob("tokens-*/meta.json")}
+    import hashlib
+
+    builds = {hashlib.sha1(m.read_bytes()).hexdigest() for m in cache_root(None).glob("tokens-*/meta.json")}
     assert attempt["tokens_build"] in builds
     config = inspect(wandb_files(d)[0])["run"]["config"]["update"]
     assert config["provenance"]["commit"] == head and config["provenance"]["exam_id"] == attempt["exam_id"]
