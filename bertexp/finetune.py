@@ -339,20 +339,23 @@ def stats(values: list[float]) -> dict:
 
 
 def pretraining_origin(path: Path) -> dict:
-    """The pretraining run a checkpoint comes from: its run dir, W&B id, step and group (for grouping)."""
+    """The pretraining run a checkpoint comes from: its run dir, W&B id, step, name, group and tags (the
+    fine-tuning run is named, grouped and tagged after it, not after this command's defaults)."""
     from bertexp.checkpoint import STATE_FILE, load_trainer_state
+    from bertexp.rundir import RUN_INFO
 
     if not (path / STATE_FILE).is_file():
         return {"pretrain/checkpoint": str(path)}
     saved = load_trainer_state(path)
     run = saved.get("run", {})
-    cfg = saved.get("config", {}) or {}
-    run_dir = path.parent.parent
-    group = (cfg.get("logger") or {}).get("group") or cfg.get("experiment") or "default"
-    if group == "default" and (run_dir.parent / "multirun.yaml").is_file():
-        group = f"sweep-{run_dir.parent.name}"
-    return {"pretrain/checkpoint": str(path), "pretrain/run_dir": str(run_dir), "pretrain/wandb_id": run.get("wandb_id"),
-            "pretrain/step": run.get("step"), "pretrain/group": group}
+    try:
+        info = json.loads((path / RUN_INFO).read_text())
+    except (OSError, ValueError):  # a checkpoint of an older bertexp
+        cfg = saved.get("config", {}) or {}
+        info = {"group": (cfg.get("logger") or {}).get("group") or cfg.get("experiment") or "default"}
+    return {"pretrain/checkpoint": str(path), "pretrain/run_dir": str(path.parent.parent),
+            "pretrain/wandb_id": run.get("wandb_id"), "pretrain/step": run.get("step"),
+            "pretrain/group": info.get("group"), "pretrain/name": info.get("name"), "pretrain/tags": info.get("tags")}
 
 
 FINETUNE_VERSION = 2  # bump when a change to the fine-tuning loop changes what a run's result is
@@ -477,7 +480,10 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
     first_relog = next((i for i, item in enumerate(plan) if source.get(item) != "run dir"), len(plan))
     keep_until = sum(found[item]["steps"] for item in plan[:first_relog])
     in_dir = [item for item in plan if source.get(item) == "run dir"]
-    run_info = {**info, "group": origin.get("pretrain/group") or info.get("group"), "tags": [*info.get("tags", []), tc.name]}
+    pre_name, pre_tags = origin.get("pretrain/name"), origin.get("pretrain/tags")
+    where = f"{pre_name} step {origin.get('pretrain/step')}" if pre_name else Path(path).name
+    run_info = {**info, "name": f"{tc.name} of {where}", "group": origin.get("pretrain/group") or info.get("group"),
+                "tags": [*(pre_tags if pre_tags is not None else info.get("tags", [])), "finetune", tc.name]}
     config = {"task": OmegaConf.to_container(tc, resolve=True), **origin}
     logger = dict(logger_cfg, job_type="finetune") if logger_cfg else None
     tracker = Tracker(out_dir, logger, run_info, config, saved_wandb_id(out_dir) if in_dir else None)

@@ -18,6 +18,19 @@ log = logging.getLogger("bertexp")
 STATUS_FILE = "status.json"
 
 
+# Overrides that say nothing about the experiment: left out of run names.
+_NOT_IN_NAMES = ("hydra.", "hydra/", "+hydra", "logger", "trainer.resume", "trainer.allow_changes", "data.cache_dir",
+                 "data.num_proc", "data.num_workers", "model.path", "trainer.log_every", "trainer.eval_every",
+                 "trainer.save_every", "trainer.keep_checkpoints")
+NAME_CHARS = 64
+
+
+def _short(override: str) -> str:
+    """`data.path=/long/dir/corpus.txt` -> `data.path=corpus.txt`: names show what differs, not where."""
+    key, _, value = override.partition("=")
+    return f"{key}={Path(value.rstrip('/')).name}" if "/" in value else override
+
+
 def run_info(cfg: DictConfig) -> dict:
     """W&B name, group, tags and notes of this job, from what the user typed and which options composed."""
     hc = HydraConfig.get()
@@ -25,33 +38,53 @@ def run_info(cfg: DictConfig) -> dict:
     overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "hydra/", "+hydra"))]
     multirun = hc.mode == RunMode.MULTIRUN
     default_name = f"{choices.get('model')}-{choices.get('masking')}-{cfg.masking.ratio:g}"
+    named = [o for o in overrides if not o.lstrip("+~").startswith(_NOT_IN_NAMES)]
     if multirun:  # a sweep's runs are named by their swept values alone, e.g. masking=span,masking.ratio=0.4
         swept = swept_keys(hc)
-        named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept]
-        overrides_for_name = named or overrides
-    else:
-        overrides_for_name = overrides
-    name = ",".join(overrides_for_name) if overrides_for_name else default_name
-    group = wandb_group(cfg, Path(hc.sweep.dir) if multirun else None)
+        named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or named
+    name = ",".join(_short(o) for o in named) or default_name
+    if len(name) > NAME_CHARS:
+        name = name[: NAME_CHARS - 1] + "…"
+    smoke = choices.get("trainer") == "smoke"
+    tags = [str(choices.get(k)) for k in ("data", "model", "masking", "objective") if choices.get(k)]
     return {
-        "name": name[:128],
-        "group": str(group),
-        "tags": [str(choices.get(k)) for k in ("data", "model", "masking") if choices.get(k)],
+        "name": name,
+        "group": wandb_group(cfg, hc.sweep.dir if multirun else None, hc if multirun else None, smoke),
+        "tags": tags + ["smoke"] * smoke + ["sweep"] * multirun,
         "notes": "python run.py " + " ".join(sys.argv[1:]),
         "overrides": overrides,
         "multirun": multirun,
+        "job": hc.job.num if multirun else None,
+        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra") and v is not None},
     }
 
 
-def wandb_group(cfg: DictConfig, sweep_dir: Path | None) -> str:
-    """The W&B group of a run: logger.group if set; else a sweep's `experiment` (or sweep-<dir name>) for
-    every job of a sweep and its summary run; else `experiment`."""
+def wandb_group(cfg: DictConfig, sweep_dir=None, hydra_cfg=None, smoke: bool = False) -> str:
+    """The W&B group of a run: logger.group if set; for every job of a sweep and its summary run, the sweep's
+    `experiment` (or `sweep` and the swept keys) with the date and time it started; else `experiment`
+    (`smoke` for smoke runs, so they never sit among real ones)."""
     group = cfg.logger.get("group") if cfg.get("logger") else None
     if group:
         return str(group)
-    if sweep_dir is not None and cfg.experiment == "default":
-        return f"sweep-{Path(sweep_dir).name}"
+    if sweep_dir is not None:
+        what = str(cfg.experiment)
+        if what == "default":
+            keys = sorted(swept_keys(hydra_cfg)) if hydra_cfg is not None else []
+            what = "sweep " + ("+".join(keys) if keys else Path(sweep_dir).name)
+        return f"{what} {_sweep_started(Path(sweep_dir))}"
+    if smoke and cfg.experiment == "default":
+        return "smoke"
     return str(cfg.experiment)
+
+
+def _sweep_started(sweep_dir: Path) -> str:
+    """`multirun/2026-11-30/07-39-48-478165` -> `2026-11-30 07:39:48`; any other dir: its name."""
+    import re
+
+    m = re.fullmatch(r"(\d{2})-(\d{2})-(\d{2})(?:-\d+)?", sweep_dir.name)
+    if m and re.fullmatch(r"\d{4}-\d{2}-\d{2}", sweep_dir.parent.name):
+        return f"{sweep_dir.parent.name} {':'.join(m.groups())}"
+    return sweep_dir.name
 
 
 _SWEEP_FUNCS = ("choice(", "range(", "interval(", "glob(", "tag(")

@@ -40,6 +40,7 @@ from bertexp.errors import BertexpError, CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"  # in the run dir and in every checkpoint: the flat, resolved config trained with
+RUN_INFO = "run_info.json"  # in every checkpoint: the run's W&B name, group, tags and Hydra choices
 CHANGES_FILE = "config_changes.jsonl"
 PROVENANCE_FILE = "provenance.json"
 LOCK_FILE = ".lock"

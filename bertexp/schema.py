@@ -161,6 +161,7 @@ class LoggerSchema:
     job_type: str = "pretrain"
     init_timeout: float = 15.0
     log_checkpoints: bool = False
+    system_metrics: bool = True
 
 
 SCHEMAS = {

@@ -37,7 +37,7 @@ def log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
 
     try:
         logger_cfg = OmegaConf.to_container(config.logger, resolve=True)
-        run_id = log_sweep_summary(logger_cfg, sweep_dir, wandb_group(config, sweep_dir))
+        run_id = log_sweep_summary(logger_cfg, sweep_dir, wandb_group(config, sweep_dir, config.hydra))
         if run_id:
             print(f"W&B: summary tables and plot logged in run {run_id} (job_type=summary)")
     except Exception as e:  # the tables are on disk whatever W&B does

@@ -124,7 +124,9 @@ def start_wandb(run_dir: Path, cfg: dict, info: dict, config: dict, resume_id: s
         resume="allow" if resume_id else None,
         reinit="finish_previous",
     )
-    settings = wandb.Settings(init_timeout=timeout, silent=True, x_disable_stats=True)
+    # Not silent: W&B's own lines say where an offline run is and how to sync it. System metrics (CPU, memory,
+    # GPU) are sampled unless logger.system_metrics=false.
+    settings = wandb.Settings(init_timeout=timeout, x_disable_stats=not cfg.get("system_metrics", True))
     try:
         run = wandb.init(mode=mode, settings=settings, **kwargs)
     except Exception as e:
@@ -206,18 +208,32 @@ class Tracker:
         run = start_wandb(self.run_dir, cfg, info, config, resume_id)
         if run is None:
             return None
-        # Eval metrics share the step axis with training; summaries keep the best of what matters.
+        # One summary scheme: every metric's summary is its last value (W&B's default); the run's best evaluation
+        # values are written once more, at the end, as best/eval/* (bertexp.train).
         run.define_metric("step")
         for axis in ("tokens", "predicted_tokens", "flops", "elapsed_s"):  # alternative x axes (bertexp.budget)
             run.define_metric(axis)
-        for pattern in ("train/*", "eval/*", "throughput/*", "masking/*", "data/*"):
+        for pattern in ("train/*", "eval/*", "throughput/*", "masking/*", "data/*", "finetune/*"):
             run.define_metric(pattern, step_metric="step")
-        run.define_metric("eval/mlm_acc", step_metric="step", summary="max,last")
-        run.define_metric("eval/mlm_top5_acc", step_metric="step", summary="max,last")
-        run.define_metric("eval/nsp_acc", step_metric="step", summary="max,last")
-        run.define_metric("eval/mlm_loss", step_metric="step", summary="min,last")
         run.summary["run_dir"] = str(self.run_dir)
+        for pattern in (".hydra/*.yaml", "run_config.json", "provenance.json"):  # the config files, with the run
+            if any(self.run_dir.glob(pattern)):
+                try:
+                    run.save(str(self.run_dir / pattern), base_path=str(self.run_dir), policy="now")
+                except Exception as e:  # noqa: BLE001 - the files are in the run dir whatever W&B does
+                    log.warning("W&B could not keep %s (%s)", pattern, e)
         return run
+
+    last_where = "W&B: off"
+
+    def where(self) -> str:
+        """Where this run's W&B record is: its URL online; offline, its folder and the command that uploads it."""
+        if self.run is None:
+            return "W&B: off"
+        if self.run.settings.mode == "offline" or getattr(self.run, "offline", False):
+            folder = Path(self.run.dir).parent
+            return f"W&B: offline run {self.run.id} in {folder}; upload it with: wandb sync {folder}"
+        return f"W&B: {self.run.url}"
 
     def truncate_after(self, step: int) -> None:
         """Drop records after `step`: all of them on a fresh start (step 0), so a run dir that is reused
@@ -254,6 +270,7 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         self.metrics.close()
+        self.last_where = self.where()
         if self.run is not None:
             try:
                 self.run.finish(exit_code=exit_code)
@@ -266,6 +283,10 @@ class NullTracker:
     """What ranks other than 0 log to: nothing."""
 
     run_id = None
+    last_where = "W&B: logged by rank 0"
+
+    def where(self) -> str:
+        return self.last_where
 
     def truncate_after(self, step: int) -> None: ...
     def log(self, record: dict) -> None: ...

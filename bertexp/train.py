@@ -43,7 +43,7 @@ from bertexp.modeling import PretrainingObjective, encoder_params, fit_attention
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
-from bertexp.rundir import NO_RESUME, RUN_CONFIG, flat_config, provenance, record_provenance, resume_target
+from bertexp.rundir import NO_RESUME, RUN_CONFIG, RUN_INFO, flat_config, provenance, record_provenance, resume_target
 from bertexp.tracking import NullTracker, Tracker, saved_wandb_id
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,8 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     if dist.main:
         record_provenance(run_dir, attempt)
     config["provenance"] = attempt
+    config["choices"] = run_info.get("choices")  # the Hydra options composed: data, model, masking, ...
+    config["masking"]["strategy"] = parts.masker.name  # a plain key to group and filter by in W&B
     # The W&B run continues only what this run dir itself trained: a rollback, a fresh start in a used dir, or
     # another dir's checkpoint get a W&B run of their own (the config names where they branched off). A job cut
     # off before its first checkpoint (a sweep re-run, a requeue) keeps its W&B run id.
@@ -342,7 +344,8 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
             run_dir, state.step, parts.model, parts.tokenizer,
             {"run": state.to_dict(), "optimizer": parts.optimizer.state_dict(),
              "scheduler": parts.scheduler.state_dict(), "config": config},
-            keep=int(tc.keep_checkpoints), files={RUN_CONFIG: flat},
+            keep=int(tc.keep_checkpoints), files={RUN_CONFIG: flat, RUN_INFO: {
+                **{k: run_info.get(k) for k in ("name", "group", "tags", "choices")}, "wandb_id": state.wandb_id}},
         )
 
     step_fn = Stepper(cfg, parts, run_dir, dist, device)
@@ -420,6 +423,10 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
             final = _close(tracker, state, last_eval, first_step_s, run_dir, exit_code,
                            log_checkpoint=exit_code == 0 and bool(cfg.get("logger")) and bool(cfg.logger.get("log_checkpoints")))
     log.info(describe_final(final, baselines))
+    if dist.main:  # the last line: where everything this run wrote is
+        last = run_dir / "checkpoints" / "last"
+        print(f"Run dir: {run_dir} | final checkpoint: {last if last.exists() else 'none'} | {tracker.last_where}",
+              flush=True)
     return final
 
 
@@ -444,8 +451,10 @@ def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, ranks_and
 
 def _close(tracker, state: RunState, last_eval: dict, first_step_s, run_dir: Path, exit_code: int,
            log_checkpoint: bool = False) -> dict:
-    """Write the run's summary (final and best evaluation, throughput), then finish the tracker (metrics
-    file and W&B). Called once per run."""
+    """Write the run's summary, then finish the tracker (metrics file and W&B). Called once per run. W&B's
+    summary already holds every metric's last value (the final evaluation among them); it gets the best
+    evaluation values (best/eval/*), the mean throughput and the time to the first step beside them, each
+    once. The returned dict (final/* too) is what the job reports."""
     final = {
         "final/step": state.step,
         **{f"final/{k}": v for k, v in last_eval.items() if k != "step"},
@@ -454,7 +463,7 @@ def _close(tracker, state: RunState, last_eval: dict, first_step_s, run_dir: Pat
         "time/to_first_step_s": first_step_s,
         "run_dir": str(run_dir),
     }
-    tracker.summary(final)
+    tracker.summary({k: v for k, v in final.items() if not k.startswith("final/")})
     if log_checkpoint:
         tracker.log_checkpoint(run_dir / "checkpoints" / "last")
     tracker.finish(exit_code)

@@ -214,7 +214,7 @@ def test_multirun_sweep_summary_and_group(tmp_path):
 
     groups = {inspect(wandb_files(run)[0])["run"]["run_group"] for run in runs}
     names = [inspect(wandb_files(run)[0])["run"]["display_name"] for run in runs]
-    assert len(groups) == 1 and groups.pop().startswith("sweep-")
+    assert groups == {f"sweep masking.ratio {d.name}"}  # the swept keys (and the date, in multirun/DATE/TIME)
     assert names == ["masking.ratio=0.15", "masking.ratio=0.4"]
 
 

@@ -178,7 +178,9 @@ def test_finetune_logs_a_wandb_finetune_run_in_the_pretraining_group(tmp_path, c
 
     _finetune(tmp_path, checkpoint, "sentiment")
     run = inspect(wandb_files(tmp_path)[0])["run"]
-    assert run["job_type"] == "finetune" and run["run_group"] == "default"  # the pretraining run's experiment
+    # named, grouped and tagged after the pretraining run it fine-tunes (conftest's run_in_process: "test", "tests")
+    assert run["job_type"] == "finetune" and run["run_group"] == "tests"
+    assert run["display_name"] == "sentiment of test step 4" and run["tags"] == ["test", "finetune", "sentiment"]
     config = json.dumps(run.get("config", {}))
     assert "pretrain/step" in config and "pretrain/wandb_id" in config
 

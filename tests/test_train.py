@@ -206,7 +206,8 @@ def test_checkpoint_state_cannot_run_code(tmp_path):
 
 
 def test_interrupted_run_has_its_summary_in_wandb(tmp_path, monkeypatch):
-    """On SIGTERM the final and best values reach the W&B run before it is finished."""
+    """On SIGTERM the last and best values reach the W&B run before it is finished, each metric once per
+    meaning: its last value under its own name, the best under best/ (no final/ copies, no {last, max})."""
     import signal
 
     from bertexp.errors import Interrupted
@@ -216,9 +217,11 @@ def test_interrupted_run_has_its_summary_in_wandb(tmp_path, monkeypatch):
     with pytest.raises(Interrupted):
         run_in_process(tmp_path, ["trainer.max_steps=8", "trainer.eval_every=2", "trainer.save_every=100"])
     got = summary(wandb_files(tmp_path)[0])
-    assert "final/step" in got["summary"], sorted(got["summary"])
-    assert got["summary"]["final/step"] == 3
-    assert "best/eval/mlm_acc" in got["summary"] and "final/eval/exam_id" in got["summary"]
+    summary = got["summary"]
+    assert summary["step"] == 3, sorted(summary)
+    assert "best/eval/mlm_acc" in summary and "eval/exam_id" in summary
+    assert not [k for k in summary if k.startswith("final/")]
+    assert not [k for k, v in summary.items() if k.startswith("eval/") and isinstance(v, dict)]
     assert got["exit_code"] == 143
 
 
