@@ -87,6 +87,36 @@ def test_random_init_is_reused_across_checkpoints_of_one_architecture(tmp_path, 
     assert c["random"]["source"] == ["trained", "trained"]
 
 
+def test_a_reused_random_init_equals_a_fresh_one_and_another_architecture_trains_its_own(tmp_path, checkpoint):
+    """The cache is checked against a fresh computation, not against itself: random init trained for one
+    checkpoint and reused for another of the same architecture gives the records a run with
+    task.reuse_random_init=false on that other checkpoint computes (CPU is deterministic); a checkpoint of
+    another architecture (one layer instead of two) finds nothing in the cache and trains its own."""
+    from transformers import BertConfig, BertForPreTraining
+
+    from bertexp.data.tokenizer import load_tokenizer
+
+    one = ["task.seeds=1", "task.train_limit=32", "task.eval_limit=16"]  # two steps per run: enough to tell
+    earlier = checkpoint.parent / "step_0000002"  # trainer=smoke saves steps 2 and 4
+    a = _finetune(tmp_path / "a", checkpoint, "sentiment", one, wandb=False)
+    b = _finetune(tmp_path / "b", earlier, "sentiment", one, wandb=False)
+    assert (a["random"]["source"], b["random"]["source"]) == (["trained"], ["cache"])
+    reused = _records(tmp_path / "b", "sentiment", "random")
+    # the same dir: its pretrained run is kept, its random init is trained afresh
+    fresh = _finetune(tmp_path / "b", earlier, "sentiment", [*one, "task.reuse_random_init=false"], wandb=False)
+    assert (fresh["pretrained"]["source"], fresh["random"]["source"]) == (["run dir"], ["trained"])
+    assert reused and reused == _records(tmp_path / "b", "sentiment", "random")
+    assert fresh["random"]["test"]["values"] == b["random"]["test"]["values"]
+
+    other = tmp_path / "one-layer"
+    config = BertConfig.from_pretrained(str(checkpoint))
+    config.num_hidden_layers = 1
+    BertForPreTraining(config).save_pretrained(other)
+    load_tokenizer(checkpoint).save_pretrained(other)
+    c = _finetune(tmp_path / "c", other, "sentiment", one, wandb=False)
+    assert c["random"]["source"] == ["trained"]
+
+
 def test_a_stopped_finetune_keeps_finished_seeds_and_reruns_only_the_rest(tmp_path, checkpoint, monkeypatch):
     """SIGTERM during the second fine-tuning run: the run stops after its current step with a message; the
     first run's result is on disk; the same call again runs the three others only, and gives the numbers and
