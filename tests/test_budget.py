@@ -174,3 +174,63 @@ def test_a_resumed_run_follows_the_schedule_exactly(tmp_path, monkeypatch):
                                                           abs=1e-12)
     assert [r["step"] for r in cut] == list(range(1, 9))
     assert [(r["train/lr"], r["train/loss"]) for r in cut] == [(r["train/lr"], r["train/loss"]) for r in full]
+
+
+def _step_flops_by_hand(cfg, tokenizer, steps):
+    """The FLOPs of a run's first `steps` steps, from the README's formula, on batches rebuilt here from the data
+    and the per-step masking seeds: 6 x (encoder parameters + 2 L H T attention) per padded position, the MLM
+    head (H^2 + H V) per predicted position, pooler and NSP classifier (H^2 + 2 H) per pair. Also returns each
+    step's (rows, width, predicted) and the encoder's parameter count."""
+    from hydra.utils import instantiate
+
+    from bertexp.data.dataset import Position
+    from bertexp.data.loader import mask_step
+    from bertexp.masking import Vocab
+
+    m = cfg.model
+    h, layers, inter, v = int(m.hidden_size), int(m.num_hidden_layers), int(m.intermediate_size), len(tokenizer)
+    # one encoder layer: Q, K, V, O (weights and biases), two LayerNorms, the feed-forward in and out
+    n_enc = layers * (4 * (h * h + h) + 2 * 2 * h + (h * inter + inter) + (inter * h + h))
+    data = instantiate(cfg.data)
+    data.prepare(tokenizer, int(cfg.seed))
+    masker = instantiate(cfg.masking).bind(Vocab.from_tokenizer(tokenizer))
+    per_step, shapes = [], []
+    for s, (batch, _) in zip(range(steps), data.train_batches(Position())):
+        rows, width = batch["input_ids"].shape
+        predicted = int((mask_step(masker, batch, int(cfg.seed), s, 0.0).labels != -100).sum())
+        per_step.append(6 * n_enc * rows * width + 12 * layers * h * width * rows * width
+                        + 6 * (h * h + h * v) * predicted + 6 * (h * h + 2 * h) * rows)
+        shapes.append((rows, width, predicted))
+    return per_step, shapes, n_enc
+
+
+def test_flop_budget_stops_on_its_step_ends_the_lr_schedule_and_counts_the_formula(tmp_path):
+    """trainer.max_flops set to exactly what the first 4 steps cost (computed here): the run ends at step 4, not
+    at 3 and not at 5 (nor at trainer.max_steps=2, which a budget overrides); every step's lr is the schedule's
+    value at its FLOP fraction, the last one the final lr; each step's FLOPs are the formula's."""
+    from hydra.utils import instantiate
+
+    steps = 4
+    overrides = [*FAST, "trainer.max_steps=2"]
+    cfg = compose(["trainer=smoke", *overrides])
+    tok = instantiate(cfg.model).tokenizer(instantiate(cfg.data))
+    per_step, shapes, n_enc = _step_flops_by_hand(cfg, tok, steps)
+    model = instantiate(cfg.model).build(tok)  # the parameter count, from the model's own modules
+    assert n_enc == sum(p.numel() for name, p in model.named_parameters() if name.startswith("bert.encoder."))
+    budget = sum(per_step)
+    assert float(budget) == budget  # exact in floating point: the stop is tested on the boundary itself
+    run_in_process(tmp_path, [*overrides, f"trainer.max_flops={budget}"])
+    recs = _train_records(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    assert recs[-2]["flops"] < budget <= recs[-1]["flops"]
+    # (c) each step's FLOPs, and the batch it was computed on is the one rebuilt here
+    flops = [0.0] + [r["flops"] for r in recs]
+    predicted = [0] + [r["predicted_tokens"] for r in recs]
+    for i, r in enumerate(recs):
+        rows, width, pred = shapes[i]
+        assert (r["train/max_seq_len"], predicted[i + 1] - predicted[i]) == (width, pred)
+        assert flops[i + 1] - flops[i] == per_step[i], r["step"]
+    # (b) the lr follows the FLOP fraction, and the last step trains at the final lr within its share of the run
+    _check_lr_follows_budget(recs, "flops", budget, abs_tol=1e-12)
+    share = per_step[-1] / budget
+    assert abs(recs[-1]["train/lr"] - FINAL) <= (PEAK - FINAL) * share + 1e-12

@@ -77,3 +77,89 @@ def test_runs_on_different_exams_are_not_ranked_together(tmp_path):
     assert len(exams) == 2 and None not in exams
     assert [r["rank"] for r in runs] == [1, 1]
     assert "took 2 different exams" in md and "not comparable" in md
+
+
+# ---- seed statistics and Welch's t-test, against scipy ----------------------------------------------------
+
+def _fake_run(d, seed, ratio, acc, status="completed"):
+    """A run dir as a sweep leaves it, written by hand: its config, two exam records (the last one is the
+    final value) and its status."""
+    from omegaconf import OmegaConf
+
+    (d / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"seed": seed, "masking": {"ratio": ratio}}), d / ".hydra" / "config.yaml")
+    records = [{"step": 2, "eval/mlm_acc": acc / 2, "eval/exam_id": "exam-1"},
+               {"step": 4, "eval/mlm_acc": acc, "eval/exam_id": "exam-1"}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (d / "status.json").write_text(json.dumps({"status": status}))
+
+
+def _groups_of(root, groups: dict):
+    """Lay out `groups` ({ratio: [(acc, status), ...]}, seeds numbered from 1 within each group) under root
+    and compare them; return the Markdown and the groups' CSV rows by ratio."""
+    i = 0
+    for ratio, runs in groups.items():
+        for seed, (acc, status) in enumerate(runs, 1):
+            _fake_run(root / str(i), seed, ratio, acc, status)
+            i += 1
+    md, _ = cmp.compare([root], out=root / "out", with_plot=False)
+    rows = list(csv.DictReader((root / "out" / "comparison_groups.csv").open()))
+    return md, {float(r["group"].removeprefix("masking.ratio=")): r for r in rows}
+
+
+def _expected(values):
+    """Mean, sample sd and the 95% t interval of the mean, computed here with numpy and scipy."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    mean, sd = x.mean(), x.std(ddof=1)
+    low, high = stats.t.interval(0.95, df=len(x) - 1, loc=mean, scale=stats.sem(x))
+    return mean, sd, low, high
+
+
+@pytest.mark.parametrize("case", ["significant", "within noise"])
+def test_seed_groups_match_scipy_and_call_the_lead_on_each_side_of_p_005(tmp_path, case):
+    """Two groups of seeds; the best one also has a failed and an interrupted seed with outlying values.
+    Mean, sd (ddof 1), the 95% t interval and N of each group equal numpy/scipy's on the completed seeds only,
+    the failed ones are listed as not counted, and the best group's p is scipy's Welch test: labelled
+    significant just below 0.05 and within noise just above it (where Student's pooled test would be < 0.05)."""
+    from scipy import stats
+
+    best, other = ({"significant": [0.50, 0.52, 0.54, 0.56], "within noise": [0.46, 0.50, 0.54]}[case],
+                   {"significant": [0.44, 0.47, 0.50], "within noise": [0.40, 0.41, 0.42, 0.43, 0.44]}[case])
+    p = stats.ttest_ind(best, other, equal_var=False).pvalue
+    if case == "significant":
+        assert 0.01 < p < 0.05
+    else:  # the data were chosen where the two tests disagree
+        assert 0.05 < p < 0.1 and stats.ttest_ind(best, other, equal_var=True).pvalue < 0.05
+    failed = [(0.05, "failed"), (0.99, "interrupted")]
+    md, rows = _groups_of(tmp_path, {0.15: [(v, "completed") for v in best] + failed,
+                                     0.4: [(v, "completed") for v in other]})
+    m = "final/eval/mlm_acc"
+    for ratio, values, not_counted in ((0.15, best, 2), (0.4, other, 0)):
+        row = rows[ratio]
+        mean, sd, low, high = _expected(values)
+        assert int(row[f"{m} n"]) == len(values) and int(row["runs not counted"]) == not_counted
+        assert float(row[f"{m} mean"]) == pytest.approx(mean, rel=1e-12)
+        assert float(row[f"{m} sd"]) == pytest.approx(sd, rel=1e-12)
+        assert float(row[f"{m} ci_low"]) == pytest.approx(low, rel=1e-12)
+        assert float(row[f"{m} ci_high"]) == pytest.approx(high, rel=1e-12)
+        assert row["seeds"].split() == [str(s) for s in range(1, len(values) + not_counted + 1)]  # listed
+    assert rows[0.4]["best"] == ""
+    assert rows[0.15]["best"] == ("best (significant)" if case == "significant" else "best (within noise)")
+    assert f"Welch's t-test p = {p:.3g}" in md
+    runs = [cmp.load_run(r) for r in cmp.find_runs([tmp_path])]
+    groups, _ = cmp.seed_groups(runs, cmp.differing_keys(runs), m)
+    assert next(g for g in groups if g["best"].startswith("best"))["p_vs_next"] == pytest.approx(p, rel=1e-9)
+
+
+@pytest.mark.parametrize("means_differ", [False, True])
+def test_seed_groups_with_no_spread_are_significant_only_when_their_means_differ(tmp_path, means_differ):
+    """sd = 0 in both groups (t undefined): equal means are within noise, different means are significant."""
+    other = 0.25 if means_differ else 0.5
+    md, rows = _groups_of(tmp_path, {0.15: [(0.5, "completed")] * 3, 0.4: [(other, "completed")] * 3})
+    m = "final/eval/mlm_acc"
+    assert [float(rows[r][f"{m} sd"]) for r in (0.15, 0.4)] == [0.0, 0.0]
+    best = [r["best"] for r in rows.values() if r["best"]]
+    assert best == (["best (significant)"] if means_differ else ["best (within noise)"])

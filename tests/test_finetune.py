@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from bertexp.tracking import read_metrics
 from conftest import compose, run_cli, run_in_process
@@ -28,15 +29,15 @@ def own_cache(tmp_path, monkeypatch):
     return tmp_path / "ftcache"
 
 
-def _finetune(out, checkpoint, task, extra=()):
+def _finetune(out, checkpoint, task, extra=(), wandb=True):
     from bertexp.finetune import run_finetune
 
     cfg = compose([f"task={task}", f"model.path={checkpoint}", "logger.mode=offline", *TINY_TASK, *extra])
     from omegaconf import OmegaConf
 
-    return run_finetune(cfg.task, checkpoint, cfg.data, cfg.optim, cfg.trainer, out,
-                        OmegaConf.to_container(cfg.logger, resolve=True), 0, {"name": f"ft-{task}", "group": "tests",
-                                                                              "tags": [], "notes": "", "overrides": []})
+    logger = OmegaConf.to_container(cfg.logger, resolve=True) if wandb else None  # None: metrics.jsonl only
+    return run_finetune(cfg.task, checkpoint, cfg.data, cfg.optim, cfg.trainer, out, logger, 0,
+                        {"name": f"ft-{task}", "group": "tests", "tags": [], "notes": "", "overrides": []})
 
 
 @pytest.mark.parametrize("task", ["sentiment", "ner"])
@@ -60,6 +61,13 @@ def test_finetune_reports_seeds_random_init_and_baseline_deterministically(tmp_p
     assert a["pretrain/step"] == 4 and a["pretrain/checkpoint"] == str(checkpoint)  # trainer=smoke: 4 steps
 
 
+def _records(out, task, init):
+    """The records of a fine-tuning dir's `init` runs (full-precision train loss per epoch, dev and test), without
+    the mark of where a reused one came from."""
+    return [{k: v for k, v in r.items() if k != "finetune/reused"} for r in read_metrics(out / "metrics.jsonl")
+            if f"finetune/{task}/{init}/dev" in r]
+
+
 def test_random_init_is_reused_across_checkpoints_of_one_architecture(tmp_path, checkpoint, capsys):
     """A random-init run does not depend on the checkpoint's weights: a second checkpoint of the same
     architecture and vocabulary reuses its results (the same numbers a fresh run gives), says so, and trains
@@ -70,12 +78,44 @@ def test_random_init_is_reused_across_checkpoints_of_one_architecture(tmp_path, 
     assert a["random"]["source"] == ["trained", "trained"] and b["random"]["source"] == ["cache", "cache"]
     assert b["pretrained"]["source"] == ["trained", "trained"] and b["pretrain/step"] == 2
     assert b["random"]["test"]["values"] == a["random"]["test"]["values"]
-    assert b["pretrained"]["dev"]["values"] != a["pretrained"]["dev"]["values"]  # other weights, other numbers
+    # other weights, other numbers (the train loss: 64 dev examples after 6 steps can score the same accuracy)
+    assert [r["train/loss"] for r in _records(tmp_path / "b", "sentiment", "pretrained")] != \
+        [r["train/loss"] for r in _records(tmp_path / "a", "sentiment", "pretrained")]
     assert "random init" in (out := capsys.readouterr().out) and "(seeds 1, 2 reused from the cache)" in out
     recs = read_metrics(tmp_path / "b" / "metrics.jsonl")  # the reused runs' records are in this run's metrics
     assert sum("finetune/sentiment/random/dev" in r and r.get("finetune/reused") == "cache" for r in recs) == 2
     c = _finetune(tmp_path / "c", earlier, "sentiment", ["task.lr=5e-4"])
     assert c["random"]["source"] == ["trained", "trained"]
+
+
+def test_a_reused_random_init_equals_a_fresh_one_and_another_architecture_trains_its_own(tmp_path, checkpoint):
+    """The cache is checked against a fresh computation, not against itself: random init trained for one
+    checkpoint and reused for another of the same architecture gives the records a run with
+    task.reuse_random_init=false on that other checkpoint computes (CPU is deterministic); a checkpoint of
+    another architecture (one layer instead of two) finds nothing in the cache and trains its own."""
+    from transformers import BertConfig, BertForPreTraining
+
+    from bertexp.data.tokenizer import load_tokenizer
+
+    one = ["task.seeds=1", "task.train_limit=32", "task.eval_limit=16"]  # two steps per run: enough to tell
+    earlier = checkpoint.parent / "step_0000002"  # trainer=smoke saves steps 2 and 4
+    a = _finetune(tmp_path / "a", checkpoint, "sentiment", one, wandb=False)
+    b = _finetune(tmp_path / "b", earlier, "sentiment", one, wandb=False)
+    assert (a["random"]["source"], b["random"]["source"]) == (["trained"], ["cache"])
+    reused = _records(tmp_path / "b", "sentiment", "random")
+    # the same dir: its pretrained run is kept, its random init is trained afresh
+    fresh = _finetune(tmp_path / "b", earlier, "sentiment", [*one, "task.reuse_random_init=false"], wandb=False)
+    assert (fresh["pretrained"]["source"], fresh["random"]["source"]) == (["run dir"], ["trained"])
+    assert reused and reused == _records(tmp_path / "b", "sentiment", "random")
+    assert fresh["random"]["test"]["values"] == b["random"]["test"]["values"]
+
+    other = tmp_path / "one-layer"
+    config = BertConfig.from_pretrained(str(checkpoint))
+    config.num_hidden_layers = 1
+    BertForPreTraining(config).save_pretrained(other)
+    load_tokenizer(checkpoint).save_pretrained(other)
+    c = _finetune(tmp_path / "c", other, "sentiment", one, wandb=False)
+    assert c["random"]["source"] == ["trained"]
 
 
 def test_a_stopped_finetune_keeps_finished_seeds_and_reruns_only_the_rest(tmp_path, checkpoint, monkeypatch):
@@ -209,3 +249,57 @@ def test_sweep_with_downstream_has_scores_per_run(tmp_path):
         s = json.loads((d / run / "downstream" / "sentiment" / "summary.json").read_text())
         assert s["pretrained"]["test"]["n"] == 2
         assert f"{s['pretrained']['test']['mean']:.4g} ± {s['pretrained']['test']['sd']:.4g}" in md
+
+
+def _names_task(tokenizer, shuffled: bool = False):
+    """A token-classification task a model must learn: sentences of filler characters, two in three with one
+    name, 张三, always tagged B-PER I-PER (its characters never appear elsewhere). `shuffled`: each training
+    sentence's tags are permuted, so nothing ties them to the name (dev and test keep the true tags)."""
+    import random
+
+    from bertexp.data.tasks import NER_LABELS, TaskData
+
+    vocab = tokenizer.get_vocab()
+    name = "张三"
+    assert all(c in vocab for c in name)
+    fillers = sorted(c for c in vocab if len(c) == 1 and "\u4e00" <= c <= "\u9fff" and c not in name)[:300]
+    rng = random.Random(0)
+
+    def sentences(n, shuffle):
+        out = []
+        for _ in range(n):
+            chars = rng.choices(fillers, k=rng.randint(6, 14))
+            tags = ["O"] * len(chars)
+            if rng.random() < 2 / 3:
+                at = rng.randint(0, len(chars))
+                chars[at:at] = list(name)
+                tags[at:at] = ["B-PER", "I-PER"]
+            if shuffle:
+                rng.shuffle(tags)
+            out.append(("".join(chars), tags))
+        return out
+
+    return TaskData("ner", "token", list(NER_LABELS), sentences(160, shuffled), sentences(48, False),
+                    sentences(48, False))
+
+
+@pytest.mark.parametrize("shuffled", [False, True], ids=["learnable", "shuffled-labels"])
+def test_ner_finetuning_learns_a_learnable_tagging(tmp_path, checkpoint, shuffled):
+    """bertexp's NER fine-tuning loop (encode, finetune_once, predict, score) on a tagging it must learn: entity
+    F1 near 1 on dev and test. The control, trained on the same sentences with their tags shuffled, scores near
+    0: a high score there would mean the metric rewards something other than finding the entities."""
+    from bertexp.data.tokenizer import load_tokenizer
+    from bertexp.finetune import encode, finetune_once
+    from bertexp.tracking import NullTracker
+
+    cfg = compose(["task=ner", "task.epochs=2", "task.batch_size=16", "task.max_length=32", "task.lr=3e-3"])
+    tokenizer = load_tokenizer(checkpoint)
+    task = _names_task(tokenizer, shuffled)
+    splits = task.splits()
+    encoded = {k: encode(task, v, tokenizer, int(cfg.task.max_length)) for k, v in splits.items()}
+    r = finetune_once(task, splits, encoded, checkpoint, "pretrained", 1, cfg.task, cfg.optim, torch.device("cpu"),
+                      "fp32", NullTracker(), 0)
+    if shuffled:
+        assert r["dev"] < 0.2 and r["test"] < 0.2, r
+    else:
+        assert r["dev"] > 0.9 and r["test"] > 0.9, r

@@ -314,12 +314,42 @@ def test_bad_steps_can_be_skipped_within_a_bound(tmp_path, monkeypatch):
     assert state["run"]["bad_steps"] == 1
 
 
+def _what_ran(mode: str, run) -> object:
+    """Run `run()` and return what shows `mode` in effect: for bf16, the dtypes every Linear layer's output had
+    (a global forward hook); for compile, how many frames torch.compile (dynamo) compiled."""
+    if mode == "bf16":
+        dtypes = set()
+
+        def hook(module, args, output):
+            if isinstance(module, torch.nn.Linear):
+                dtypes.add(output.dtype)
+
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            run()
+        finally:
+            handle.remove()
+        return dtypes
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    run()
+    return counters["frames"]["ok"]
+
+
 @pytest.mark.parametrize("mode", ["bf16", "compile"])
 def test_bf16_and_compile_match_fp32_eager(tmp_path, mode):
+    """Same losses as fp32 eager, and in effect, not only accepted: under bf16 autocast every Linear computes in
+    bfloat16 (in the fp32 run, float32), and trainer.compile=true has dynamo compile the model's frames (the
+    eager run compiles none)."""
     base = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.precision=fp32", "logger=none"]
-    run_in_process(tmp_path / "ref", base)
+    ref_ran = _what_ran(mode, lambda: run_in_process(tmp_path / "ref", base))
     extra = ["trainer.precision=bf16"] if mode == "bf16" else ["trainer.compile=true"]
-    run_in_process(tmp_path / mode, [*base, *extra])
+    got_ran = _what_ran(mode, lambda: run_in_process(tmp_path / mode, [*base, *extra]))
+    if mode == "bf16":
+        assert (ref_ran, got_ran) == ({torch.float32}, {torch.bfloat16})
+    else:
+        assert ref_ran == 0 and got_ran > 0
     ref = [r["train/loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "train/loss" in r]
     got = [r["train/loss"] for r in read_metrics(tmp_path / mode / "metrics.jsonl") if "train/loss" in r]
     tol = 2e-2 if mode == "bf16" else 1e-4  # bf16 keeps 8 bits of mantissa
