@@ -76,6 +76,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    save_vocab_txt(tokenizer, tmp)
     torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
     for name, value in (files or {}).items():
         (tmp / name).write_text(json.dumps(value, indent=0, ensure_ascii=False, default=str), encoding="utf-8")
@@ -89,6 +90,14 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     os.replace(link_tmp, root / "last")
     _prune(root, keep)
     return final
+
+
+def save_vocab_txt(tokenizer, folder: Path) -> None:
+    """vocab.txt beside tokenizer.json, one entry per line in id order (bert-base-chinese's layout): what
+    tools that read BERT vocabularies, and BertTokenizer itself, look for."""
+    vocab = tokenizer.get_vocab()
+    (Path(folder) / "vocab.txt").write_text("".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])),
+                                            encoding="utf-8")
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -172,14 +172,47 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
     tmp.replace(path)
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """The files a run reads, checked before the seconds of importing torch and transformers: a missing or
+    unreadable corpus, or a missing model directory, is a one-line error at once. (The full checks run again
+    where the files are used.)"""
+    from bertexp.data.sources import PeoplesDaily, TextFiles, user_path
+    from bertexp.errors import CheckpointError
+
+    data, target = cfg.data, str(cfg.data.get("_target_", ""))
+    if target.endswith(".from_text_file"):
+        source = TextFiles(data.get("path"), data.get("encoding", "utf-8"), data.get("segmenter", "rjieba"),
+                           data.get("text_field", "text"), data.get("documents", "auto"))
+        for f in source.files[:8]:  # a directory of thousands of shards: the first few now, all when fingerprinted
+            source._check_head(f)
+    elif target.endswith(".from_peoples_daily") and data.get("path"):
+        PeoplesDaily(data.path).fingerprint()
+    model_path = cfg.model.get("path")
+    if model_path and (cfg.get("task") or str(cfg.model.get("_target_", "")).endswith("PretrainedBert")):
+        if not user_path(model_path).is_dir():
+            raise CheckpointError(f"model.path: directory not found: {user_path(model_path)}")
+    sweeps = Path(__file__).resolve().parents[1] / "multirun_sweeps"
+    typed = [o.split("=", 1)[0] for o in HydraConfig.get().overrides.task]
+    if "experiment" in typed and HydraConfig.get().mode != RunMode.MULTIRUN and (sweeps / f"{cfg.experiment}.yaml").is_file():
+        raise BertexpError(f"experiment={cfg.experiment} only names a run's W&B group; the ready sweep of that name runs "
+                           f"with: python run.py -cd multirun_sweeps -cn {cfg.experiment}")
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Entry point called by run.py's @hydra.main; returns eval/mlm_acc for sweepers to optimise."""
-    from bertexp.train import run_training  # heavy imports after Hydra has parsed the command line
-
-    from bertexp.distributed import is_main_process
+    import os
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # (bertexp.distributed.is_main_process, without importing torch)
+        try:
+            check_inputs(cfg)
+        except BertexpError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    from bertexp.distributed import is_main_process
+    from bertexp.train import run_training  # heavy imports after the command line and its files are checked
+
     info = run_info(cfg)
     _share_cores(hc)
     if not is_main_process():  # under torchrun: rank 0 speaks and writes for all

@@ -195,6 +195,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     make_objective = instantiate(cfg.objective)  # likewise objective.*
     resume_from = resume_target(run_dir, str(tc.resume))
     tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
+    tokenizer.model_max_length = spec.max_positions  # what its checkpoints say (not 1e30, "no limit")
     data.prepare(tokenizer, int(cfg.seed))
     masker.bind(Vocab.from_tokenizer(tokenizer))
     masker.prepare(data, tokenizer)  # PMI masking: its collocations (cached with the tokens)
@@ -356,8 +357,10 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     final: dict | None = None
     if not budget.by_steps:
         log.info("The run ends on its budget: %s (trainer.max_steps does not apply)", budget.describe())
-    pbar = tqdm(total=budget.max_steps, initial=state.step, desc="train", dynamic_ncols=True, mininterval=1.0,
-                disable=not dist.main)
+    # in a sweep, every line says which job it is about
+    job_prefix = f"[job {run_info.get('job')}: {run_info.get('name')}] " if run_info.get("multirun") else ""
+    pbar = tqdm(total=budget.max_steps, initial=state.step, desc=f"job {run_info.get('job')} train" if job_prefix else "train",
+                dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
     try:
         with _StopFlag() as stop:
             while not budget.done(state):
@@ -393,7 +396,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                     last_eval = evaluate()
                     tracker.log(last_eval)
                     if dist.main:
-                        pbar.write(describe_eval(last_eval))
+                        pbar.write(job_prefix + describe_eval(last_eval))
                 saved = state.step % int(tc.save_every) == 0 or finished
                 if saved:
                     checkpoint()

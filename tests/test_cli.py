@@ -234,3 +234,17 @@ def test_fake_api_key_without_network_falls_back_offline(tmp_path):
     assert len(list((tmp_path / "fake" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     assert len([m for m in read_metrics(tmp_path / "fake" / "metrics.jsonl") if "train/loss" in m]) == 1
     assert fake_s - offline_s < 30, f"online fallback cost {fake_s - offline_s:.0f} s"
+
+
+def test_path_errors_come_before_torch_is_imported(tmp_path):
+    """A missing corpus or model directory is reported before the seconds of importing torch and transformers
+    (it used to take 12 s to say a file was missing): the error is printed with torch still unimported."""
+    probe = ("import runpy, sys\nsys.argv = ['run.py'] + sys.argv[1:]\ntry:\n    runpy.run_path({run!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'torch imported:', 'torch' in sys.modules)\n").format(run=str(ROOT / "run.py"))
+    for args, expected in ((["data=text_file", f"data.path={tmp_path}/missing.txt"], "data.path: file not found"),
+                           (["task=ner", f"model.path={tmp_path}/nope"], "model.path: directory not found"),
+                           (["experiment=mask_ratio"], "-cd multirun_sweeps -cn mask_ratio")):
+        r = subprocess.run([sys.executable, "-c", probe, *args, f"hydra.run.dir={tmp_path}/run"], capture_output=True,
+                           text=True, timeout=120, cwd=ROOT)
+        assert expected in r.stderr, r.stderr[-1500:]
+        assert "exit 2 torch imported: False" in r.stdout, (args, r.stdout, r.stderr[-1500:])

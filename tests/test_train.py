@@ -304,6 +304,16 @@ def test_last_checkpoint_loads_as_a_pretrained_model(tmp_path):
     last = tmp_path / "a" / "checkpoints" / "last"
     final = run_in_process(tmp_path / "b", ["model=pretrained", f"model.path={last}", "trainer.max_steps=2", "logger=none"])
     assert final["final/step"] == 2
+    # as any Hugging Face model directory: Auto classes, a fill-mask pipeline, a vocab.txt, a real length limit
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    tok = AutoTokenizer.from_pretrained(str(last))
+    assert tok.model_max_length == 512
+    vocab = (last / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert vocab == [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    fill = pipeline("fill-mask", model=AutoModelForMaskedLM.from_pretrained(str(last)), tokenizer=tok)
+    out = fill("我们的[MASK]家")
+    assert len(out) == 5 and all(o["token_str"] in tok.get_vocab() for o in out)
 
 
 def test_bad_steps_can_be_skipped_within_a_bound(tmp_path, monkeypatch):

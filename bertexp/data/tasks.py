@@ -262,9 +262,12 @@ def load_ner(data) -> TaskData:
             "cannot map documents to the pretraining split"
         )
 
+    from tqdm.auto import tqdm
+
     stats: Counter = Counter()
     paragraphs = []
-    for line in data.source.path.read_text(encoding="utf-8").lstrip("\ufeff").splitlines():
+    lines = data.source.path.read_text(encoding="utf-8").lstrip("\ufeff").splitlines()
+    for line in tqdm(lines, desc="NER: reading People's Daily's tags", unit=" lines", mininterval=1.0, leave=False):
         p = _parse_tagged_line(line, stats)
         if p is not None:
             paragraphs.append(p)
