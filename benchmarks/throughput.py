@@ -17,7 +17,8 @@ the data pipeline's share of a step.
     python benchmarks/throughput.py --precision bf16   # autocast bf16 (a and b)
     python benchmarks/throughput.py --compile          # torch.compile the encoder (a)
     python benchmarks/throughput.py --profile          # where the time of one bertexp step goes
-    python benchmarks/throughput.py --minutes 5        # (a) vs (b) at equal wall time: held-out MLM accuracy
+
+Quality at equal time (exam accuracy against seconds): benchmarks/time_to_quality.py.
 """
 from __future__ import annotations
 
@@ -202,88 +203,6 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
     return timed_loop(step, args.warmup + args.steps, args.warmup), model
 
 
-def equal_time(args, cfg, data, spec, tok, examples) -> dict:
-    """Train (a) or (b) for `--minutes` of wall time at the same lr and warm-up, then score both on run.py's
-    exam (bertexp.exam: held-out pairs, 15% blanks, every one [MASK]), next to the counting baselines."""
-    import torch
-    from contextlib import nullcontext
-
-    from bertexp.data.dataset import Position
-    from bertexp.distributed import Dist
-    import torch.nn.functional as F
-    from hydra.utils import instantiate
-
-    from bertexp.exam import evaluate
-    from bertexp.masking import TokenMasking, Vocab
-    from bertexp.optim import build_optimizer
-    from bertexp.train import prepare_exam
-
-    budget, lr, warmup = args.minutes * 60, 2e-3, 100
-    vocab = Vocab.from_tokenizer(tok)
-    exam, exam_batches, baselines = prepare_exam(cfg, data, 32)
-    model = spec.build(tok)
-    # Both pipelines train run.py's objective from run.py's initialisation: MLM + objective.nsp_weight x NSP,
-    # the MLM bias at the unigram log-frequencies (conf/objective), so only the pipeline differs.
-    objective = instantiate(cfg.objective)(model)
-    objective.init_heads(data.train_token_ids())
-    steps = 0
-    if args.pipeline == "bertexp":
-        opt = build_optimizer(cfg.optim, model)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-        masker = TokenMasking(0.15).bind(vocab)
-        g = torch.Generator().manual_seed(0)
-        params = list(model.parameters())
-        start = time.perf_counter()
-        for batch, _ in data.train_batches(Position()):
-            if time.perf_counter() - start > budget:
-                break
-            ids, labels, *_ = masker(batch, g)
-            mlm, nsp, *_ = objective(ids, batch["attention_mask"], batch["token_type_ids"], labels, batch["next_sentence_label"])
-            objective.loss(mlm / max(1, int((labels != -100).sum())), nsp / len(ids)).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            steps += 1
-    else:
-        from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
-
-        rows = hf_rows(data, tok, data.epoch_examples(0))
-
-        class Budget(TrainerCallback):
-            def on_train_begin(self, *a, **k):
-                self.start = time.perf_counter()
-
-            def on_step_end(self, a, state, control, **k):
-                if time.perf_counter() - self.start > budget:
-                    control.should_training_stop = True
-
-        targs = TrainingArguments(
-            output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bertexp-bench-hf"), per_device_train_batch_size=32,
-            max_steps=100_000, learning_rate=lr, warmup_steps=warmup, lr_scheduler_type="constant_with_warmup",
-            weight_decay=0.01, report_to=[], logging_strategy="no", save_strategy="no", use_cpu=True,
-            remove_unused_columns=False, seed=0, max_grad_norm=1.0, adam_epsilon=1e-6,
-        )
-        class WeightedNSP(Trainer):
-            """BertForPreTraining's MLM + NSP, with NSP weighted as run.py weights it."""
-
-            def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-                labels, nsp_labels = inputs.pop("labels"), inputs.pop("next_sentence_label")
-                out = model(**inputs)
-                mlm = F.cross_entropy(out.prediction_logits.flatten(0, 1).float(), labels.flatten())
-                nsp = F.cross_entropy(out.seq_relationship_logits.float(), nsp_labels)
-                loss = objective.loss(mlm, nsp)
-                return (loss, out) if return_outputs else loss
-
-        trainer = WeightedNSP(model=model, args=targs, train_dataset=rows,
-                          data_collator=DataCollatorForLanguageModeling(tok, mlm_probability=0.15), callbacks=[Budget()])
-        trainer.train()
-        steps = trainer.state.global_step
-    result = evaluate(objective, exam_batches, torch.device("cpu"), nullcontext(), Dist())
-    return {"pipeline": args.pipeline, "minutes": args.minutes, "steps": steps, "nsp_weight": objective.nsp_weight, **result, **baselines,
-            "eval/exam_id": exam.exam_id}
-
-
 def hf_rows(data, tok, examples) -> list[dict]:
     """The packed NSP examples as the token lists a Hugging Face collator expects."""
     from bertexp.data.pairs import A0, A1, B0, B1, LABEL
@@ -304,9 +223,6 @@ def child(args) -> None:
     import torch
 
     cfg, data, spec, tok, examples = setup(args)
-    if args.minutes:
-        print(json.dumps(equal_time(args, cfg, data, spec, tok, examples)))
-        return
     fn = {"bertexp": run_bertexp, "huggingface": run_huggingface, "tutorial": run_tutorial}[args.pipeline]
     steps, model = fn(args, cfg, data, spec, tok, examples)
     from bertexp.train import matmul_flops
@@ -343,17 +259,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="bert_mini", help="model option (the reference workload is bert_mini)")
     ap.add_argument("--profile", action="store_true", help="print a profile of one bertexp step")
-    ap.add_argument("--minutes", type=float, default=0, help="instead: train (a) and (b) this long each, compare held-out MLM accuracy")
     ap.add_argument("--pipeline", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.pipeline:
         return child(args)
     results = {}
-    if args.minutes and args.pipelines == ap.get_default("pipelines"):
-        args.pipelines = "bertexp,huggingface"
     for name in args.pipelines.split(","):
         cmd = [sys.executable, __file__, "--pipeline", name, "--precision", args.precision, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--minutes", str(args.minutes), "--model", args.model] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--model", args.model] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
         print(f"running {name} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode != 0:
@@ -362,20 +275,6 @@ def main() -> None:
         if args.profile:
             print(out.stderr, file=sys.stderr)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    if args.minutes:
-        first = next(iter(results.values()), {})
-        print(f"\nEqual wall time ({args.minutes:g} min each), {args.model}, lr 2e-3 after 100 warm-up steps, MLM + "
-              f"{first.get('nsp_weight', float('nan')):g} x NSP; scored on "
-              f"run.py's exam {first.get('eval/exam_id')} (held-out pairs, 15% blanks, all [MASK]):")
-        print("| pipeline | steps | exam mlm_acc | top-5 | exam mlm_loss | nsp_acc |\n|---|---|---|---|---|---|")
-        for name, r in results.items():
-            print(f"| {name} | {r['steps']} | {r['eval/mlm_acc']:.4f} | {r['eval/mlm_top5_acc']:.4f} | "
-                  f"{r['eval/mlm_loss']:.3f} | {r['eval/nsp_acc']:.3f} |")
-        if first:
-            print("| counting: most frequent token / left-neighbour table / neighbours table | | "
-                  f"{first['eval/baseline/most_frequent_acc']:.4f} / {first['eval/baseline/left_neighbour_acc']:.4f} / "
-                  f"{first['eval/baseline/neighbours_acc']:.4f} | | | |")
-        return
     ref = results.get("huggingface", {}).get("tokens_per_s")
     import platform
 
