@@ -132,7 +132,7 @@ class PeoplesDaily:
 
     def fingerprint(self) -> str:
         if not self.path.is_file():
-            raise DataError(f"data.source.path: People's Daily file not found: {self.path}")
+            raise DataError(f"data.path: People's Daily file not found: {self.path}")
         st = self.path.stat()
         return f"pd-{PARSER_VERSION}-{st.st_size}-{int(st.st_mtime)}"
 
@@ -141,7 +141,7 @@ class PeoplesDaily:
 
     def load(self) -> Corpus:
         raw = self.path.read_bytes()
-        text = _decode(raw, "utf-8", str(self.path), 0, "data.source.path").lstrip("\ufeff")
+        text = _decode(raw, "utf-8", str(self.path), 0, "data.path").lstrip("\ufeff")
         corpus = Corpus()
         doc: list[Paragraph] = []
         prev_was_body = False
