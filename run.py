@@ -22,8 +22,10 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     from bertexp.errors import config_error_line
 
-    full_error = "HYDRA_FULL_ERROR" in os.environ  # the user asked for Hydra's own report
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing; we print one line
+    # Hydra raises instead of printing its report, and we print one line; unless the user asked for its report
+    full_error = "HYDRA_FULL_ERROR" in os.environ and "_BERTEXP_SET_HYDRA_FULL_ERROR" not in os.environ
+    if "HYDRA_FULL_ERROR" not in os.environ:
+        os.environ["HYDRA_FULL_ERROR"] = os.environ["_BERTEXP_SET_HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except Exception as e:  # noqa: BLE001 - a bad command line is one line and exit 2; anything else is re-raised

@@ -32,15 +32,20 @@ def test_overrides_reach_config_optimizer_and_batches(tmp_path):
     assert max(m["train/max_seq_len"] for m in train) <= 64
 
 
-def _bad_inputs(tmp: Path):
+def _bad_input_files(tmp: Path) -> None:
+    """The files the README's error table (and the extra cases) name, in the directory the commands run in."""
+    import shutil
+
     (tmp / "empty.txt").write_text("")
     (tmp / "blank.txt").write_text("  \n\n \t\n")
-    (tmp / "bin.dat").write_bytes(bytes(range(256)) * 10)
+    (tmp / "binary.dat").write_bytes(bytes(range(256)) * 10)
     (tmp / "gbk.txt").write_bytes("我的家乡在江南的一个小镇上。小镇不大，却有一条小河。".encode("gbk"))
-    (tmp / "one.txt").write_text("只有一句话。")
+    (tmp / "one_sentence.txt").write_text("只有一句话。")
     (tmp / "nocorpus").mkdir()
     (tmp / "nocorpus" / "weights.bin").write_bytes(b"\x00" * 16)
     (tmp / "bad.jsonl").write_text('{"text": "我们。你们。"}\n{"text": oops}\n', encoding="utf-8")
+    (tmp / "tests" / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "data" / "essay.txt", tmp / "tests" / "data" / "essay.txt")
     (tmp / "nocfg").mkdir()
     (tmp / "noweights").mkdir()
     (tmp / "noweights" / "config.json").write_text("{}")
@@ -51,36 +56,36 @@ def _bad_inputs(tmp: Path):
     BertForPreTraining(small).save_pretrained(tmp / "mismatch")
     (tmp / "mismatch" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"我们的是在有和人"]) + "\n")
     BertTokenizerFast.from_pretrained(str(tmp / "mismatch")).save_pretrained(str(tmp / "mismatch"))
-    return [
-        ("missing file", ["data=text_file", f"data.path={tmp}/nope.txt"], "data.path: file not found"),
-        ("directory without a corpus file", ["data=text_file", f"data.path={tmp}/nocorpus"], "no text, JSON lines or Parquet files"),
-        ("bad JSON line", ["data=text_file", f"data.path={tmp}/bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
-        ("empty file", ["data=text_file", f"data.path={tmp}/empty.txt"], "is empty"),
-        ("whitespace only", ["data=text_file", f"data.path={tmp}/blank.txt"], "is empty"),
-        ("binary", ["data=text_file", f"data.path={tmp}/bin.dat"], "looks binary"),
-        ("GBK text", ["data=text_file", f"data.path={tmp}/gbk.txt"], "data.encoding=gb18030"),
-        ("path unset", ["data=text_file"], "data.path is not set"),
-        ("documents unknown", ["data=text_file", f"data.path={tmp}/one.txt", "data.documents=paragraphs"],
-         "data.documents='paragraphs' is not one of auto, blank_lines, lines, file"),
-        ("one sentence", ["data=text_file", f"data.path={tmp}/one.txt"], "too small for NSP"),
-        ("unknown option", ["masking=spam"], "Could not find 'masking/spam'"),
-        ("unknown key", ["optim.lrr=1e-4"], "Could not override 'optim.lrr'"),
-        ("ratio too high", ["masking.ratio=1.5"], "masking.ratio=1.5 must be in (0, 1)"),
-        ("ratio zero", ["masking.ratio=0"], "masking.ratio=0"),
-        ("max_length too small", ["data.max_length=4"], "data.max_length=4 must be an integer >= 8"),
-        ("max_length too large", ["data.max_length=1000"], "data.max_length=1000 exceeds the model's position limit (512)"),
-        ("model.path missing", ["model=pretrained", f"model.path={tmp}/none"], "model.path: directory not found"),
-        ("no config.json", ["model=pretrained", f"model.path={tmp}/nocfg"], "has no config.json"),
-        ("no weights", ["model=pretrained", f"model.path={tmp}/noweights"], "has no weights"),
-        ("no vocab", ["model=pretrained", f"model.path={tmp}/novocab"], "has no vocab.txt or tokenizer.json"),
-        ("vocab bigger than embeddings", ["model=pretrained", f"model.path={tmp}/mismatch"], "vocab has 13 tokens but the model's embeddings have 8 rows"),
-        ("batch_size zero", ["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
-        ("lr negative", ["optim.lr=-1"], "optim.lr=-1.0 must be a positive number"),
-        ("max_steps zero", ["trainer.max_steps=0"], "trainer.max_steps=0 must be >= 1"),
-        ("val_fraction", ["data.val_fraction=0.9"], "data.val_fraction=0.9 must be in [0, 0.5]"),
-        ("mask+random > 1", ["masking.random_token_prob=0.5"], "must be <= 1"),
-        ("wrong type", ["data.batch_size=abc"], "data.batch_size"),
-    ]
+
+
+def readme_error_rows() -> list[tuple[list[str], str]]:
+    """The README's error table: (the command line's arguments, the error line it shows, `…` standing for any
+    text)."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)`[^|]*\| `([^`]+)` \|$", section, re.M)
+    return [(shlex.split(args), message) for args, message in rows]
+
+
+# Bad inputs the README's table does not show, checked all the same: (arguments, a part of the error line).
+EXTRA_BAD_INPUTS = [
+    (["data=text_file", "data.path=nocorpus"], "no text, JSON lines or Parquet files"),
+    (["data=text_file", "data.path=blank.txt"], "is empty"),
+    (["data=text_file", "data.path=one_sentence.txt", "data.documents=paragraphs"],
+     "data.documents='paragraphs' is not one of auto, blank_lines, lines, file"),
+    (["masking.ratio=0"], "masking.ratio=0"),
+    (["model=pretrained", "model.path=nocfg"], "has no config.json"),
+    (["model=pretrained", "model.path=noweights"], "has no weights"),
+    (["model=pretrained", "model.path=novocab"], "has no vocab.txt or tokenizer.json"),
+    (["model=pretrained", "model.path=mismatch"], "vocab has 13 tokens but the model's embeddings have 8 rows"),
+    (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
+    (["optim.lr=-1"], "optim.lr=-1.0 must be a positive number"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 must be >= 1"),
+    (["data.val_fraction=0.9"], "data.val_fraction=0.9 must be in [0, 0.5]"),
+]
 
 
 _CASES_DRIVER = """
@@ -106,18 +111,26 @@ for i, args in json.loads(sys.argv[1]):
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
-    """Every bad input ends the run with a one-line error naming the field or file, and no traceback. The
-    first two go through `python run.py` as typed; the rest go through run.py's Hydra entry point, parsing the
-    same command line, in two driver processes (one process per case would cost ~10 s of imports each)."""
-    cases = _bad_inputs(tmp_path)
+    """Every row of the README's error table, run as its first column says, ends with exit 2 and exactly the
+    line its second column shows; so do the extra cases. No traceback anywhere. The first two go through
+    `python run.py` as typed; the rest through run.py's Hydra entry point, parsing the same command line, in
+    two driver processes (one process per case would cost ~10 s of imports each)."""
+    import re
+
+    _bad_input_files(tmp_path)
+    rows = readme_error_rows()
+    assert len(rows) >= 15, "the README's error table was not found"
+    cases = [(args, "^error: " + ".*".join(map(re.escape, message.removeprefix("error: ").split("…"))) + "$")
+             for args, message in rows]
+    cases += [(args, re.escape(part)) for args, part in EXTRA_BAD_INPUTS]
     common = ["logger=none", "trainer=smoke"]
     results = {}
-    for i, (name, args, _) in enumerate(cases[:2]):
-        r = run_cli([*args, f"hydra.run.dir={tmp_path}/runs/{i}", *common])
+    for i, (args, _) in enumerate(cases[:2]):
+        r = run_cli([*args, f"hydra.run.dir={tmp_path}/runs/{i}", *common], cwd=tmp_path)
         results[i] = (r.stdout, r.stderr, r.returncode)
-    rest = [(i, [*args, f"hydra.run.dir={tmp_path}/runs/{i}", *common]) for i, (_, args, _) in enumerate(cases) if i >= 2]
+    rest = [(i, [*args, f"hydra.run.dir={tmp_path}/runs/{i}", *common]) for i, (args, _) in enumerate(cases) if i >= 2]
     driver = _CASES_DRIVER.format(root=str(ROOT), tmp=str(tmp_path))
-    procs = [subprocess.Popen([sys.executable, "-c", driver, json.dumps(rest[k::2])], cwd=ROOT, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", driver, json.dumps(rest[k::2])], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=600)
@@ -125,13 +138,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     for i, _ in rest:
         text = (tmp_path / f"case{i}.err").read_text()
         results[i] = ("", text, int((tmp_path / f"case{i}.rc").read_text()))
-    for i, (name, _, expected) in enumerate(cases):
+    for i, (args, pattern) in enumerate(cases):
         out, err, rc = results[i]
+        name = " ".join(args)
         assert rc == 2, f"{name}: exit {rc}:\n{err[-1500:]}"
-        assert expected in err, f"{name}: expected {expected!r} in stderr:\n{err[-1500:]}"
         assert "Traceback" not in err and "Traceback" not in out, f"{name}: traceback shown:\n{err[-1500:]}"
-        line = next(l for l in err.splitlines() if expected in l)
-        assert len(line) < 400, f"{name}: message too long"
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, f"{name}: {len(errors)} error lines:\n{err[-1500:]}"
+        assert re.search(pattern, errors[0]), f"{name}: the README says {pattern!r}, the run said:\n{errors[0]}"
+        assert len(errors[0]) < 400, f"{name}: message too long"
 
 
 def _wait_for_step(metrics: Path, step: int, proc, timeout=240):

@@ -19,7 +19,7 @@ def _code_lines() -> list[str]:
     lines, joined = [], ""
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", README, re.S):
         for raw in block.splitlines():
-            line = raw.split("  #")[0].rstrip() if "  #" in raw else raw.rstrip()
+            line = re.split(r"\s+#(?=\s|$)", raw)[0].rstrip()  # a trailing comment
             if line.lstrip().startswith("#") or not line.strip():
                 continue
             if line.endswith("\\"):
@@ -78,7 +78,8 @@ def test_every_readme_command_composes(command, tmp_path):
 
 
 def test_files_and_folders_the_readme_names_exist():
-    named = set(re.findall(r"`((?:bertexp|conf|tests|benchmarks|docs|multirun_sweeps)/[\w./-]+)`", README))
+    named = set(re.findall(r"`((?:bertexp|conf|tests|benchmarks|docs|multirun_sweeps)/[\w./-]*)`", README))
+    named |= set(re.findall(r"\]\(((?:docs|benchmarks)/[\w./-]+)(?:#[\w-]+)?\)", README))  # Markdown links
     assert named, "the README names no repo files?"
     missing = [p for p in sorted(named) if not (ROOT / p.rstrip("/")).exists()]
     assert not missing, missing
