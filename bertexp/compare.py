@@ -39,7 +39,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if (p / ".hydra" / "config.yaml").is_file():
             runs.append(p)
         elif p.is_dir():
-            runs.extend(sorted({c.parent.parent for c in p.rglob(".hydra/config.yaml")}, key=_run_sort_key))
+            found = {c.parent.parent for c in p.rglob(".hydra/config.yaml")}
+            # not the copies a run keeps elsewhere: W&B's files of the run, a branch moved to abandoned/
+            found = {r for r in found if not {"wandb", "abandoned"} & set(r.relative_to(p).parts)}
+            runs.extend(sorted(found, key=_run_sort_key))
     seen, out = set(), []
     for r in runs:
         if r.resolve() not in seen:

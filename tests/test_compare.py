@@ -163,3 +163,13 @@ def test_seed_groups_with_no_spread_are_significant_only_when_their_means_differ
     assert [float(rows[r][f"{m} sd"]) for r in (0.15, 0.4)] == [0.0, 0.0]
     best = [r["best"] for r in rows.values() if r["best"]]
     assert best == (["best (significant)"] if means_differ else ["best (within noise)"])
+
+
+def test_copies_of_a_runs_config_are_not_runs(sweep, tmp_path):
+    """W&B keeps a copy of a run's .hydra/ among its files, and a rollback moves a branch to abandoned/: neither
+    is a run of its own (they once showed up as extra rows of 'unknown' status in every sweep summary)."""
+    root = tmp_path / "sweep"
+    shutil.copytree(sweep, root)
+    for copy in ("0/wandb/offline-run-1/files", "1/abandoned/20261130-rolled-back"):
+        shutil.copytree(root / "0" / ".hydra", root / copy / ".hydra")
+    assert [p.name for p in cmp.find_runs([root])] == ["0", "1"]
