@@ -143,10 +143,25 @@ def start_wandb(run_dir: Path, cfg: dict, info: dict, config: dict, resume_id: s
 
 
 def _cell(c: str):
+    """A CSV cell as W&B should plot it: whole numbers as ints (ranks, steps, N), other numbers as floats."""
+    if c in ("", "-") or c.isalpha():
+        return c
     try:
-        return float(c) if c not in ("", "-") and not c.isalpha() else c
+        return int(c)
+    except ValueError:
+        pass
+    try:
+        return float(c)
     except ValueError:
         return c
+
+
+def _run_columns(row: list[str], project: str | None, entity: str | None) -> list:
+    """The table's `run` column (a path on this disk) as the job's name, W&B run id and, online, its link."""
+    path = Path(row[0])
+    run_id = saved_wandb_id(path)
+    url = f"https://wandb.ai/{entity}/{project}/runs/{run_id}" if run_id and entity and project else ""
+    return [path.name, run_id or "", url, *[_cell(c) for c in row[1:]]]
 
 
 def log_sweep_summary(logger_cfg: dict, sweep_dir: Path, group: str) -> str | None:
@@ -167,8 +182,13 @@ def log_sweep_summary(logger_cfg: dict, sweep_dir: Path, group: str) -> str | No
             path = Path(sweep_dir) / f"{name}.csv"
             if path.is_file():
                 rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
-                data = [[_cell(c) for c in row] for row in rows[1:]]  # numbers as numbers, so W&B can plot them
-                payload[key] = wandb.Table(columns=rows[0], data=data)
+                if rows and rows[0][0] == "run":  # one row per run: name it by its job, W&B id and link
+                    entity = logger_cfg.get("entity") or getattr(run, "entity", None)
+                    columns = ["job", "wandb_id", "wandb_url", *rows[0][1:]]
+                    data = [_run_columns(row, run.project, entity) for row in rows[1:]]
+                else:
+                    columns, data = rows[0], [[_cell(c) for c in row] for row in rows[1:]]
+                payload[key] = wandb.Table(columns=columns, data=data)
         png = Path(sweep_dir) / "summary.png"
         if png.is_file():
             payload["sweep/plot"] = wandb.Image(str(png))

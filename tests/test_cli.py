@@ -229,6 +229,22 @@ def test_multirun_sweep_summary_and_group(tmp_path):
 
     groups = {inspect(wandb_files(run)[0])["run"]["run_group"] for run in runs}
     names = [inspect(wandb_files(run)[0])["run"]["display_name"] for run in runs]
+    from wandb_reader import summary as wandb_summary
+
+    for run in runs:
+        files = wandb_files(run)[0]
+        got = inspect(files)["run"]
+        assert {"smoke", "sweep", "peoples_daily", "bert_tiny", "token"} <= set(got["tags"])  # smoke runs say so
+        assert got["config"]["update"]["masking"]["strategy"] == "token"
+        # the Hydra config files travel with the W&B run; the summary has each metric once per meaning
+        assert (files.parent / "files" / ".hydra" / "config.yaml").is_file()
+        assert (files.parent / "files" / "run_config.json").is_file()
+        summary = wandb_summary(files)["summary"]
+        assert "best/eval/mlm_acc" in summary and "eval/mlm_acc" in summary
+        assert not [k for k in summary if k.startswith("final/")]
+        # the last console line says where the run is and how to upload it
+        assert f"Run dir: {run} | final checkpoint: {run}/checkpoints/last" in r.stdout
+        assert f"upload it with: wandb sync {files.parent}" in r.stdout
     assert groups == {f"sweep masking.ratio {d.name}"}  # the swept keys (and the date, in multirun/DATE/TIME)
     assert names == ["masking.ratio=0.15", "masking.ratio=0.4"]
 

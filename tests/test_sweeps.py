@@ -163,6 +163,14 @@ def test_seeded_sweep_groups_with_error_bars_and_a_wandb_summary_run(tmp_path):
     assert {"sweep/runs", "sweep/groups", "sweep/plot"} <= logged, logged
     job_groups = {inspect(wandb_files(run)[0])["run"]["run_group"] for run in _runs(d)}
     assert job_groups == {summary_runs[0]["run_group"]}
+    # the runs table as W&B holds it: whole numbers as ints, each row named by its job and W&B run id
+    (table_file,) = wandb_files(d)[0].parent.glob("files/media/table/sweep/runs_*.table.json")
+    table = json.loads(table_file.read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["wandb_id"] for r in rows] == [(run / "wandb_id").read_text() for run in _runs(d)]
+    assert all(isinstance(r["rank"], int) and isinstance(r["steps"], int) for r in rows)
+    assert all(isinstance(r["final eval mlm_acc"], float) for r in rows)
 
 
 def _start_sweep(args):
