@@ -73,3 +73,23 @@ def test_slurm_preset_composes_with_requeue_settings():
 
     known = set(SlurmQueueConf.__dataclass_fields__)
     assert set(launcher) <= known, set(launcher) - known  # every key is one the plugin understands
+
+
+def test_help_and_config_comments_list_exactly_the_options():
+    """`python run.py --help` (conf/hydra/help/bertexp.yaml) and the comments of conf/config.yaml's defaults
+    name every option of every group and nothing else: the schemas are no options."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    real = {g: set(opts) for g, opts in GROUPS.items() if g != "hydra"}
+    template = OmegaConf.to_container(OmegaConf.load(CONF / "hydra" / "help" / "bertexp.yaml"))["template"]
+    listed = dict(re.findall(r"^  (\w+) +(.+)$", template.split("Groups (")[1].split("\n\n")[0], re.M))
+    assert set(listed) == set(real)
+    for group, options in listed.items():
+        named = {o.strip() for o in options.split("|") if not o.strip().startswith("(")}
+        assert named == real[group], group
+    comments = dict(re.findall(r"^  - (\w+): \w+ +# ([^:]+?)(?::|$)", (CONF / "config.yaml").read_text(), re.M))
+    for group, options in comments.items():
+        named = {re.sub(r"\s*\(.*", "", o).strip() for o in options.split("|")} - {"null"}
+        assert named == real[group], (group, named)
