@@ -220,7 +220,8 @@ class PretrainedBert:
 
     def __init__(self, path: str | None = None):
         if not path or str(path) in ("???", "None"):
-            raise ConfigError("model.path is not set: model=pretrained needs model.path=DIR (a Hugging Face BERT or ModernBERT directory)")
+            raise ConfigError("model.path is not set: model=pretrained needs model.path=DIR (a Hugging Face BERT or "
+                              "ModernBERT directory)")
         self.path = user_path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"model.path: directory not found: {self.path}")
