@@ -166,7 +166,8 @@ def _lookup(table: tuple[np.ndarray, np.ndarray], queries: np.ndarray, fallback:
 
 def evaluate(objective, exam_batches, device, amp, dist) -> dict:
     """Score the model on the exam's blanks: accuracy, top-5 accuracy, loss and perplexity, and NSP accuracy
-    on the exam's pairs. Batches are sharded over ranks and the sums reduced, so every rank gets the same."""
+    on the exam's pairs where the model has an NSP head (none: no `eval/nsp_acc`, rather than a 0 that reads as
+    a score). Batches are sharded over ranks and the sums reduced, so every rank gets the same."""
     objective.eval()
     sums = [0.0] * 6  # mlm loss sum, blanks, correct, correct in top 5, nsp correct, pairs
     with torch.no_grad(), amp:
@@ -181,8 +182,9 @@ def evaluate(objective, exam_batches, device, amp, dist) -> dict:
             sums[1] += targets.numel()
             sums[2] += float((top5[:, 0] == targets).sum())
             sums[3] += float((top5 == targets[:, None]).any(-1).sum())
-            sums[4] += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
-            sums[5] += len(nsp_logits)
+            if nsp_logits is not None:
+                sums[4] += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
+                sums[5] += len(nsp_logits)
     objective.train()
     loss_sum, n, correct, top5_correct, nsp_correct, pairs = dist.sum(sums)
     mlm_loss = loss_sum / max(n, 1)
@@ -191,6 +193,6 @@ def evaluate(objective, exam_batches, device, amp, dist) -> dict:
         "eval/mlm_top5_acc": top5_correct / max(n, 1),
         "eval/mlm_loss": mlm_loss,
         "eval/perplexity": math.exp(min(mlm_loss, 50.0)),
-        "eval/nsp_acc": nsp_correct / max(pairs, 1),
+        **({"eval/nsp_acc": nsp_correct / max(pairs, 1)} if objective.has_nsp else {}),
         "eval/blanks": int(n),
     }

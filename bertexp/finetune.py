@@ -1,7 +1,8 @@
 """Downstream evaluation: does a pretrained encoder make a better model for a real task?
 
-`python run.py task=sentiment model.path=RUN/checkpoints/last` (or `task=ner`) fine-tunes the encoder with
-`BertForSequenceClassification` / `BertForTokenClassification` over `task.seeds` fine-tuning seeds, and the
+`python run.py task=sentiment model.path=RUN/checkpoints/last` (or `task=ner`) fine-tunes the encoder with the
+Auto classes' `...ForSequenceClassification` / `...ForTokenClassification` of its family (BERT or ModernBERT,
+from its config.json) over `task.seeds` fine-tuning seeds, and the
 same architecture from random initialisation over the same seeds, and reports both beside the task's
 trivial baseline (majority class; for NER a dictionary of training entities). Each fine-tuning run trains
 `task.epochs` epochs, scores dev after each and reports test at its best dev epoch; the summary is mean ± sd
@@ -186,18 +187,20 @@ def encode(task, split: list, tokenizer, max_length: int) -> Encoded:
 
 
 def build_model(task, path: Path, init: str, seed: int):
-    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+    """The checkpoint's family (config.json) with a classifier for the task: from its weights, or a random
+    initialisation of the same config."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # not the table of pretraining heads left out and classifier weights added
-    cls = BertForSequenceClassification if task.kind == "sequence" else BertForTokenClassification
+    auto = AutoModelForSequenceClassification if task.kind == "sequence" else AutoModelForTokenClassification
     torch.manual_seed(seed)  # the new classifier's weights (and, from random init, all of them)
     kw = {"num_labels": len(task.labels), "id2label": dict(enumerate(task.labels))}
     if init == "pretrained":
-        return cls.from_pretrained(str(path), local_files_only=True, **kw)
-    config = BertConfig.from_pretrained(str(path), local_files_only=True, **kw)
-    return cls(config)
+        return auto.from_pretrained(str(path), local_files_only=True, **kw)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, **kw)
+    return auto.from_config(config)
 
 
 @torch.no_grad()

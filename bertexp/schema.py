@@ -40,7 +40,8 @@ class TextFileDataSchema(DataSchema):
 
 
 @dataclass
-class ScratchModelSchema:
+class ScratchSizeSchema:
+    """What every scratch model option sets, in the config field names both families share."""
     _target_: str = "bertexp.modeling.ScratchBert"
     path: Optional[str] = None  # only for task=... (fine-tuning loads model.path whatever the model group)
     vocab_size: int = 8000
@@ -49,9 +50,26 @@ class ScratchModelSchema:
     num_attention_heads: int = 2
     intermediate_size: int = 512
     max_position_embeddings: int = 512
+
+
+@dataclass
+class ScratchModelSchema(ScratchSizeSchema):  # BertConfig fields (model=bert_*)
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
     initializer_range: float = 0.02
+
+
+@dataclass
+class ScratchModernBertSchema(ScratchSizeSchema):  # ModernBertConfig fields (model=modernbert_*)
+    _target_: str = "bertexp.modeling.ScratchModernBert"
+    intermediate_size: int = 344
+    local_attention: int = 128
+    global_attn_every_n_layers: int = 3
+    embedding_dropout: float = 0.0
+    mlp_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    reference_compile: bool = False
 
 
 @dataclass
@@ -168,6 +186,7 @@ SCHEMAS = {
     "data_schema": DataSchema,
     "text_file_schema": TextFileDataSchema,
     "scratch_schema": ScratchModelSchema,
+    "modernbert_schema": ScratchModernBertSchema,
     "pretrained_schema": PretrainedModelSchema,
     "optim_schema": OptimSchema,
     "masking_schema": MaskingSchema,

@@ -26,7 +26,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
-from transformers import BertForPreTraining
 from transformers.utils import logging as hf_logging
 
 from bertexp import distributed
@@ -39,7 +38,8 @@ from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingEr
 from bertexp.exam import BASELINES_VERSION, BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
 from bertexp.exam import evaluate as evaluate_exam
 from bertexp.masking import Vocab
-from bertexp.modeling import PretrainingObjective, encoder_params, fit_attention_to_precision
+from bertexp.modeling import (ModelFlops, PretrainingObjective, check_objective, encoder_params, family_of_dir,
+                              fit_attention_to_precision, load_pretrained)
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
@@ -169,7 +169,7 @@ class Parts:
     data: object
     tokenizer: object
     masker: object
-    model: BertForPreTraining
+    model: torch.nn.Module  # a transformers model of a bertexp.modeling family
     objective: PretrainingObjective
     ddp: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -192,15 +192,18 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
                 f"use {name} between 8 and {spec.max_positions}"
             )
     masker = instantiate(cfg.masking)  # validates masking.* before any slow work
-    make_objective = instantiate(cfg.objective)  # likewise objective.*
+    check_objective(spec.family, cfg.objective.nsp_weight, cfg.objective.mlm_bias_init)  # likewise objective.*
+    make_objective = instantiate(cfg.objective)
     resume_from = resume_target(run_dir, str(tc.resume))
+    if resume_from and family_of_dir(resume_from) is not spec.family:
+        raise CheckpointError(f"checkpoint {resume_from} is not a {spec.family.name}, which this config builds")
     tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
     tokenizer.model_max_length = spec.max_positions  # what its checkpoints say (not 1e30, "no limit")
     data.prepare(tokenizer, int(cfg.seed))
     masker.bind(Vocab.from_tokenizer(tokenizer))
     masker.prepare(data, tokenizer)  # PMI masking: its collocations (cached with the tokens)
     if resume_from:
-        model = BertForPreTraining.from_pretrained(str(resume_from), local_files_only=True, attn_implementation="sdpa")
+        model = load_pretrained(resume_from)
     else:
         model = spec.build(tokenizer)
     objective = make_objective(model)
@@ -210,7 +213,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     precision = resolve_precision(str(tc.precision), device)
     fit_attention_to_precision(model, device.type, precision)
     if tc.compile:
-        model.bert.compile(dynamic=True)
+        spec.family.trunk(model).compile(dynamic=True)
     ddp = torch.nn.parallel.DistributedDataParallel(objective) if dist.enabled else objective
     log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s, %s%s",
              sum(p.numel() for p in model.parameters()) / 1e6, encoder_params(model) / 1e6, len(tokenizer), device,
@@ -387,7 +390,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                     log.info("First step done %.1f s after the process started", first_step_s)
 
                 if state.step % int(tc.log_every) == 0 or finished:
-                    record = train_record(state, parts.objective.nsp_weight, step_fn.lr, peak, step_fn.flops_per_token, dist)
+                    record = train_record(state, parts.objective, step_fn.lr, peak, step_fn.flops_per_token, dist)
                     tracker.log(record)
                     pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{step_fn.lr:.2e}",
                                      tok_s=f"{record['throughput/tokens_per_s']:.0f}",
@@ -489,15 +492,10 @@ class Stepper:
         self.gen = torch.Generator()
         self.lr = 0.0
         self.mask_seconds = 0.0  # time the last step spent masking on this thread
-        c = parts.model.config  # model FLOPs per token: 6N (encoder layers) + attention's 12 L H T
-        n_enc, layers, hidden, vocab = encoder_params(parts.model), c.num_hidden_layers, c.hidden_size, c.vocab_size
-        self.flops_per_token = lambda seq_len: 6 * n_enc + 12 * layers * hidden * seq_len
-        # A step's FLOPs (x3 for forward + backward): every padded position through the encoder; the MLM head
-        # (transform H x H, decoder H x V) on the predicted positions only, as PretrainingObjective computes
-        # it, so a higher prediction ratio costs more; the pooler and NSP classifier once per row.
-        self.step_flops = lambda rows, width, predicted: (
-            self.flops_per_token(width) * rows * width + 6 * (hidden * hidden + hidden * vocab) * predicted
-            + 6 * (hidden * hidden + 2 * hidden) * rows)
+        # Model FLOPs (bertexp.modeling.ModelFlops): the encoder's per position (MFU), and a step's, whose MLM
+        # head runs on the predicted positions only, so a higher prediction ratio costs more
+        flops = ModelFlops(parts.model)
+        self.flops_per_token, self.step_flops = flops.per_token, flops.step
 
     def __call__(self, state: RunState, batch: dict, masked, stop: _StopFlag, progress: float,
                  ends: float) -> tuple[dict, bool]:
@@ -561,16 +559,17 @@ class Stepper:
         return sums, bool(stop_votes)
 
 
-def train_record(state: RunState, nsp_weight: float, lr: float, peak: float, flops_per_token, dist) -> dict:
+def train_record(state: RunState, objective: PretrainingObjective, lr: float, peak: float, flops_per_token,
+                 dist) -> dict:
     """The `train/*` record of the logging window that ends at this step."""
     w = state.take_window()
     n = max(w["steps"], 1)
     tps = w["tokens"] / max(w["time"], 1e-9)
     record = {
         **state.axes(),
-        "train/loss": (w["mlm"] + nsp_weight * w["nsp"]) / n,  # what is minimised
+        "train/loss": (w["mlm"] + objective.nsp_weight * w["nsp"]) / n,  # what is minimised
         "train/mlm_loss": w["mlm"] / n,
-        "train/nsp_loss": w["nsp"] / n,
+        **({"train/nsp_loss": w["nsp"] / n} if objective.has_nsp else {}),  # a model without the head has no loss
         "train/lr": lr,
         "train/epoch": state.epoch,
         "train/max_seq_len": int(w["width"]),  # widest padded batch of the window
@@ -592,7 +591,8 @@ def describe_eval(e: dict) -> str:
     mf = e["eval/baseline/most_frequent_acc"]
     return (f"step {e['step']}: exam mlm_acc {e['eval/mlm_acc']:.4f} ({e['eval/mlm_acc'] / max(mf, 1e-9):.2f}x the "
             f"most-frequent-token {mf:.4f}; neighbours table {e['eval/baseline/neighbours_acc']:.4f}), top-5 "
-            f"{e['eval/mlm_top5_acc']:.4f}, mlm_loss {e['eval/mlm_loss']:.3f}, nsp_acc {e['eval/nsp_acc']:.3f}")
+            f"{e['eval/mlm_top5_acc']:.4f}, mlm_loss {e['eval/mlm_loss']:.3f}"
+            + (f", nsp_acc {e['eval/nsp_acc']:.3f}" if "eval/nsp_acc" in e else ""))
 
 
 def describe_final(final: dict, baselines: dict) -> str:
@@ -601,9 +601,10 @@ def describe_final(final: dict, baselines: dict) -> str:
     tps = final["throughput/mean_tokens_per_s"]
     verdict = ("below what counting neighbours in the training split scores: the model has learned less than a "
                "lookup table" if acc < table else "above the neighbours-counting table")
+    nsp = f"eval/nsp_acc {final['final/eval/nsp_acc']:.3f}; " if "final/eval/nsp_acc" in final else ""
     return (f"Finished at step {final['final/step']}: exam mlm_acc {acc:.4f} = {acc / max(mf, 1e-9):.2f}x the "
-            f"most-frequent-token baseline ({mf:.4f}); {verdict} ({table:.4f}). eval/nsp_acc "
-            f"{final.get('final/eval/nsp_acc', float('nan')):.3f}; {f'{tps:.0f}' if tps else 'n/a'} tokens/s")
+            f"most-frequent-token baseline ({mf:.4f}); {verdict} ({table:.4f}). {nsp}"
+            f"{f'{tps:.0f}' if tps else 'n/a'} tokens/s")
 
 
 def _logger_dict(cfg: DictConfig) -> dict | None:

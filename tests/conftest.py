@@ -98,10 +98,17 @@ def run_main(monkeypatch, args: list[str]) -> int:
 
     monkeypatch.setattr(sys, "argv", [str(ROOT / "run.py"), *args])
     GlobalHydra.instance().clear()
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
     try:
         runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     finally:
         GlobalHydra.instance().clear()
+        # run.py sets HYDRA_FULL_ERROR for its process, here pytest's: the `python run.py` processes that later
+        # tests of this worker start would inherit it and show Hydra's traceback instead of a one-line error
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
     return 0

@@ -13,6 +13,7 @@ def test_contract_groups_exist():
     for g in ("data", "model", "optim", "masking", "trainer", "logger"):
         assert GROUPS.get(g), f"config group {g} missing"
     assert {"bert_tiny", "bert_mini", "bert_small", "bert_base", "pretrained"} <= set(GROUPS["model"])
+    assert {f"modernbert_{size}" for size in ("tiny", "mini", "small", "base")} <= set(GROUPS["model"])
     assert {"token", "whole_word", "span", "ngram"} <= set(GROUPS["masking"])
     cfg = compose()
     assert "seed" in cfg and cfg.masking.ratio == 0.15 and cfg.trainer.resume == "auto"
@@ -41,6 +42,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "model":
         spec = instantiate(cfg.model)
         assert spec.max_positions >= 128
+        if option != "pretrained":
+            _builds_its_family_at_bert_size(option, spec, tmp_path)
     elif group == "masking":
         m = instantiate(cfg.masking)
         assert m.ratio == cfg.masking.ratio
@@ -59,6 +62,31 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
 
         check_task(cfg.task)
         assert cfg.task.name == option and cfg.task.seeds >= 1
+
+
+def _builds_its_family_at_bert_size(option: str, spec, tmp_path) -> None:
+    """A scratch model option builds (on the meta device: no memory, no init) the model its keys describe; a
+    ModernBERT option has its BERT twin's width, depth and heads, and a GLU MLP of its parameters within 1%."""
+    import torch
+    from transformers import BertTokenizerFast
+
+    from bertexp.data.tokenizer import SPECIAL_TOKENS
+
+    (tmp_path / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + list("我们的是在")) + "\n")
+    tok = BertTokenizerFast.from_pretrained(str(tmp_path))
+    with torch.device("meta"):
+        net = spec.build(tok)
+    fields = {k: v for k, v in spec.config.items() if k != "reference_compile"}
+    assert {k: getattr(net.config, k) for k in fields} == fields and net.config.model_type == spec.family.model_type
+    if option.startswith("modernbert_"):
+        twin = instantiate(compose([f"model={option.replace('modernbert_', 'bert_')}"]).model)
+        shape = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        assert {k: spec.config[k] for k in shape} == {k: twin.config[k] for k in shape}
+        with torch.device("meta"):
+            bert = twin.build(tok)
+        glu = sum(m.weight.numel() for layer in net.model.layers for m in (layer.mlp.Wi, layer.mlp.Wo))
+        mlp = sum(m.dense.weight.numel() for layer in bert.bert.encoder.layer for m in (layer.intermediate, layer.output))
+        assert abs(glu - mlp) <= 0.01 * mlp, (glu, mlp)
 
 
 def test_slurm_preset_composes_with_requeue_settings():
