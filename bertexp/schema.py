@@ -94,7 +94,7 @@ class OptimSchema:
 @dataclass
 class MaskingSchema:
     _target_: str = "bertexp.masking.TokenMasking"
-    ratio: float = 0.15
+    ratio: float = 0.3
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1
     schedule: str = "constant"

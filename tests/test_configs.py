@@ -16,7 +16,7 @@ def test_contract_groups_exist():
     assert {f"modernbert_{size}" for size in ("tiny", "mini", "small", "base")} <= set(GROUPS["model"])
     assert {"token", "whole_word", "span", "ngram"} <= set(GROUPS["masking"])
     cfg = compose()
-    assert "seed" in cfg and cfg.masking.ratio == 0.15 and cfg.trainer.resume == "auto"
+    assert "seed" in cfg and cfg.masking.ratio == 0.3 and cfg.trainer.resume == "auto"
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from bertexp.checkpoint import checkpoint_dirs
 from bertexp.tracking import read_metrics
-from conftest import ROOT, run_cli, run_main
+from conftest import ROOT, compose, run_cli, run_main
 from wandb_reader import inspect, wandb_files
 
 SMOKE = ["trainer=smoke", "trainer.exam_pairs=32"]
@@ -30,7 +30,7 @@ def test_resuming_with_other_values_is_refused_and_the_run_keeps_its_config(tmp_
     """The issue's acceptance, as typed: a finished run at ratio 0.15 in D, then ratio 0.4 into D: exit 2 with
     one line naming masking.ratio; D's .hydra files, W&B run, metrics and status still say what it trained."""
     d = tmp_path / "D"
-    r = run_cli([*SMOKE, "logger.mode=offline", f"hydra.run.dir={d}"])
+    r = run_cli([*SMOKE, "logger.mode=offline", "masking.ratio=0.15", f"hydra.run.dir={d}"])
     assert r.returncode == 0, r.stderr[-2000:]
     before = {f: (d / f).read_bytes() for f in ("metrics.jsonl", "status.json", ".hydra/config.yaml", ".hydra/overrides.yaml")}
     r = run_cli([*SMOKE, "logger.mode=offline", "masking.ratio=0.4", "optim.lr=1e-4", f"hydra.run.dir={d}"])
@@ -140,13 +140,13 @@ def test_rollback_moves_the_abandoned_branch_aside(tmp_path, monkeypatch):
 def test_a_fresh_start_in_a_used_dir_moves_the_old_run_aside(tmp_path, monkeypatch):
     d = tmp_path / "run"
     assert _job(monkeypatch, d, [*SMOKE, "logger=none"]) == 0
-    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "masking.ratio=0.3", "trainer.resume=never",
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "masking.ratio=0.4", "trainer.resume=never",
                                  "trainer.max_steps=2"]) == 0
     (old,) = (d / "abandoned").iterdir()
     assert old.name.endswith("fresh-start")
     assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert _train_steps(d) == [1, 2] and [s for s, _ in checkpoint_dirs(d)] == [2]
-    assert json.loads((d / "checkpoints" / "last" / "run_config.json").read_text())["masking.ratio"] == 0.3
+    assert json.loads((d / "checkpoints" / "last" / "run_config.json").read_text())["masking.ratio"] == 0.4
 
 
 def test_provenance_names_the_code_packages_tokens_and_exam(tmp_path, monkeypatch):
@@ -173,4 +173,4 @@ def test_provenance_names_the_code_packages_tokens_and_exam(tmp_path, monkeypatc
     config = inspect(wandb_files(d)[0])["run"]["config"]["update"]
     assert config["provenance"]["commit"] == head and config["provenance"]["exam_id"] == attempt["exam_id"]
     resolved = json.loads((d / "run_config.json").read_text())
-    assert resolved["masking.ratio"] == 0.15 and resolved["logger.mode"] == "offline"
+    assert resolved["masking.ratio"] == compose([]).masking.ratio and resolved["logger.mode"] == "offline"
