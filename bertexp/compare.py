@@ -401,6 +401,8 @@ def figure(runs: list[dict], keys: list[str], x: str = "step", groups: list[dict
             for r in runs:
                 label = label_of(r, keys) + ("" if r["status"] == "completed" else f" ({r['status']})")
                 ax.plot(*_curve(r, xkey, y), marker="o", label=label)
+        if y == "eval/mlm_acc":
+            _counting_tables(ax, runs)
         ax.set(xlabel={"time": "elapsed_s (training loop wall clock)"}.get(x, xkey), ylabel=y)
         ax.grid(alpha=0.3)
     axes[0].set_title("Exam MLM loss")
@@ -408,6 +410,22 @@ def figure(runs: list[dict], keys: list[str], x: str = "step", groups: list[dict
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+TABLES = (("most_frequent", "most-frequent token", ":"), ("left_neighbour", "left-neighbour table", "--"),
+          ("neighbours", "neighbours table", "-."))
+
+
+def _counting_tables(ax, runs: list[dict]) -> None:
+    """The counting tables' exam scores as horizontal lines, so every curve is read against what a rule that
+    learned nothing scores; drawn only when all runs took the same exam (otherwise no one line is right)."""
+    last = [r["evals"][-1] for r in runs if r["evals"]]
+    if not last or len({m.get("eval/exam_id") for m in last}) != 1:
+        return
+    for key, name, style in TABLES:
+        value = last[0].get(f"eval/baseline/{key}_acc")
+        if value is not None:
+            ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{name} {value:.4f}")
 
 
 def plot(runs: list[dict], keys: list[str], path: Path, x: str = "step", groups: list[dict] | None = None) -> None:

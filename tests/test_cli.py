@@ -242,8 +242,18 @@ def test_multirun_sweep_summary_and_group(tmp_path):
         summary = wandb_summary(files)["summary"]
         assert "best/eval/mlm_acc" in summary and "eval/mlm_acc" in summary
         assert not [k for k in summary if k.startswith("final/")]
-        # the last console line says where the run is and how to upload it
-        assert f"Run dir: {run} | final checkpoint: {run}/checkpoints/last" in r.stdout
+        # the last console line says where the run stands against the three tables, where it is and how to upload it
+        last_eval = [m for m in read_metrics(run / "metrics.jsonl") if "eval/mlm_acc" in m][-1]
+        acc = last_eval["eval/mlm_acc"]
+        line = next(x for x in r.stdout.splitlines() if f"| Run dir: {run} |" in x)
+        assert line.startswith(f"Exam mlm_acc {acc:.4f}: ")
+        for name, key in (("most-frequent token", "most_frequent"), ("left-neighbour table", "left_neighbour"),
+                          ("neighbours table", "neighbours")):
+            table = last_eval[f"eval/baseline/{key}_acc"]
+            side = line.split(" | ")[0]
+            pos, mentioned = side.find(f"the {name} ({table:.4f})"), side.find("below")
+            assert pos > 0 and ((acc <= table) == (mentioned != -1 and pos > mentioned)), (name, line)
+        assert f"Run dir: {run} | final checkpoint: {run}/checkpoints/last" in line
         assert f"upload it with: wandb sync {files.parent}" in r.stdout
     assert groups == {f"sweep masking.ratio {d.name}"}  # the swept keys (and the date, in multirun/DATE/TIME)
     assert names == ["masking.ratio=0.15", "masking.ratio=0.4"]

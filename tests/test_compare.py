@@ -47,9 +47,18 @@ def test_compare_cli_prints_table_and_writes_files(sweep, tmp_path, capsys):
 def test_figure_has_one_labelled_line_per_run(sweep):
     runs = [cmp.load_run(p) for p in cmp.find_runs([sweep])]
     fig = cmp.figure(runs, cmp.differing_keys(runs))
-    for ax in fig.axes:
-        assert [l.get_label() for l in ax.get_lines()] == ["masking.ratio=0.15", "masking.ratio=0.4"]
-        assert all(len(l.get_xdata()) == 2 for l in ax.get_lines())  # evals at steps 2 and 4
+    loss_ax, acc_ax = fig.axes
+    assert [l.get_label() for l in loss_ax.get_lines()] == ["masking.ratio=0.15", "masking.ratio=0.4"]
+    assert all(len(l.get_xdata()) == 2 for l in loss_ax.get_lines())  # evals at steps 2 and 4
+    # the accuracy panel reads every curve against the counting tables of the exam both runs took
+    lines = acc_ax.get_lines()
+    assert [l.get_label() for l in lines[:2]] == ["masking.ratio=0.15", "masking.ratio=0.4"]
+    last = runs[0]["evals"][-1]
+    for line, key, name in zip(lines[2:], ("most_frequent", "left_neighbour", "neighbours"),
+                               ("most-frequent token", "left-neighbour table", "neighbours table")):
+        value = last[f"eval/baseline/{key}_acc"]
+        assert line.get_label() == f"{name} {value:.4f}" and list(line.get_ydata()) == [value, value]
+    assert len(lines) == 5
 
 
 def test_failed_and_running_runs_are_marked(sweep, tmp_path):
@@ -77,6 +86,8 @@ def test_runs_on_different_exams_are_not_ranked_together(tmp_path):
     assert len(exams) == 2 and None not in exams
     assert [r["rank"] for r in runs] == [1, 1]
     assert "took 2 different exams" in md and "not comparable" in md
+    acc_ax = cmp.figure(runs, cmp.differing_keys(runs)).axes[1]
+    assert len(acc_ax.get_lines()) == 2  # no table line: each exam has its own tables
 
 
 # ---- seed statistics and Welch's t-test, against scipy ----------------------------------------------------
