@@ -164,7 +164,7 @@ def report(args, results: dict) -> str:
              "|---|---|---|---|---|---|"]
     for name, r in results.items():
         reach = time_to_reach(r["curve"], hf["curve"][-1][2]) if hf else None
-        share = f" ({reach / hf['seconds']:.0%} of its time)" if reach is not None and hf else ""
+        share = f" ({reach / hf['seconds']:.0%} of Hugging Face's time)" if reach is not None and hf else ""
         lines.append(f"| {name} | {r['curve'][-1][1]} | {r['tokens'] / max(r['seconds'], 1e-9):.0f} | "
                      f"{r['curve'][-1][2]:.4f} | {r['top5']:.4f} | "
                      f"{'not reached' if hf and reach is None else f'{reach:.0f}{share}' if reach is not None else '-'} |")
