@@ -211,8 +211,8 @@ def test_sigterm_checkpoints_and_resumes_without_gaps(tmp_path):
 
 def test_multirun_sweep_summary_and_group(tmp_path):
     d = tmp_path / "sweep"
-    r = run_cli(["-m", "masking.ratio=0.15,0.4", "trainer=smoke", "trainer.max_steps=20", "trainer.log_every=5",
-                 "trainer.eval_every=10", "trainer.save_every=10", "logger.mode=offline", f"hydra.sweep.dir={d}"])
+    r = run_cli(["-m", "masking.ratio=0.15,0.4", "trainer=smoke", "trainer.max_steps=10", "trainer.log_every=5",
+                 "trainer.eval_every=5", "trainer.save_every=10", "logger.mode=offline", f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p for p in d.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(runs) == 2

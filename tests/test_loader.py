@@ -44,9 +44,9 @@ def test_slow_masking_does_not_keep_the_loop_waiting(tmp_path, monkeypatch):
         return real(self, batch, generator, ratio)
 
     monkeypatch.setattr(TokenMasking, "select", slow_select)  # forked workers inherit it
-    overrides = ["logger=none", "trainer.max_steps=40", "trainer.log_every=8", "trainer.eval_every=40",
-                 "trainer.save_every=40", "trainer.precision=fp32", "data.batch_size=64", "masking.schedule=linear",
-                 "masking.final_ratio=0.3", "data.num_workers=2"]
+    overrides = ["logger=none", "trainer.max_steps=24", "trainer.log_every=8", "trainer.eval_every=24",
+                 "trainer.save_every=24", "trainer.exam_pairs=64", "trainer.precision=fp32", "data.batch_size=64",
+                 "masking.schedule=linear", "masking.final_ratio=0.3", "data.num_workers=2"]
     run_in_process(tmp_path / "w", overrides)
     records = train_records(tmp_path / "w")
     step_s = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(records, records[1:])]

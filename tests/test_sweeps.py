@@ -20,7 +20,18 @@ def _statuses(d):
     return [json.loads((r / "status.json").read_text())["status"] for r in _runs(d)]
 
 
-@pytest.mark.parametrize("name,n_runs", [("mask_ratio", 4), ("masking_grid", 5), ("mask_schedule", 4)])
+SWEPT = {  # (masking.ratio, masking.schedule, masking.prediction_ratio) of each ready sweep's jobs
+    "mask_ratio": [(0.15, "constant", None), (0.3, "constant", None), (0.45, "constant", None), (0.6, "constant", None)],
+    "masking_grid": [(0.15, "constant", None), (0.4, "constant", None)],
+    "mask_schedule": [(0.15, "constant", None), (0.3, "constant", None), (0.3, "cosine", None), (0.3, "linear", None)],
+    "corruption_vs_prediction": [(0.15, "constant", 0.15), (0.15, "constant", 0.4), (0.4, "constant", 0.15),
+                                 (0.4, "constant", 0.4)],
+}
+
+
+# mask_schedule and corruption_vs_prediction are token masking like mask_ratio: composing their jobs
+# (test_every_ready_sweep_expands_to_valid_jobs) covers what is theirs; running them would repeat mask_ratio
+@pytest.mark.parametrize("name,n_runs", [("mask_ratio", 4), ("masking_grid", 5)])
 def test_ready_sweep_definitions_run_with_one_command(tmp_path, name, n_runs):
     d = tmp_path / name
     # the strategy grid at one of its two ratios (a command-line value replaces the file's list): its five
@@ -33,13 +44,7 @@ def test_ready_sweep_definitions_run_with_one_command(tmp_path, name, n_runs):
     assert len(summary) == n_runs + 1 and ("masking.ratio" if name != "masking_grid" else "masking") in summary[0]
     cfgs = [yaml.safe_load((run / ".hydra" / "config.yaml").read_text()) for run in _runs(d)]
     assert {c["experiment"] for c in cfgs} == {name}  # the W&B group of every run of the sweep
-    swept = {
-        "mask_ratio": [(0.15, "constant", None), (0.3, "constant", None), (0.45, "constant", None), (0.6, "constant", None)],
-        "masking_grid": [(0.4, "constant", None)],
-        "mask_schedule": [(0.15, "constant", None), (0.3, "constant", None), (0.3, "cosine", None), (0.3, "linear", None)],
-        "corruption_vs_prediction": [(0.15, "constant", 0.15), (0.15, "constant", 0.4), (0.4, "constant", 0.15),
-                                     (0.4, "constant", 0.4)],
-    }[name]
+    swept = [(0.4, "constant", None)] if name == "masking_grid" else SWEPT[name]
     got = sorted({(c["masking"]["ratio"], c["masking"]["schedule"], c["masking"]["prediction_ratio"]) for c in cfgs})
     assert got == swept
     if name == "masking_grid":
@@ -72,9 +77,15 @@ def test_every_ready_sweep_expands_to_valid_jobs():
             grid = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
             jobs = list(itertools.product(*grid))
             assert jobs, path.name
+            got = set()
             for job in jobs:
-                masker = instantiate(hc(path.stem, overrides=[*conf, *job]).masking)
+                job_cfg = hc(path.stem, overrides=[*conf, *job])
+                masker = instantiate(job_cfg.masking)
                 assert 0 < masker.ratio < 1, (path.name, job)
+                m = job_cfg.masking
+                got.add((m.ratio, m.schedule, m.get("prediction_ratio")))
+            if path.stem in SWEPT:
+                assert sorted(got) == SWEPT[path.stem], path.name
 
 
 def test_failed_job_is_listed_and_others_kept(tmp_path):
@@ -91,21 +102,21 @@ def test_failed_job_is_listed_and_others_kept(tmp_path):
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers(tmp_path, launcher):
     d = tmp_path / launcher
-    args = ["-m", f"hydra/launcher={launcher}", "masking.ratio=0.15,0.4", *TINY, "trainer.max_steps=10",
-            "trainer.save_every=5", f"hydra.sweep.dir={d}"]
+    args = ["-m", f"hydra/launcher={launcher}", "masking.ratio=0.15,0.4", *TINY, "trainer.max_steps=6",
+            "trainer.save_every=3", f"hydra.sweep.dir={d}"]
     r = run_cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _statuses(d) == ["completed", "completed"]
     for run in _runs(d):
-        assert max(m["step"] for m in read_metrics(run / "metrics.jsonl")) == 10
+        assert max(m["step"] for m in read_metrics(run / "metrics.jsonl")) == 6
     assert "Sweep summary" in r.stdout and (d / "summary.md").is_file()
     if launcher != "joblib":
         return
-    # the joblib sweep resumes too: job 1 "cut off" after its step-5 checkpoint (its later checkpoint gone,
+    # the joblib sweep resumes too: job 1 "cut off" after its step-3 checkpoint (its later checkpoint gone,
     # its status still running); the same command again leaves job 0 alone and finishes job 1
     import shutil
 
-    shutil.rmtree(d / "1" / "checkpoints" / "step_0000010")
+    shutil.rmtree(d / "1" / "checkpoints" / "step_0000006")
     (d / "1" / "status.json").write_text(json.dumps({"status": "running", "name": "masking.ratio=0.4"}))
     before = (d / "0" / "metrics.jsonl").read_bytes()
     r = run_cli(args)
@@ -113,7 +124,7 @@ def test_parallel_launchers(tmp_path, launcher):
     assert (d / "0" / "metrics.jsonl").read_bytes() == before
     assert _statuses(d) == ["completed", "completed"]
     steps = [m["step"] for m in read_metrics(d / "1" / "metrics.jsonl") if "train/loss" in m]
-    assert steps == list(range(1, 11))
+    assert steps == list(range(1, 7))
 
 
 def test_optuna_search_reports_best(tmp_path):
@@ -184,40 +195,40 @@ def _start_sweep(args):
 
 
 def test_killed_sweep_resumes_where_it_stopped(tmp_path):
-    """SIGKILL during the third of four jobs, then the same command again: jobs 1-2 are not re-run (their
-    metrics byte-identical), job 3 resumes from its checkpoint with its W&B id, job 4 runs, one summary."""
+    """SIGKILL during the second of three jobs, then the same command again: job 1 is not re-run (its
+    metrics byte-identical), job 2 resumes from its checkpoint with its W&B id, job 3 runs, one summary."""
     import hashlib
     import signal
     import time
 
     d = tmp_path / "s"
-    args = ["-m", "trainer=smoke", "logger.mode=offline", "trainer.max_steps=12", "trainer.save_every=3",
-            "trainer.eval_every=6", "masking.ratio=0.1,0.2,0.3,0.4", f"hydra.sweep.dir={d}"]
+    args = ["-m", "trainer=smoke", "logger.mode=offline", "trainer.max_steps=8", "trainer.save_every=2",
+            "trainer.eval_every=4", "masking.ratio=0.1,0.2,0.3", f"hydra.sweep.dir={d}"]
     p = _start_sweep(args)
     deadline = time.time() + 300
-    while not (d / "2" / "checkpoints" / "step_0000006").is_dir():
-        assert p.poll() is None and time.time() < deadline, "the sweep ended before its third job checkpointed"
+    while not (d / "1" / "checkpoints" / "step_0000004").is_dir():
+        assert p.poll() is None and time.time() < deadline, "the sweep ended before its second job checkpointed"
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert _statuses(d) == ["completed", "completed", "running"]
-    digest = {i: hashlib.sha256((d / str(i) / "metrics.jsonl").read_bytes()).hexdigest() for i in (0, 1)}
-    wandb_id = (d / "2" / "wandb_id").read_text()
+    assert _statuses(d) == ["completed", "running"]
+    digest = hashlib.sha256((d / "0" / "metrics.jsonl").read_bytes()).hexdigest()
+    wandb_id = (d / "1" / "wandb_id").read_text()
     r = run_cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert {i: hashlib.sha256((d / str(i) / "metrics.jsonl").read_bytes()).hexdigest() for i in (0, 1)} == digest
+    assert hashlib.sha256((d / "0" / "metrics.jsonl").read_bytes()).hexdigest() == digest
     log = r.stdout + r.stderr
-    assert log.count("already completed") == 2 and "Checkpoint found: resuming from step" in log
-    assert _statuses(d) == ["completed"] * 4
-    assert (d / "2" / "wandb_id").read_text() == wandb_id
-    steps = [m["step"] for m in read_metrics(d / "2" / "metrics.jsonl") if "train/loss" in m]
-    assert steps == list(range(1, 13))  # nothing lost, nothing twice
+    assert log.count("already completed") == 1 and "Checkpoint found: resuming from step" in log
+    assert _statuses(d) == ["completed"] * 3
+    assert (d / "1" / "wandb_id").read_text() == wandb_id
+    steps = [m["step"] for m in read_metrics(d / "1" / "metrics.jsonl") if "train/loss" in m]
+    assert steps == list(range(1, 9))  # nothing lost, nothing twice
     md = (d / "summary.md").read_text()
-    assert md.count("completed") == 4
+    assert md.count("completed") == 3
     # the same dir with another value for a job: an error, and the old job's files keep their config
-    r = run_cli([*args[:-2], "masking.ratio=0.1,0.2,0.35,0.4", f"hydra.sweep.dir={d}"])
-    assert r.returncode == 2 and "job 2" in r.stderr and "masking.ratio: 0.3 -> 0.35" in r.stderr
-    assert "ratio: 0.3" in (d / "2" / ".hydra" / "config.yaml").read_text()
+    r = run_cli([*args[:-2], "masking.ratio=0.1,0.25,0.3", f"hydra.sweep.dir={d}"])
+    assert r.returncode == 2 and "job 1" in r.stderr and "masking.ratio: 0.2 -> 0.25" in r.stderr
+    assert "ratio: 0.2" in (d / "1" / ".hydra" / "config.yaml").read_text()
 
 
 def test_a_job_that_failed_on_a_bad_value_can_be_fixed_in_place(tmp_path):
