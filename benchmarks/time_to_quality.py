@@ -12,8 +12,16 @@ Every pipeline trains for `--minutes` of training time (evaluations are not coun
 (the table, with date, commit and command), `.csv` (the curves) and `.png` (accuracy against seconds, the
 counting tables as lines) to `--out`.
 
+    pip install -e ".[bench]"                                     # (b) needs accelerate, for Trainer
     python benchmarks/time_to_quality.py                          # 10 minutes each, all three
     python benchmarks/time_to_quality.py --minutes 2 --pipelines bertexp,huggingface
+    python benchmarks/time_to_quality.py --model bert_base        # (c) is then modernbert_base
+
+"Seconds to reach" is given for two targets: Hugging Face's final accuracy (only when that is clearly off
+the unigram plateau, at least PLATEAU x the most frequent token: below it, reaching it says only when a
+pipeline left the plateau) and LEAVE x the most frequent token, a fixed level every pipeline can be timed to.
+Both are interpolated between evaluations; a curve whose first evaluation is already there gets that
+evaluation's time (an upper bound).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+PLATEAU, LEAVE = 1.25, 2.0  # multiples of the most frequent token's accuracy (see the docstring)
 BASELINES = (("most_frequent", "most frequent token"), ("left_neighbour", "left-neighbour table"),
              ("neighbours", "neighbours table"))
 
@@ -39,7 +48,8 @@ def run_py(args, name: str, extra: list[str]) -> dict:
     from bertexp.tracking import read_metrics
 
     run_dir = ROOT / "outputs" / "time_to_quality" / name  # run dirs stay out of docs/ (and out of git)
-    cmd = [sys.executable, str(ROOT / "run.py"), *extra, f"trainer.budget_minutes={args.minutes}",
+    cmd = [sys.executable, str(ROOT / "run.py"), *extra, f"trainer.budget_minutes={args.minutes}", "trainer.device=cpu",
+           "trainer.precision=fp32",
            f"trainer.eval_every={args.eval_every}", "trainer.save_every=1000000", "logger=none",
            "trainer.measure_mfu=false", "trainer.resume=never", f"hydra.run.dir={run_dir}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -72,11 +82,12 @@ def huggingface(args) -> dict:
 
     torch.set_num_threads(args.threads)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config")
+        cfg = compose("config", overrides=[f"model={args.model}"])
     data, spec = instantiate(cfg.data), instantiate(cfg.model)
     tok = spec.tokenizer(data)
     data.prepare(tok, int(cfg.seed))
     exam, exam_batches, baselines = prepare_exam(cfg, data, 32)
+    torch.manual_seed(int(cfg.seed))  # as run.py seeds before it builds the model: the same initial weights
     model = spec.build(tok)
     objective = instantiate(cfg.objective)(model)
     objective.init_heads(data.train_token_ids())  # the same initialisation as run.py's
@@ -91,10 +102,14 @@ def huggingface(args) -> dict:
 
     class TimeBudget(TrainerCallback):
         """run.py's schedule on the training time used (warm-up, then optim.schedule to min_lr_ratio), the
-        exam every --eval-every steps (off the clock), and the stop when the budget is spent."""
+        exam every --eval-every steps (off the clock), and the stop when the budget is spent. The clock runs
+        from one step's end to the next, so fetching and masking the batch count, as they do in run.py's
+        elapsed_s."""
+
+        def on_train_begin(self, targs, state, control, **kw):
+            clock["since"] = time.perf_counter()
 
         def on_step_begin(self, targs, state, control, optimizer=None, **kw):
-            clock["since"] = time.perf_counter()
             progress = min(1.0, clock["train"] / budget)
             warm = warmup_done(state.global_step, progress, int(o.warmup_steps), o.get("warmup_fraction"))
             if clock["decay_from"] is None and warm >= 1.0:
@@ -112,6 +127,7 @@ def huggingface(args) -> dict:
                 curve.append((clock["train"], state.global_step, score["eval/mlm_acc"], score["eval/mlm_top5_acc"]))
                 model.train()
             control.should_training_stop = done
+            clock["since"] = time.perf_counter()  # the evaluation is off the clock
 
     class WeightedNSP(Trainer):
         """BertForPreTraining's MLM (on every position, as Hugging Face computes it) + NSP weighted as run.py does."""
@@ -139,14 +155,49 @@ def huggingface(args) -> dict:
 
 
 def time_to_reach(curve: list, target: float) -> float | None:
-    """Training seconds at which a curve first reaches `target` (linear between evaluations)."""
-    prev = (0.0, 0, 0.0)
+    """Training seconds at which a curve of (seconds, step, accuracy) first reaches `target`, linear between
+    evaluations; the first evaluation's time if it is already there (nothing is known before it); None if
+    the curve never gets there."""
+    prev = None
     for point in curve:
         if point[2] >= target:
-            (t0, _, a0), (t1, _, a1) = prev, point
-            return t1 if a1 == a0 else t0 + (t1 - t0) * (target - a0) / (a1 - a0)
+            if prev is None:
+                return point[0]
+            (t0, _, a0), (t1, _, a1) = prev[:3], point[:3]
+            return t0 + (t1 - t0) * (target - a0) / (a1 - a0)
         prev = point
     return None
+
+
+def reach_cells(results: dict) -> tuple[list[str], dict]:
+    """The 'seconds to reach' columns: (headers, {pipeline: cells})."""
+    first = next(iter(results.values()))
+    most_frequent = first["baselines"]["most_frequent"]
+    targets = []
+    hf = results.get("huggingface")
+    if hf:
+        final = hf["curve"][-1][2]
+        if final >= PLATEAU * most_frequent:
+            targets.append((f"seconds to Hugging Face's final {final:.4f}", final, hf["seconds"]))
+        else:
+            targets.append((f"seconds to Hugging Face's final {final:.4f} (on the plateau: < {PLATEAU:g}x the most "
+                            "frequent token, not timed)", None, None))
+    level = LEAVE * most_frequent
+    targets.append((f"seconds to {LEAVE:g}x the most frequent token ({level:.4f})", level, None))
+    cells = {}
+    for name, r in results.items():
+        row = []
+        for _, target, hf_seconds in targets:
+            reach = time_to_reach(r["curve"], target) if target is not None else None
+            if target is None:
+                row.append("-")
+            elif reach is None:
+                row.append(f"not in {r['seconds']:.0f}")
+            else:
+                share = f" ({reach / hf_seconds:.0%} of Hugging Face's time)" if hf_seconds else ""
+                row.append(f"{reach:.0f}{share}")
+        cells[name] = row
+    return [t[0] for t in targets], cells
 
 
 def report(args, results: dict) -> str:
@@ -155,19 +206,20 @@ def report(args, results: dict) -> str:
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     first = next(iter(results.values()))
-    hf = results.get("huggingface")
+    exams = {r["exam_id"] for r in results.values()}
+    if len(exams) != 1:
+        raise RuntimeError(f"the pipelines were scored on different exams ({', '.join(sorted(exams))}): not comparable")
+    headers, cells = reach_cells(results)
     lines = [f"Measured {date.today()} at commit {commit}{' (with local changes)' if dirty else ''}, "
              f"{os.cpu_count()} CPU cores, {args.threads} torch threads: `python benchmarks/time_to_quality.py "
-             f"--minutes {args.minutes:g} --eval-every {args.eval_every}`. Each pipeline trains for {args.minutes:g} "
-             f"minutes of training time on People's Daily and is scored on exam {first['exam_id']}.", "",
-             "| pipeline | steps | tokens/s | final exam accuracy | top-5 | seconds to reach Hugging Face's final accuracy |",
-             "|---|---|---|---|---|---|"]
+             f"--minutes {args.minutes:g} --eval-every {args.eval_every} --model {args.model}`. Each pipeline trains for "
+             f"{args.minutes:g} minutes of training time on People's Daily (CPU, fp32) and is scored on exam "
+             f"{first['exam_id']}.", "",
+             "| pipeline | steps | tokens/s | final exam accuracy | top-5 | " + " | ".join(headers) + " |",
+             "|---|---|---|---|---|" + "---|" * len(headers)]
     for name, r in results.items():
-        reach = time_to_reach(r["curve"], hf["curve"][-1][2]) if hf else None
-        share = f" ({reach / hf['seconds']:.0%} of Hugging Face's time)" if reach is not None and hf else ""
         lines.append(f"| {name} | {r['curve'][-1][1]} | {r['tokens'] / max(r['seconds'], 1e-9):.0f} | "
-                     f"{r['curve'][-1][2]:.4f} | {r['top5']:.4f} | "
-                     f"{'not reached' if hf and reach is None else f'{reach:.0f}{share}' if reach is not None else '-'} |")
+                     f"{r['curve'][-1][2]:.4f} | {r['top5']:.4f} | " + " | ".join(cells[name]) + " |")
     b = first["baselines"]
     lines += ["", "Counting the training split on the same blanks: " + ", ".join(f"{label} {b[k]:.4f}" for k, label in BASELINES) + "."]
     return "\n".join(lines)
@@ -201,9 +253,13 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250, help="steps between exam evaluations")
     ap.add_argument("--pipelines", default="bertexp,huggingface,modernbert")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="bert_tiny", help="a bert_* model option; (c) trains modernbert_* of its size")
     ap.add_argument("--out", default=str(ROOT / "docs" / "time_to_quality"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.model.startswith("bert_") or not (ROOT / "conf" / "model" / f"{args.model}.yaml").is_file():
+        raise SystemExit(f"error: --model {args.model!r}: expected a bert_* option of conf/model/ (bert_tiny, bert_mini, "
+                         "bert_small, bert_base)")
     if args.child:  # (b) in its own process, like the others
         print(json.dumps(huggingface(args)))
         return
@@ -212,12 +268,13 @@ def main() -> None:
     for name in args.pipelines.split(","):
         print(f"running {name} for {args.minutes:g} minutes ...", file=sys.stderr, flush=True)
         if name == "bertexp":
-            results[name] = run_py(args, name, [])
+            results[name] = run_py(args, name, [f"model={args.model}"])
         elif name == "modernbert":
-            results[name] = run_py(args, name, ["model=modernbert_tiny", "objective=mlm"])
+            results[name] = run_py(args, name, [f"model=modern{args.model}", "objective=mlm"])
         elif name == "huggingface":
             out = subprocess.run([sys.executable, __file__, "--child", "huggingface", "--minutes", str(args.minutes),
-                                  "--eval-every", str(args.eval_every), "--threads", str(args.threads), "--out", args.out],
+                                  "--eval-every", str(args.eval_every), "--threads", str(args.threads), "--out", args.out,
+                                  "--model", args.model],
                                  capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if out.returncode != 0:
                 raise RuntimeError(f"huggingface failed:\n{out.stderr[-3000:]}")

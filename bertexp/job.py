@@ -276,9 +276,11 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, info: dict, hc, claimed, run_tr
         write_status(run_dir, "interrupted", name=info["name"], error="requeued after a checkpoint")
         raise
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training (while tokenising): stop now
+        from bertexp.rundir import resume_hint
+
         write_status(run_dir, "interrupted", name=info["name"], error="KeyboardInterrupt")
-        stopped = Interrupted("stopped by Ctrl-C (no checkpoint of the current step); run the same command to "
-                              "go on", 130)
+        stopped = Interrupted("stopped by Ctrl-C (no checkpoint of the current step); "
+                              + resume_hint(cfg.trainer.resume, f"hydra.run.dir={run_dir}"), 130)
         if info["multirun"]:
             _stop_sweep(hc, stopped)
         print(str(stopped), file=sys.stderr)

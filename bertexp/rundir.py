@@ -214,19 +214,23 @@ def _decide(cfg: DictConfig, c: Claim, sweep_job: int | None) -> None:
     c.previous_status = read_status(run_dir)
     target = resume_target(run_dir, str(cfg.trainer.resume))
     trained = checkpoint_config(target) if target is not None else None
-    if target is not None and trained is not None:
+    if target is None and str(cfg.trainer.resume) == "auto" and _trained_records(run_dir):
+        # an attempt cut off before its first checkpoint: nothing to resume, but the dir's records and W&B run
+        # are of its config, so another config may not start here either
+        trained = checkpoint_config(run_dir)
+    if trained is not None:
         derived = derived_keys(cfg)
         diff = {k: v for k, v in differences(trained, flat).items() if not is_free(k) and k not in derived}
         refused = {k: v for k, v in diff.items() if k not in allowed}
         if refused:
             _restore_hydra(run_dir)
-            _refuse(run_dir, target, refused, sweep_job)
+            _refuse(run_dir, target if target is not None else run_dir / "checkpoints", refused, sweep_job)
         if c.previous_status.get("status") == "completed" and not diff and sweep_job is not None:
             c.skip = True
             return
-        c.changes = diff
+        c.changes = diff if target is not None else {}  # with nothing to resume, the run starts afresh
     c.resume_from = target
-    _branch(c, target)
+    _branch(c, target, str(cfg.trainer.resume))
     if c.changes:
         step = int(target.name.rsplit("_", 1)[-1]) if target is not None and target.name.startswith("step_") else None
         log.warning("Resuming from %s with changed values, as trainer.allow_changes allows: %s", target, _shown(c.changes, 8))
@@ -237,18 +241,34 @@ def _decide(cfg: DictConfig, c: Claim, sweep_job: int | None) -> None:
     _keep_hydra(run_dir)
 
 
+def resume_hint(resume, where: str) -> str:
+    """How to continue a stopped run: the same command, except that a trainer.resume other than auto would
+    start afresh or roll back again instead of continuing."""
+    resume = str(resume)
+    if resume == "auto":
+        return f"resume with the same command and {where}"
+    return (f"resume with the same command and {where}, but trainer.resume=auto instead of trainer.resume={resume} "
+            "(which would branch off again)")
+
+
+def _trained_records(run_dir: Path) -> bool:
+    from bertexp.tracking import read_metrics
+
+    return any("train/loss" in r for r in read_metrics(run_dir / "metrics.jsonl"))
+
+
 def _refuse(run_dir: Path, target: Path, refused: dict, sweep_job: int | None) -> None:
     if sweep_job is not None:
         raise BertexpError(f"job {sweep_job} ({run_dir}) was first run with another config ({_shown(refused)}); re-run "
                            "the sweep with its original command, or use a new hydra.sweep.dir")
-    where = f"{run_dir}" if _inside(target, run_dir) else f"checkpoint {target}"
+    where = f"{run_dir}" if target is None or _inside(target, run_dir) else f"checkpoint {target}"
     keys = ",".join(refused)
     raise BertexpError(f"{where} was trained with other values ({_shown(refused)}): use a new hydra.run.dir for a new "
                        f"experiment, trainer.resume=never to start afresh here, or trainer.allow_changes=[{keys}] to "
                        "go on with the new values")
 
 
-def _branch(c: Claim, target: Path | None) -> None:
+def _branch(c: Claim, target: Path | None, resume: str) -> None:
     """Move aside what the run leaves behind: checkpoints after the one it resumes from (all of this dir's,
     on a fresh start or when continuing another dir's checkpoint) and the metrics after that step."""
     run_dir = c.run_dir
@@ -259,12 +279,14 @@ def _branch(c: Claim, target: Path | None) -> None:
     else:
         after, why = 0, "resumed-from-elsewhere"
     later = [p for s, p in checkpoint_dirs(run_dir) if s > after]
-    if not later:  # a plain resume (or a first start): records after the checkpoint are redone identically
-        return
     from bertexp.tracking import read_metrics
 
     metrics = run_dir / "metrics.jsonl"
     records = read_metrics(metrics)
+    if not later and target is None and records:  # an earlier attempt that never checkpointed: keep its records
+        why = "fresh-start" if resume in NO_RESUME else "restarted-without-checkpoint"
+    elif not later:  # a plain resume (or a first start): records after the checkpoint are redone identically
+        return
     tail = [r for r in records if r.get("step", 0) > after]
     dest = run_dir / ABANDONED / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
     n = 1

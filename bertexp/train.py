@@ -43,7 +43,7 @@ from bertexp.modeling import (ModelFlops, PretrainingObjective, check_objective,
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
-from bertexp.rundir import NO_RESUME, RUN_CONFIG, RUN_INFO, flat_config, provenance, record_provenance, resume_target
+from bertexp.rundir import NO_RESUME, RUN_CONFIG, RUN_INFO, flat_config, provenance, record_provenance, resume_hint, resume_target
 from bertexp.tracking import NullTracker, Tracker, saved_wandb_id
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,8 @@ def restore(parts: Parts, budget: Budget) -> RunState:
         state.decay_from = next((s / n for s in range(state.step) if parts.scheduler.warm(s, s / n) >= 1.0), None)
         state.last_increment = 1.0 / n
         log.warning("Checkpoint from an older bertexp: its compute totals (tokens, flops, elapsed_s) start at 0")
+    if budget.by_steps and abs(state.last_increment - 1.0 / budget.max_steps) > 1e-9:
+        state.last_increment = 1.0 / budget.max_steps  # trainer.max_steps changed (allow_changes): its step size
     log.info("Checkpoint found: resuming from step %d (%s)", state.step, parts.resume_from)
     return state
 
@@ -408,8 +410,8 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                         checkpoint()
                     signum = stop.signum or signal.SIGTERM
                     interrupted = Interrupted(
-                        f"stopped by {signal.Signals(signum).name} at step {state.step}; checkpoint saved — resume "
-                        f"with the same command and hydra.run.dir={run_dir}", _SIGNALS.get(signum, 143)
+                        f"stopped by {signal.Signals(signum).name} at step {state.step}; checkpoint saved — "
+                        + resume_hint(tc.resume, f"hydra.run.dir={run_dir}"), _SIGNALS.get(signum, 143)
                     )
                     if stop.signum is not None:  # e.g. submitit: requeue this job; it resumes from the checkpoint
                         # W&B gets its summary and is finished first: the previous handler may exit the process

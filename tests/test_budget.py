@@ -234,3 +234,15 @@ def test_flop_budget_stops_on_its_step_ends_the_lr_schedule_and_counts_the_formu
     _check_lr_follows_budget(recs, "flops", budget, abs_tol=1e-12)
     share = per_step[-1] / budget
     assert abs(recs[-1]["train/lr"] - FINAL) <= (PEAK - FINAL) * share + 1e-12
+
+
+def test_training_longer_stretches_the_schedule_from_the_resumed_step(tmp_path):
+    """A finished 4-step run resumed with max_steps=8: steps 5-8 take the lr an 8-step run has where each of
+    them ends (the schedule stretched over the new length), decaying to the final lr at step 8."""
+    run_in_process(tmp_path, [*FAST, "trainer.max_steps=4"])
+    run_in_process(tmp_path, [*FAST, "trainer.max_steps=8"])
+    lrs = [r["train/lr"] for r in _train_records(tmp_path)]
+    assert len(lrs) == 8 and lrs[3] == pytest.approx(FINAL, abs=1e-12)
+    # no warm-up (FAST): the decay runs from the start, so step s of 8 ends at PEAK - (PEAK - FINAL) * s / 8
+    expected = [PEAK - (PEAK - FINAL) * s / 8 for s in range(5, 9)]
+    assert lrs[4:] == pytest.approx(expected, abs=1e-12)

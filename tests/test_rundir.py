@@ -2,6 +2,7 @@
 leaves the dir as it was, two runs never share a dir, a rollback moves the abandoned branch aside, and every
 attempt records its provenance."""
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 
 from bertexp.checkpoint import checkpoint_dirs
 from bertexp.tracking import read_metrics
-from conftest import ROOT, compose, run_cli, run_main
+from conftest import ROOT, compose, run_cli, run_main, signal_at_training_call
 from wandb_reader import inspect, wandb_files
 
 SMOKE = ["trainer=smoke", "trainer.exam_pairs=32"]
@@ -147,6 +148,41 @@ def test_a_fresh_start_in_a_used_dir_moves_the_old_run_aside(tmp_path, monkeypat
     assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert _train_steps(d) == [1, 2] and [s for s, _ in checkpoint_dirs(d)] == [2]
     assert json.loads((d / "checkpoints" / "last" / "run_config.json").read_text())["masking.ratio"] == 0.4
+
+
+def test_an_attempt_cut_off_before_its_first_checkpoint_guards_the_dir_and_keeps_its_records(tmp_path, monkeypatch):
+    """A run killed before its first checkpoint (its checkpoints removed, as kill -9 at step 4 of a long
+    save_every leaves it): another config into the dir is refused; the same config starts afresh, with the
+    cut-off attempt's records moved to abandoned/ (not deleted) and a new W&B run."""
+    d = tmp_path / "run"
+    base = [*SMOKE, "logger.mode=offline", "masking.ratio=0.15"]
+    assert _job(monkeypatch, d, base) == 0
+    shutil.rmtree(d / "checkpoints")
+    (d / "status.json").write_text(json.dumps({"status": "running"}))
+    old_metrics, old_id = (d / "metrics.jsonl").read_text(), (d / "wandb_id").read_text()
+    assert _job(monkeypatch, d, [*SMOKE, "logger.mode=offline", "masking.ratio=0.4", "optim.lr=1e-4"]) == 2
+    assert (d / "metrics.jsonl").read_text() == old_metrics and (d / "wandb_id").read_text() == old_id
+    assert OmegaConf.load(d / ".hydra" / "config.yaml").masking.ratio == 0.15  # the dir's files put back
+    assert _job(monkeypatch, d, base) == 0
+    (old,) = (d / "abandoned").iterdir()
+    assert old.name.endswith("restarted-without-checkpoint")
+    assert (old / "metrics.jsonl").read_text() == old_metrics
+    assert _train_steps(d) == [1, 2, 3, 4] and (d / "wandb_id").read_text() != old_id
+
+
+def test_a_stopped_run_that_branched_off_is_told_to_resume_with_resume_auto(tmp_path, monkeypatch, capsys):
+    """Started with trainer.resume=never and stopped by SIGTERM: 'the same command' would start afresh
+    again, so the message says to resume with trainer.resume=auto; doing so continues from the checkpoint."""
+    import signal
+
+    d = tmp_path / "run"
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none"]) == 0
+    signal_at_training_call(monkeypatch, signal.SIGTERM, 3)
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "trainer.resume=never", "trainer.max_steps=8"]) == 143
+    assert f"hydra.run.dir={d}, but trainer.resume=auto instead of trainer.resume=never" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "trainer.max_steps=8"]) == 0
+    assert _train_steps(d) == list(range(1, 9))
 
 
 def test_provenance_names_the_code_packages_tokens_and_exam(tmp_path, monkeypatch):

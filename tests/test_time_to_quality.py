@@ -1,0 +1,44 @@
+"""benchmarks/time_to_quality.py's arithmetic: when a curve reaches a level, and which targets it is timed to."""
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.time_to_quality import LEAVE, PLATEAU, reach_cells, time_to_reach  # noqa: E402
+
+CURVE = [(10.0, 100, 0.040), (20.0, 200, 0.050), (30.0, 300, 0.090), (40.0, 400, 0.120)]
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    # 0.07 lies halfway between 0.05 (20 s) and 0.09 (30 s)
+    assert time_to_reach(CURVE, 0.07) == pytest.approx(25.0)
+    assert time_to_reach(CURVE, 0.12) == pytest.approx(40.0)
+    # already there at the first evaluation: its time, not an interpolation from an imagined 0 at 0 s
+    assert time_to_reach(CURVE, 0.039) == 10.0
+    assert time_to_reach(CURVE, 0.2) is None
+
+
+def _result(curve, most_frequent=0.04, seconds=None):
+    return {"curve": curve, "seconds": seconds or curve[-1][0], "baselines": {"most_frequent": most_frequent}}
+
+
+def test_a_target_on_the_unigram_plateau_is_not_timed():
+    hf = _result([(10.0, 50, 0.040), (20.0, 100, 0.041)])  # 1.03x the most frequent token
+    headers, cells = reach_cells({"bertexp": _result(CURVE), "huggingface": hf})
+    assert "on the plateau" in headers[0] and cells["bertexp"][0] == "-" and cells["huggingface"][0] == "-"
+    # the fixed level: LEAVE x 0.04 = 0.08, reached by bertexp at 20 + 10 * (0.08 - 0.05) / 0.04 s
+    assert f"{LEAVE:g}x the most frequent token" in headers[1]
+    assert cells["bertexp"][1] == f"{20 + 10 * (LEAVE * 0.04 - 0.05) / 0.04:.0f}"
+    assert cells["huggingface"][1] == "not in 20"
+
+
+def test_a_target_off_the_plateau_is_timed_as_a_share_of_hugging_faces_time():
+    final = PLATEAU * 0.04 * 2  # 0.1, clearly off the plateau
+    hf = _result([(20.0, 100, 0.05), (40.0, 200, final)])
+    headers, cells = reach_cells({"bertexp": _result(CURVE), "huggingface": hf})
+    reach = 30 + 10 * (final - 0.09) / 0.03
+    assert headers[0] == f"seconds to Hugging Face's final {final:.4f}"
+    assert cells["bertexp"][0] == f"{reach:.0f} ({reach / 40:.0%} of Hugging Face's time)"
+    assert cells["huggingface"][0] == "40 (100% of Hugging Face's time)"
