@@ -3,6 +3,7 @@ run dirs in tmp_path), and the People's Daily data prepared once per session."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,24 @@ def pd_data():
     tok = spec.tokenizer(data)
     data.prepare(tok, seed=0)
     return data, tok
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_here(monkeypatch, capfd, args: list[str]) -> Ran:
+    """`python run.py ARGS` (from the repo root) in this process, its output captured: for tests of what a
+    run or sweep does rather than of the process around it. Each saves the ~7 s a new interpreter spends
+    importing torch and transformers, which is most of a smoke run."""
+    monkeypatch.chdir(ROOT)
+    capfd.readouterr()
+    code = run_main(monkeypatch, args)
+    out, err = capfd.readouterr()
+    return Ran(code, out, err)
 
 
 def run_main(monkeypatch, args: list[str]) -> int:

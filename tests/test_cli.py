@@ -12,14 +12,14 @@ import torch
 from omegaconf import OmegaConf
 
 from bertexp.tracking import read_metrics
-from conftest import ROOT, run_cli, run_in_process
+from conftest import ROOT, run_cli, run_here, run_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_overrides_reach_config_optimizer_and_batches(tmp_path):
+def test_overrides_reach_config_optimizer_and_batches(tmp_path, monkeypatch, capfd):
     d = tmp_path / "run"
-    r = run_cli(["optim.lr=1e-4", "data.max_length=64", "trainer.max_steps=5", "trainer.exam_pairs=64", f"hydra.run.dir={d}", "logger=none"])
+    r = run_here(monkeypatch, capfd, ["optim.lr=1e-4", "data.max_length=64", "trainer.max_steps=5", "trainer.exam_pairs=64", f"hydra.run.dir={d}", "logger=none"])
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = OmegaConf.load(d / ".hydra" / "config.yaml")
     assert cfg.optim.lr == 1e-4 and cfg.data.max_length == 64

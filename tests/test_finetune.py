@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bertexp.tracking import read_metrics
-from conftest import compose, run_cli, run_in_process
+from conftest import compose, run_here, run_in_process
 
 TINY_TASK = ["task.train_limit=96", "task.eval_limit=64", "task.seeds=2", "task.epochs=1", "task.max_length=32",
              "task.batch_size=16"]
@@ -225,8 +225,8 @@ def test_finetune_logs_a_wandb_finetune_run_in_the_pretraining_group(tmp_path, c
     assert "pretrain/step" in config and "pretrain/wandb_id" in config
 
 
-def test_task_needs_a_checkpoint(tmp_path):
-    r = run_cli(["task=sentiment", "logger=none", f"hydra.run.dir={tmp_path}"])
+def test_task_needs_a_checkpoint(tmp_path, monkeypatch, capfd):
+    r = run_here(monkeypatch, capfd, ["task=sentiment", "logger=none", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 2 and "needs model.path" in r.stderr and "Traceback" not in r.stderr
     from bertexp.errors import ConfigError
     from bertexp.finetune import task_config
@@ -236,12 +236,12 @@ def test_task_needs_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_with_downstream_has_scores_per_run(tmp_path):
+def test_sweep_with_downstream_has_scores_per_run(tmp_path, monkeypatch, capfd):
     d = tmp_path / "s"
     settings = [f"+trainer.downstream_settings.{k}" for k in TINY_TASK]
     settings = [s.replace("task.", "") for s in settings]
-    r = run_cli(["-m", "trainer=smoke", "logger=none", "masking.ratio=0.15,0.4", "trainer.downstream=[sentiment]",
-                 *settings, f"hydra.sweep.dir={d}"], timeout=900)
+    r = run_here(monkeypatch, capfd, ["-m", "trainer=smoke", "logger=none", "masking.ratio=0.15,0.4",
+                                      "trainer.downstream=[sentiment]", *settings, f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-3000:]
     md = (d / "summary.md").read_text()
     assert "sentiment test (pretrained)" in md and "sentiment test (random init)" in md

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from bertexp.tracking import read_metrics
-from conftest import run_cli
+from conftest import run_cli, run_here
 
 pytestmark = pytest.mark.slow
 TINY = ["trainer=smoke", "logger=none"]
@@ -32,12 +32,12 @@ SWEPT = {  # (masking.ratio, masking.schedule, masking.prediction_ratio) of each
 # mask_schedule and corruption_vs_prediction are token masking like mask_ratio: composing their jobs
 # (test_every_ready_sweep_expands_to_valid_jobs) covers what is theirs; running them would repeat mask_ratio
 @pytest.mark.parametrize("name,n_runs", [("mask_ratio", 4), ("masking_grid", 5)])
-def test_ready_sweep_definitions_run_with_one_command(tmp_path, name, n_runs):
+def test_ready_sweep_definitions_run_with_one_command(tmp_path, monkeypatch, capfd, name, n_runs):
     d = tmp_path / name
     # the strategy grid at one of its two ratios (a command-line value replaces the file's list): its five
     # strategies are what is new in it; the ratio list is mask_ratio's business
     narrow = ["masking.ratio=0.4"] if name == "masking_grid" else []
-    r = run_cli(["-cd", "multirun_sweeps", "-cn", name, *TINY, *narrow, f"hydra.sweep.dir={d}"], timeout=600)
+    r = run_here(monkeypatch, capfd, ["-cd", "multirun_sweeps", "-cn", name, *TINY, *narrow, f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert _statuses(d) == ["completed"] * n_runs
     summary = (d / "summary.csv").read_text().splitlines()
@@ -88,9 +88,9 @@ def test_every_ready_sweep_expands_to_valid_jobs():
                 assert sorted(got) == SWEPT[path.stem], path.name
 
 
-def test_failed_job_is_listed_and_others_kept(tmp_path):
+def test_failed_job_is_listed_and_others_kept(tmp_path, monkeypatch, capfd):
     d = tmp_path / "s"
-    r = run_cli(["-m", "data.max_length=64,1000,32", *TINY, f"hydra.sweep.dir={d}"])
+    r = run_here(monkeypatch, capfd, ["-m", "data.max_length=64,1000,32", *TINY, f"hydra.sweep.dir={d}"])
     assert r.returncode == 1  # the sweep says a job failed...
     assert _statuses(d) == ["completed", "failed", "completed"]  # ...after running all of them
     md = (d / "summary.md").read_text()
@@ -127,9 +127,9 @@ def test_parallel_launchers(tmp_path, launcher):
     assert steps == list(range(1, 7))
 
 
-def test_optuna_search_reports_best(tmp_path):
+def test_optuna_search_reports_best(tmp_path, monkeypatch, capfd):
     d = tmp_path / "optuna"
-    r = run_cli(["-cd", "multirun_sweeps", "-cn", "optuna_lr_ratio", "hydra.sweeper.n_trials=3", *TINY, f"hydra.sweep.dir={d}"])
+    r = run_here(monkeypatch, capfd, ["-cd", "multirun_sweeps", "-cn", "optuna_lr_ratio", "hydra.sweeper.n_trials=3", *TINY, f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_runs(d)) == 3
     best = yaml.safe_load((d / "optimization_results.yaml").read_text())
@@ -137,11 +137,11 @@ def test_optuna_search_reports_best(tmp_path):
     assert 5e-4 <= best["best_params"]["optim.lr"] <= 5e-3
 
 
-def test_seeded_sweep_groups_with_error_bars_and_a_wandb_summary_run(tmp_path):
+def test_seeded_sweep_groups_with_error_bars_and_a_wandb_summary_run(tmp_path, monkeypatch, capfd):
     """2 ratios x 2 seeds: the summary and bertexp.compare give two groups with mean, sd, CI and N = 2; the
     plot has bands; --x tokens and --x flops work; W&B gets the tables in a job_type=summary run."""
     d = tmp_path / "seeds"
-    r = run_cli(["-m", "trainer=smoke", "logger.mode=offline", "masking.ratio=0.15,0.4", "seed=1,2",
+    r = run_here(monkeypatch, capfd, ["-m", "trainer=smoke", "logger.mode=offline", "masking.ratio=0.15,0.4", "seed=1,2",
                  f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Over seeds" in r.stdout and "Welch's t-test" in r.stdout
@@ -194,7 +194,7 @@ def _start_sweep(args):
                             stderr=subprocess.DEVNULL)
 
 
-def test_killed_sweep_resumes_where_it_stopped(tmp_path):
+def test_killed_sweep_resumes_where_it_stopped(tmp_path, monkeypatch, capfd):
     """SIGKILL during the second of three jobs, then the same command again: job 1 is not re-run (its
     metrics byte-identical), job 2 resumes from its checkpoint with its W&B id, job 3 runs, one summary."""
     import hashlib
@@ -214,7 +214,7 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path):
     assert _statuses(d) == ["completed", "running"]
     digest = hashlib.sha256((d / "0" / "metrics.jsonl").read_bytes()).hexdigest()
     wandb_id = (d / "1" / "wandb_id").read_text()
-    r = run_cli(args)
+    r = run_here(monkeypatch, capfd, args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert hashlib.sha256((d / "0" / "metrics.jsonl").read_bytes()).hexdigest() == digest
     log = r.stdout + r.stderr
@@ -226,19 +226,19 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path):
     md = (d / "summary.md").read_text()
     assert md.count("completed") == 3
     # the same dir with another value for a job: an error, and the old job's files keep their config
-    r = run_cli([*args[:-2], "masking.ratio=0.1,0.25,0.3", f"hydra.sweep.dir={d}"])
+    r = run_here(monkeypatch, capfd, [*args[:-2], "masking.ratio=0.1,0.25,0.3", f"hydra.sweep.dir={d}"])
     assert r.returncode == 2 and "job 1" in r.stderr and "masking.ratio: 0.2 -> 0.25" in r.stderr
     assert "ratio: 0.2" in (d / "1" / ".hydra" / "config.yaml").read_text()
 
 
-def test_a_job_that_failed_on_a_bad_value_can_be_fixed_in_place(tmp_path):
+def test_a_job_that_failed_on_a_bad_value_can_be_fixed_in_place(tmp_path, monkeypatch, capfd):
     """Job 1 fails on masking.ratio=1.5 before any checkpoint; re-running with 0.5 starts it afresh (nothing
     of it to keep) while job 0, completed, is left alone."""
     d = tmp_path / "fix"
-    r = run_cli(["-m", *TINY, "masking.ratio=0.15,1.5", f"hydra.sweep.dir={d}"])
+    r = run_here(monkeypatch, capfd, ["-m", *TINY, "masking.ratio=0.15,1.5", f"hydra.sweep.dir={d}"])
     assert r.returncode == 1 and _statuses(d) == ["completed", "failed"]
     before = (d / "0" / "metrics.jsonl").read_bytes()
-    r = run_cli(["-m", *TINY, "masking.ratio=0.15,0.5", f"hydra.sweep.dir={d}"])
+    r = run_here(monkeypatch, capfd, ["-m", *TINY, "masking.ratio=0.15,0.5", f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert _statuses(d) == ["completed", "completed"] and (d / "0" / "metrics.jsonl").read_bytes() == before
     assert json.loads((d / "1" / "run_config.json").read_text())["masking.ratio"] == 0.5
