@@ -315,7 +315,8 @@ def rank_within_exams(runs: list[dict], metric: str = "final/eval/mlm_acc") -> s
     groups: dict[str, list[dict]] = {}
     for r in runs:
         r["rank"] = None
-        if r["exam_id"] and metric_value(r, metric) is not None:
+        # a failed or stopped run's last score is from an earlier step than the others': not ranked with them
+        if r["exam_id"] and r["status"] == "completed" and metric_value(r, metric) is not None:
             groups.setdefault(r["exam_id"], []).append(r)
     sign = 1 if lower_is_better(metric) else -1
     for group in groups.values():
@@ -325,6 +326,10 @@ def rank_within_exams(runs: list[dict], metric: str = "final/eval/mlm_acc") -> s
     if len(groups) > 1:
         notes.append(f"Note: these runs took {len(groups)} different exams ({', '.join(sorted(groups))}): eval/mlm_acc "
                      "is ranked within each exam only; accuracies on different exams are not comparable.")
+    unfinished = [r["path"].name for r in runs if r["evals"] and r["status"] != "completed"]
+    if unfinished:
+        notes.append(f"Note: {len(unfinished)} run(s) ({', '.join(unfinished)}) did not complete: listed with their "
+                     "last scores, not ranked.")
     unscored = [r["path"].name for r in runs if r["evals"] and not r["exam_id"]]
     if unscored:
         notes.append(f"Note: {len(unscored)} run(s) ({', '.join(unscored)}) have no single exam id (an older bertexp, or "

@@ -69,6 +69,9 @@ def test_failed_and_running_runs_are_marked(sweep, tmp_path):
     md, runs = cmp.compare([sweep, tmp_path / "failed", tmp_path / "live"], out=tmp_path / "o")
     assert [r["status"] for r in runs] == ["completed", "completed", "failed", "running"]
     assert "failed" in md and "file not found" in md and "running" in md
+    # their scores are from earlier steps than the completed runs': listed, never ranked with them
+    assert sorted(r["rank"] for r in runs[:2]) == [1, 2] and [r["rank"] for r in runs[2:]] == [None, None]
+    assert "2 run(s) (failed, live) did not complete" in md
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
