@@ -7,8 +7,10 @@ from bertexp.run_state import RunState
 from bertexp.tracking import read_metrics
 from conftest import compose, run_in_process
 
+# budgets and lr schedules need steps, not a model that learns: the smallest encoder makes them cheap
 FAST = ["logger=none", "trainer.eval_every=100000", "trainer.save_every=100000", "trainer.log_every=1",
-        "optim.warmup_steps=0", "trainer.exam_pairs=16"]
+        "optim.warmup_steps=0", "trainer.exam_pairs=16", "model.hidden_size=32", "model.intermediate_size=64",
+        "model.num_attention_heads=1", "model.num_hidden_layers=1"]
 PEAK, FINAL = 2e-3, 2e-3 * 0.1  # optim.lr and optim.min_lr_ratio * optim.lr
 
 
@@ -78,7 +80,7 @@ def test_records_carry_compute_axes_and_flops_count_the_prediction_head(tmp_path
         finals[pred] = steps[-1]
     a, b = finals[0.15], finals[0.45]
     assert a["tokens"] == b["tokens"] and b["predicted_tokens"] > 2 * a["predicted_tokens"]
-    cfg = compose()
+    cfg = compose(FAST)
     h = cfg.model.hidden_size
     from bertexp.data.tokenizer import load_tokenizer  # the run's vocabulary size, from its checkpoint
 
