@@ -177,23 +177,11 @@ def _start(run_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("kill_at", [12, 15])  # between checkpoint writes, and right at one (step 15 saves)
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted, kill_at):
-    d = tmp_path / "run"
-    p = _start(d)
-    _wait_for_step(d / "metrics.jsonl", kill_at, p)
-    p.kill()
-    p.wait()
-    r = run_cli([*OVR, f"hydra.run.dir={d}"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming from step" in r.stdout + r.stderr
-    got = [m for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
-    assert [m["step"] for m in got] == list(range(1, 31))
-    for a, b in zip(uninterrupted, got):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6), a["step"]
-
-
-def test_sigterm_checkpoints_and_resumes_without_gaps(tmp_path):
+def test_sigterm_and_kills_resume_to_exactly_the_uninterrupted_run(tmp_path, uninterrupted):
+    """One run stopped three ways, each resumed by the same command: SIGTERM at step 7 (a checkpoint at the
+    very step it stopped, exit 143, a message saying how to resume), kill -9 between checkpoint writes (step
+    12) and right at one (step 15 saves). It ends with steps 1-30 once each, every loss equal to an
+    uninterrupted run's."""
     d = tmp_path / "run"
     p = _start(d)
     _wait_for_step(d / "metrics.jsonl", 7, p)
@@ -203,15 +191,23 @@ def test_sigterm_checkpoints_and_resumes_without_gaps(tmp_path):
     assert "stopped by SIGTERM" in err and f"hydra.run.dir={d}" in err
     stopped_at = max(m["step"] for m in read_metrics(d / "metrics.jsonl"))
     assert (d / "checkpoints" / f"step_{stopped_at:07d}").is_dir()  # checkpoint at the very step it stopped
+    for kill_at in (12, 15):
+        p = _start(d)
+        _wait_for_step(d / "metrics.jsonl", kill_at, p)
+        p.kill()
+        p.wait()
     r = run_cli([*OVR, f"hydra.run.dir={d}"])
     assert r.returncode == 0, r.stderr[-2000:]
-    steps = [m["step"] for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
-    assert steps == list(range(1, 31))
+    assert "resuming from step" in r.stdout + r.stderr
+    got = [m for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
+    assert [m["step"] for m in got] == list(range(1, 31))
+    for a, b in zip(uninterrupted, got):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6), a["step"]
 
 
-def test_multirun_sweep_summary_and_group(tmp_path):
+def test_multirun_sweep_summary_and_group(tmp_path, monkeypatch, capfd):
     d = tmp_path / "sweep"
-    r = run_cli(["-m", "masking.ratio=0.15,0.4", "trainer=smoke", "trainer.max_steps=10", "trainer.log_every=5",
+    r = run_here(monkeypatch, capfd, ["-m", "masking.ratio=0.15,0.4", "trainer=smoke", "trainer.max_steps=10", "trainer.log_every=5",
                  "trainer.eval_every=5", "trainer.save_every=10", "logger.mode=offline", f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p for p in d.iterdir() if p.is_dir() and p.name.isdigit())

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from bertexp.checkpoint import checkpoint_dirs
 from bertexp.tracking import read_metrics
-from conftest import ROOT, compose, run_cli, run_main, signal_at_training_call
+from conftest import ROOT, compose, run_cli, run_here, run_main, signal_at_training_call
 from wandb_reader import inspect, wandb_files
 
 SMOKE = ["trainer=smoke", "trainer.exam_pairs=32"]
@@ -27,14 +27,15 @@ def _train_steps(run_dir):
 
 
 @pytest.mark.slow
-def test_resuming_with_other_values_is_refused_and_the_run_keeps_its_config(tmp_path):
+def test_resuming_with_other_values_is_refused_and_the_run_keeps_its_config(tmp_path, monkeypatch, capfd):
     """The issue's acceptance, as typed: a finished run at ratio 0.15 in D, then ratio 0.4 into D: exit 2 with
     one line naming masking.ratio; D's .hydra files, W&B run, metrics and status still say what it trained."""
     d = tmp_path / "D"
-    r = run_cli([*SMOKE, "logger.mode=offline", "masking.ratio=0.15", f"hydra.run.dir={d}"])
+    r = run_here(monkeypatch, capfd, [*SMOKE, "logger.mode=offline", "masking.ratio=0.15", f"hydra.run.dir={d}"])
     assert r.returncode == 0, r.stderr[-2000:]
     before = {f: (d / f).read_bytes() for f in ("metrics.jsonl", "status.json", ".hydra/config.yaml", ".hydra/overrides.yaml")}
-    r = run_cli([*SMOKE, "logger.mode=offline", "masking.ratio=0.4", "optim.lr=1e-4", f"hydra.run.dir={d}"])
+    r = run_here(monkeypatch, capfd, [*SMOKE, "logger.mode=offline", "masking.ratio=0.4", "optim.lr=1e-4",
+                                      f"hydra.run.dir={d}"])
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "masking.ratio: 0.15 -> 0.4" in errors[0] and "optim.lr" in errors[0], r.stderr[-2000:]
