@@ -418,7 +418,19 @@ def figure(runs: list[dict], keys: list[str], x: str = "step", groups: list[dict
 
 
 TABLES = (("most_frequent", "most-frequent token", ":"), ("left_neighbour", "left-neighbour table", "--"),
-          ("neighbours", "neighbours table", "-."))
+          ("neighbours", "neighbours table", "-."))  # the exam's counting rules: key, name, line style
+
+
+def standing(acc: float, baselines: dict) -> str:
+    """Where an exam score stands against the three counting tables (`baselines`: eval/baseline/* values),
+    e.g. 'above the most-frequent token (0.0394) and the left-neighbour table (0.1566), below the neighbours
+    table (0.3170)'."""
+    scored = [(f"the {name} ({baselines[f'eval/baseline/{key}_acc']:.4f})", baselines[f"eval/baseline/{key}_acc"])
+              for key, name, _ in TABLES]
+    above = [text for text, value in scored if acc > value]
+    below = [text for text, value in scored if acc <= value]
+    listed = lambda names: ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return ", ".join(f"{side} {listed(names)}" for side, names in (("above", above), ("below", below)) if names)
 
 
 def _counting_tables(ax, runs: list[dict]) -> None:

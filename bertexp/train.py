@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 from bertexp import distributed
 from bertexp.budget import Budget
 from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from bertexp.compare import standing
 from bertexp.data.cache import key_of, write_atomically
 from bertexp.data.loader import batch_stream, mask_step, step_seed  # noqa: F401 - step_seed: finetune uses it
 from bertexp.data.tokenizer import load_tokenizer
@@ -589,21 +590,6 @@ def train_record(state: RunState, objective: PretrainingObjective, lr: float, pe
     if math.isfinite(peak):
         record["throughput/mfu"] = flops_per_token(w["seq"] / max(w["rows"], 1)) * tps / (peak * dist.world)
     return record
-
-
-TABLES = (("most-frequent token", "eval/baseline/most_frequent_acc"),
-          ("left-neighbour table", "eval/baseline/left_neighbour_acc"),
-          ("neighbours table", "eval/baseline/neighbours_acc"))
-
-
-def standing(acc: float, baselines: dict) -> str:
-    """Where an exam score stands against the three counting tables, e.g. 'above the most-frequent token
-    (0.0394) and the left-neighbour table (0.1566), below the neighbours table (0.3170)'."""
-    above = [f"the {name} ({baselines[key]:.4f})" for name, key in TABLES if acc > baselines[key]]
-    below = [f"the {name} ({baselines[key]:.4f})" for name, key in TABLES if acc <= baselines[key]]
-    listed = lambda names: ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
-    parts = [f"{side} {listed(names)}" for side, names in (("above", above), ("below", below)) if names]
-    return ", ".join(parts)
 
 
 def describe_eval(e: dict) -> str:

@@ -187,3 +187,13 @@ def test_copies_of_a_runs_config_are_not_runs(sweep, tmp_path):
     for copy in ("0/wandb/offline-run-1/files", "1/abandoned/20261130-rolled-back"):
         shutil.copytree(root / "0" / ".hydra", root / copy / ".hydra")
     assert [p.name for p in cmp.find_runs([root])] == ["0", "1"]
+
+
+def test_standing_names_every_table_on_its_side():
+    b = {"eval/baseline/most_frequent_acc": 0.04, "eval/baseline/left_neighbour_acc": 0.16,
+         "eval/baseline/neighbours_acc": 0.32}
+    assert cmp.standing(0.2, b) == ("above the most-frequent token (0.0400) and the left-neighbour table (0.1600), "
+                                    "below the neighbours table (0.3200)")
+    assert cmp.standing(0.04, b).startswith("below the most-frequent token (0.0400), the left-neighbour")  # a tie is not above
+    assert cmp.standing(0.5, b) == ("above the most-frequent token (0.0400), the left-neighbour table (0.1600) and "
+                                    "the neighbours table (0.3200)")
