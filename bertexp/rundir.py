@@ -224,7 +224,7 @@ def _decide(cfg: DictConfig, c: Claim, sweep_job: int | None) -> None:
         refused = {k: v for k, v in diff.items() if k not in allowed}
         if refused:
             _restore_hydra(run_dir)
-            _refuse(run_dir, target if target is not None else run_dir / "checkpoints", refused, sweep_job)
+            _refuse(run_dir, target, refused, sweep_job)
         if c.previous_status.get("status") == "completed" and not diff and sweep_job is not None:
             c.skip = True
             return
@@ -257,7 +257,7 @@ def _trained_records(run_dir: Path) -> bool:
     return any("train/loss" in r for r in read_metrics(run_dir / "metrics.jsonl"))
 
 
-def _refuse(run_dir: Path, target: Path, refused: dict, sweep_job: int | None) -> None:
+def _refuse(run_dir: Path, target: Path | None, refused: dict, sweep_job: int | None) -> None:
     if sweep_job is not None:
         raise BertexpError(f"job {sweep_job} ({run_dir}) was first run with another config ({_shown(refused)}); re-run "
                            "the sweep with its original command, or use a new hydra.sweep.dir")
