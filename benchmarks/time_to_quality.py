@@ -78,7 +78,7 @@ def huggingface(args) -> dict:
     import bertexp.schema  # noqa: F401
     from bertexp.distributed import Dist
     from bertexp.exam import evaluate
-    from bertexp.optim import lr_factor, warmup_done
+    from bertexp.optim import build_scheduler
     from bertexp.train import prepare_exam
 
     torch.set_num_threads(args.threads)
@@ -99,7 +99,7 @@ def huggingface(args) -> dict:
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=float(m.ratio), mask_replace_prob=float(m.mask_token_prob),
                                                random_replace_prob=float(m.random_token_prob))
     budget, o = args.minutes * 60, cfg.optim
-    curve, clock = [], {"train": 0.0, "since": None, "decay_from": None}
+    curve, clock, lr = [], {"train": 0.0, "since": None}, {}
 
     class TimeBudget(TrainerCallback):
         """run.py's schedule on the training time used (warm-up, then optim.schedule to min_lr_ratio), the
@@ -111,14 +111,10 @@ def huggingface(args) -> dict:
             clock["since"] = time.perf_counter()
 
         def on_step_begin(self, targs, state, control, optimizer=None, **kw):
-            progress = min(1.0, clock["train"] / budget)
-            warm = warmup_done(state.global_step, progress, int(o.warmup_steps), o.get("warmup_fraction"))
-            if clock["decay_from"] is None and warm >= 1.0:
-                clock["decay_from"] = progress
-            f = lr_factor(warm, progress, clock["decay_from"], float(o.min_lr_ratio), str(o.get("schedule", "linear")),
-                          float(o.get("decay_fraction", 0.2)))
-            for g in trainer.optimizer.param_groups:
-                g["lr"] = float(o.lr) * f
+            if "schedule" not in lr:  # run.py's schedule object, on the Trainer's optimizer (made by train())
+                lr["schedule"] = build_scheduler(o, trainer.optimizer)
+            progress = min(1.0, clock["train"] / budget)  # where a step ends is not known ahead on a time budget
+            lr["schedule"].apply(state.global_step, progress, progress)
 
         def on_step_end(self, targs, state, control, **kw):
             clock["train"] += time.perf_counter() - clock["since"]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from bertexp.rundir import STATUS_FILE, flatten
 from bertexp.tracking import read_metrics
 
 IGNORED_KEYS = ("data.cache_dir", "trainer.resume")
@@ -55,25 +56,14 @@ def _run_sort_key(p: Path):
     return (str(p.parent), int(p.name) if p.name.isdigit() else 0, p.name)
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def load_run(path: Path) -> dict:
     cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
     try:
-        flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
+        flat = flatten(OmegaConf.to_container(cfg, resolve=False))
     except Exception:
         flat = {}
     metrics = read_metrics(path / "metrics.jsonl")
-    status_file = path / "status.json"
+    status_file = path / STATUS_FILE
     status = json.loads(status_file.read_text()) if status_file.is_file() else {"status": "unknown"}
     evals = [m for m in metrics if "eval/mlm_acc" in m]
     exams = {m.get("eval/exam_id") for m in evals}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 from bertexp.data.cache import write_atomically
 from bertexp.errors import ConfigError
+from bertexp.lifecycle import SEEDS_DIR, StopFlag
 
 log = logging.getLogger(__name__)
 TASKS = ("sentiment", "ner")
@@ -89,6 +89,10 @@ def check_downstream(cfg) -> None:
         raise ConfigError("trainer.downstream=[ner] needs data=peoples_daily: NER's dev and test are People's Daily "
                           "documents that pretraining holds out, which a run on another corpus cannot do "
                           "(drop ner, or pretrain on data=peoples_daily)")
+    if "ner" in tasks and not float(cfg.data.get("val_fraction") or 0) > 0:
+        raise ConfigError(f"trainer.downstream=[ner] needs held-out documents for NER's dev and test, but "
+                          f"data.val_fraction={float(cfg.data.get('val_fraction') or 0):g} holds out none (drop ner, or set "
+                          "data.val_fraction above 0)")
 
 
 def ner_split(data_cfg, checkpoint: Path | None, typed: dict | None = None) -> tuple[DictConfig, dict]:
@@ -100,6 +104,8 @@ def ner_split(data_cfg, checkpoint: Path | None, typed: dict | None = None) -> t
     from bertexp.rundir import checkpoint_config
 
     trained = checkpoint_config(checkpoint) if checkpoint is not None else None
+    if trained is not None:
+        _check_ancestors(checkpoint)
     if trained is None:
         if checkpoint is not None:
             log.warning("NER: %s records no pretraining data (not a bertexp checkpoint): its dev and test are the "
@@ -123,6 +129,27 @@ def ner_split(data_cfg, checkpoint: Path | None, typed: dict | None = None) -> t
         source = str(checkpoint)
     split = {"from": source, **{k: cfg.get(k) for k in SPLIT_KEYS}}
     return cfg, split
+
+
+def _check_ancestors(checkpoint: Path) -> None:
+    """NER's dev and test are documents the checkpoint's pretraining held out; every model it continued must
+    have held them out too. Refused in one line when an ancestor pretrained on another split (or cannot be
+    followed); a warning when the chain starts at a model bertexp did not pretrain."""
+    from bertexp.rundir import lineage_of
+
+    own, *ancestors = lineage_of(checkpoint)
+    for a in ancestors:
+        if "outside" in a:
+            log.warning("NER: %s continues %s, a model bertexp did not pretrain: its pretraining may have seen the "
+                        "held-out documents that are NER's dev and test", checkpoint, a["outside"])
+        elif "unknown" in a:
+            raise ConfigError(f"task=ner: {checkpoint} continues model.path={a['unknown']}, which is not found, so "
+                              "which documents its pretraining saw cannot be checked (put it back, or use task=sentiment)")
+        elif any(json.dumps(a.get(k), default=str) != json.dumps(own.get(k), default=str) for k in (*SPLIT_KEYS, "_target_")):
+            shown = ", ".join(f"data.{k}={a.get(k)}" for k in SPLIT_KEYS if a.get(k) != own.get(k)) or "another corpus"
+            raise ConfigError(f"task=ner: {checkpoint} continues {a['checkpoint']}, which was pretrained on another split "
+                              f"({shown}): its training documents may be NER's dev and test; fine-tune a model whose "
+                              "whole lineage used one split, or use task=sentiment")
 
 
 def check_task(tc) -> None:
@@ -263,10 +290,10 @@ def finetune_once(task, splits: dict, encoded: dict, path: Path, init: str, seed
     logged (steps counted from its own start; `step0` shifts them in the tracker)."""
     import time
 
+    from bertexp.data.loader import step_seed
     from bertexp.errors import Interrupted
     from bertexp.modeling import fit_attention_to_precision
     from bertexp.optim import build_optimizer, build_scheduler
-    from bertexp.train import _SIGNALS, step_seed
 
     started = time.perf_counter()
     model = build_model(task, path, init, seed).to(device)
@@ -290,15 +317,12 @@ def finetune_once(task, splits: dict, encoded: dict, path: Path, init: str, seed
     g = torch.Generator().manual_seed(step_seed(seed, 0, 10 + stream))  # the batches of every epoch
     best = {"dev": -1.0}
     history, records = [], []
-    step, decay_from, loss_sum = 0, None, 0.0
+    step, loss_sum = 0, 0.0
     bar = tqdm(total=total, desc=f"{task.name} {init} seed {seed}", dynamic_ncols=True, mininterval=1.0, leave=False)
     for epoch in range(int(tc.epochs)):
         for rows in batch_order(lengths, bs, g, int(tc.get("bucket", 1) or 1)):
             width = int(lengths[rows].max())
-            progress = step / total
-            if decay_from is None and scheduler.warm(step, progress) >= 1.0:
-                decay_from = progress
-            lr = scheduler.set(step, (step + 1) / total, decay_from)
+            lr = scheduler.apply(step, step / total, (step + 1) / total)
             torch.manual_seed(step_seed(seed, step, 2 + stream))  # dropout
             with amp:
                 out = model(input_ids=train.ids[rows, :width].to(device),
@@ -317,8 +341,7 @@ def finetune_once(task, splits: dict, encoded: dict, path: Path, init: str, seed
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
             if stop is not None and stop.signum is not None:
                 bar.close()
-                raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} during {task.name}, {init} init, "
-                                  f"seed {seed}", _SIGNALS.get(stop.signum, 143))
+                raise Interrupted(f"stopped by {stop.name} during {task.name}, {init} init, seed {seed}", stop.exit_code)
         dev = score(task, splits["dev"], encoded["dev"], predict(model, encoded["dev"], 256, device, amp))
         record = {"step": step, f"finetune/{task.name}/{init}/dev": dev, "finetune/epoch": epoch + 1,
                   "finetune/seed": seed, "train/loss": loss_sum / steps_per_epoch}
@@ -362,7 +385,6 @@ def pretraining_origin(path: Path) -> dict:
 
 
 FINETUNE_VERSION = 2  # bump when a change to the fine-tuning loop changes what a run's result is
-SEEDS_DIR = "seeds"
 _BOOKKEEPING = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache")
 
 
@@ -420,15 +442,12 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
                  seed: int, info: dict, typed_data: dict | None = None) -> dict:
     """Fine-tune `path` on task `tc` over its seeds, from the pretrained weights and from random init; write
     each run's result as it ends, then `out_dir/summary.json`; return the summary. NER's dev and test follow the
-    checkpoint's pretraining split (`ner_split`; `typed_data`: the data.* settings typed on the command line)."""
+    checkpoint's pretraining split (`ner_split`; `typed_data`: the data.* settings typed on the command line).
+    Runs already finished in `out_dir` (a job stopped and started again) are kept with their records."""
     import time
 
-    import transformers
-
-    from bertexp.data.tokenizer import load_tokenizer
     from bertexp.errors import Interrupted
-    from bertexp.tracking import Tracker, saved_wandb_id
-    from bertexp.train import _StopFlag, resolve_device, resolve_precision
+    from bertexp.train import resolve_device, resolve_precision
 
     started = time.perf_counter()
     check_task(tc)
@@ -437,6 +456,53 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
         raise ConfigError(f"model.path: {path} is not a model directory (no config.json); use e.g. RUN/checkpoints/last")
     device = resolve_device(str(trainer_cfg.device))
     precision = resolve_precision(str(trainer_cfg.precision), device)
+    job = _prepare_task(tc, path, data_cfg, seed, typed_data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(tc, path, job, optim_cfg, precision, device, out_dir, data_cfg)
+    origin = pretraining_origin(path)
+    tracker = _finetune_tracker(tc, origin, out_dir, logger_cfg, info, resumed=bool(plan.in_dir))
+    tracker.truncate_after(plan.keep_until)
+    _log_plan(tc, path, job, plan)
+    results = {"pretrained": [], "random": []}
+    exit_code = 1
+    try:
+        with StopFlag() as stop:
+            step0 = 0
+            for i, (init, s) in enumerate(plan.runs):
+                r = _one_run(tc, path, job, plan, i, init, s, optim_cfg, device, precision, tracker, step0, stop)
+                step0 += r["steps"]
+                results[init].append(r)
+        summary = _summarise(tc, job, origin, plan, results, time.perf_counter() - started)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+        flat = {f"downstream/{tc.name}/{init}/{split}_{k}": summary[init][split][k]
+                for init in results for split in ("dev", "test") for k in ("mean", "sd")}
+        tracker.summary({**flat, f"downstream/{tc.name}/baseline/test": job.baseline["test"]})
+        print(describe(summary))
+        exit_code = 0
+        return summary
+    except Interrupted as e:
+        exit_code = e.exit_code
+        done = sum(1 for item in plan.runs if plan.source.get(item) in ("run dir", "trained"))
+        raise Interrupted(f"{e}; the {done} fine-tuning run(s) finished are kept in {out_dir / SEEDS_DIR}: the same "
+                          "command (same run dir) runs only the rest", e.exit_code) from None
+    finally:
+        tracker.finish(exit_code)
+
+
+@dataclass
+class TaskData:
+    """A task's examples as this job uses them: splits (limited), encoded with the encoder's tokenizer."""
+
+    task: object
+    splits: dict
+    encoded: dict
+    baseline: dict
+    pretrain_split: dict | None
+
+
+def _prepare_task(tc, path: Path, data_cfg, seed: int, typed_data: dict | None) -> TaskData:
+    from bertexp.data.tokenizer import load_tokenizer
+
     pretrain_split = None
     if tc.name == "ner":
         data_cfg, pretrain_split = ner_split(data_cfg, path, typed_data)
@@ -451,103 +517,125 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
             keep = np.random.default_rng(0).permutation(len(splits[split]))[: int(limit)]
             splits[split] = [splits[split][i] for i in sorted(keep)]
     task.train, task.dev, task.test = splits["train"], splits["dev"], splits["test"]
-    base = baseline(task)
     encoded = {k: encode(task, v, tokenizer, int(tc.max_length)) for k, v in splits.items()}
-    origin = pretraining_origin(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return TaskData(task, splits, encoded, baseline(task), pretrain_split)
+
+
+@dataclass
+class Plan:
+    """The fine-tuning runs of a job, in order, and which of them are already done (and where)."""
+
+    runs: list  # [(init, seed)]
+    keys: dict  # (init, seed) -> the key of everything its result depends on
+    what: dict  # what the keys hash, saved beside each result
+    found: dict  # (init, seed) -> result, for runs finished in the run dir or the random-init cache
+    source: dict  # (init, seed) -> "run dir" | "cache" | "trained"
+    seeds_dir: Path
+    cache: Path
+
+    @property
+    def in_dir(self) -> list:
+        return [item for item in self.runs if self.source.get(item) == "run dir"]
+
+    @property
+    def first_relog(self) -> int:
+        """The first run whose records are not in the kept metrics (from there on, reused runs log again)."""
+        return next((i for i, item in enumerate(self.runs) if self.source.get(item) != "run dir"), len(self.runs))
+
+    @property
+    def keep_until(self) -> int:
+        return sum(self.found[item]["steps"] for item in self.runs[: self.first_relog])
+
+
+def _plan(tc, path: Path, job: TaskData, optim_cfg, precision: str, device, out_dir: Path, data_cfg) -> Plan:
+    import transformers
 
     # What a run's result depends on: random init on everything but the weights, pretrained on them too.
-    what = {"v": FINETUNE_VERSION, "arch": architecture(path), "data": data_digest(task, splits, encoded),
+    what = {"v": FINETUNE_VERSION, "arch": architecture(path), "data": data_digest(job.task, job.splits, job.encoded),
             "task": {k: OmegaConf.to_container(tc, resolve=True).get(k)
                      for k in ("name", "epochs", "lr", "batch_size", "max_length", "warmup_fraction", "bucket")},
             "optim": OmegaConf.to_container(optim_cfg, resolve=True), "precision": precision, "device": device.type,
             "torch": torch.__version__, "transformers": transformers.__version__}
     weights = weights_digest(path)
-    key_of = {(init, s): hashlib.sha1(json.dumps({**what, "init": init, "seed": s, "weights": weights if init == "pretrained" else None},
-                                                sort_keys=True, default=str).encode()).hexdigest()[:20]
-              for init in ("pretrained", "random") for s in range(1, int(tc.seeds) + 1)}
-    plan = list(key_of)
-    seeds_dir, cache = out_dir / SEEDS_DIR, random_cache_dir(data_cfg)
-    found, source = {}, {}
-    for init, s in plan:
-        k = key_of[(init, s)]
-        r = _read_result(seeds_dir / f"{init}-seed{s}.json", k)
+    keys = {(init, s): hashlib.sha1(json.dumps({**what, "init": init, "seed": s,
+                                                "weights": weights if init == "pretrained" else None},
+                                               sort_keys=True, default=str).encode()).hexdigest()[:20]
+            for init in ("pretrained", "random") for s in range(1, int(tc.seeds) + 1)}
+    plan = Plan(list(keys), keys, what, {}, {}, out_dir / SEEDS_DIR, random_cache_dir(data_cfg))
+    for init, s in plan.runs:
+        k = keys[(init, s)]
+        r = _read_result(plan.seeds_dir / f"{init}-seed{s}.json", k)
         if r is not None:
-            found[(init, s)], source[(init, s)] = r, "run dir"
+            plan.found[(init, s)], plan.source[(init, s)] = r, "run dir"
         elif init == "random" and tc.get("reuse_random_init", True):
-            r = _read_result(cache / f"random-{k}.json", k)
+            r = _read_result(plan.cache / f"random-{k}.json", k)
             if r is not None:
-                found[(init, s)], source[(init, s)] = r, "cache"
-    # The metrics of the runs finished in this dir before the first one that was not are kept; from there on,
-    # runs reused are logged again (and the others as they run).
-    first_relog = next((i for i, item in enumerate(plan) if source.get(item) != "run dir"), len(plan))
-    keep_until = sum(found[item]["steps"] for item in plan[:first_relog])
-    in_dir = [item for item in plan if source.get(item) == "run dir"]
+                plan.found[(init, s)], plan.source[(init, s)] = r, "cache"
+    return plan
+
+
+def _finetune_tracker(tc, origin: dict, out_dir: Path, logger_cfg: dict | None, info: dict, resumed: bool):
+    """metrics.jsonl and a W&B run (job_type=finetune) named, grouped and tagged after the pretraining run; a
+    job that goes on from finished runs continues its W&B run (bertexp.lifecycle moves the id aside on a
+    fresh start)."""
+    from bertexp.tracking import Tracker, saved_wandb_id
+
     pre_name, pre_tags = origin.get("pretrain/name"), origin.get("pretrain/tags")
-    where = f"{pre_name} step {origin.get('pretrain/step')}" if pre_name else Path(path).name
+    where = f"{pre_name} step {origin.get('pretrain/step')}" if pre_name else Path(origin["pretrain/checkpoint"]).name
     run_info = {**info, "name": f"{tc.name} of {where}", "group": origin.get("pretrain/group") or info.get("group"),
                 "tags": [*(pre_tags if pre_tags is not None else info.get("tags", [])), "finetune", tc.name]}
     config = {"task": OmegaConf.to_container(tc, resolve=True), **origin}
     logger = dict(logger_cfg, job_type="finetune") if logger_cfg else None
-    tracker = Tracker(out_dir, logger, run_info, config, saved_wandb_id(out_dir) if in_dir else None)
-    tracker.truncate_after(keep_until)
+    return Tracker(out_dir, logger, run_info, config, saved_wandb_id(out_dir) if resumed else None)
+
+
+def _log_plan(tc, path: Path, job: TaskData, plan: Plan) -> None:
+    sizes, base = {k: len(v) for k, v in job.splits.items()}, job.baseline
     log.info("Fine-tuning %s on %s: %d train / %d dev / %d test examples, %d seeds, from the pretrained weights and "
-             "from random init; %s baseline: dev %.4f, test %.4f", path, tc.name, len(splits["train"]),
-             len(splits["dev"]), len(splits["test"]), int(tc.seeds), base["name"], base["dev"], base["test"])
-    if in_dir:
-        log.info("Already finished in %s, not run again: %s", seeds_dir, ", ".join(f"{i} seed {s}" for i, s in in_dir))
-    cached = [s for (i, s), src in source.items() if src == "cache"]
+             "from random init; %s baseline: dev %.4f, test %.4f", path, tc.name, sizes["train"], sizes["dev"],
+             sizes["test"], int(tc.seeds), base["name"], base["dev"], base["test"])
+    if plan.in_dir:
+        log.info("Already finished in %s, not run again: %s", plan.seeds_dir,
+                 ", ".join(f"{i} seed {s}" for i, s in plan.in_dir))
+    cached = [s for (i, s), src in plan.source.items() if src == "cache"]
     if cached:
         log.info("Random init, seed(s) %s: reused from %s (a random-init run depends on the architecture, "
                  "vocabulary, data and settings, not on the checkpoint's weights; task.reuse_random_init=false "
-                 "trains them again)", ", ".join(map(str, cached)), cache)
-    results = {"pretrained": [], "random": []}
-    step0 = 0
-    exit_code = 1
-    try:
-        with _StopFlag() as stop:
-            for i, (init, s) in enumerate(plan):
-                if (init, s) in found:
-                    r = found[(init, s)]
-                    if i >= first_relog:  # not in the kept metrics: log its records again
-                        for rec in r.get("records", []):
-                            tracker.log({**rec, "step": step0 + rec["step"], "finetune/reused": source[(init, s)]})
-                else:
-                    r = finetune_once(task, splits, encoded, path, init, s, tc, optim_cfg, device, precision, tracker,
-                                      step0, stop)
-                    k = key_of[(init, s)]
-                    _write_result(seeds_dir / f"{init}-seed{s}.json", k, r, what)
-                    if init == "random":
-                        try:
-                            _write_result(cache / f"random-{k}.json", k, r, what)
-                        except OSError as e:  # a read-only cache costs a rerun next time, nothing else
-                            log.debug("random-init result not cached (%s)", e)
-                    source[(init, s)] = "trained"
-                    log.info("%s, %s init, seed %d: dev %.4f, test %.4f (epoch %d), %.0f s", tc.name, init, s,
-                             r["dev"], r["test"], r["epoch"], r["seconds"])
-                step0 += r["steps"]
-                results[init].append(r)
-        metric = "accuracy" if task.kind == "sequence" else "entity F1"
-        summary = {"task": tc.name, "metric": metric, "baseline": base, **origin, "pretrain_split": pretrain_split,
-                   **{init: {"dev": stats([r["dev"] for r in rs]), "test": stats([r["test"] for r in rs]),
-                             "source": [source[(init, s)] for s in range(1, len(rs) + 1)]}
-                      for init, rs in results.items()},
-                   "sizes": {k: len(v) for k, v in splits.items()},
-                   "seconds": round(time.perf_counter() - started, 1)}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-        flat = {f"downstream/{tc.name}/{init}/{split}_{k}": summary[init][split][k]
-                for init in results for split in ("dev", "test") for k in ("mean", "sd")}
-        tracker.summary({**flat, f"downstream/{tc.name}/baseline/test": base["test"]})
-        print(describe(summary))
-        exit_code = 0
-        return summary
-    except Interrupted as e:
-        exit_code = e.exit_code
-        done = sum(1 for item in plan if source.get(item) in ("run dir", "trained"))
-        raise Interrupted(f"{e}; the {done} fine-tuning run(s) finished are kept in {seeds_dir}: the same command "
-                          f"(same run dir) runs only the rest", e.exit_code) from None
-    finally:
-        tracker.finish(exit_code)
+                 "trains them again)", ", ".join(map(str, cached)), plan.cache)
+
+
+def _one_run(tc, path: Path, job: TaskData, plan: Plan, i: int, init: str, s: int, optim_cfg, device, precision: str,
+             tracker, step0: int, stop) -> dict:
+    """The result of run i of the plan: reused (its records logged again where the kept metrics lack them), or
+    trained now and written at once (random init also to the shared cache)."""
+    if (init, s) in plan.found:
+        r = plan.found[(init, s)]
+        if i >= plan.first_relog:
+            for rec in r.get("records", []):
+                tracker.log({**rec, "step": step0 + rec["step"], "finetune/reused": plan.source[(init, s)]})
+        return r
+    r = finetune_once(job.task, job.splits, job.encoded, path, init, s, tc, optim_cfg, device, precision, tracker,
+                      step0, stop)
+    k = plan.keys[(init, s)]
+    _write_result(plan.seeds_dir / f"{init}-seed{s}.json", k, r, plan.what)
+    if init == "random":
+        try:
+            _write_result(plan.cache / f"random-{k}.json", k, r, plan.what)
+        except OSError as e:  # a read-only cache costs a rerun next time, nothing else
+            log.debug("random-init result not cached (%s)", e)
+    plan.source[(init, s)] = "trained"
+    log.info("%s, %s init, seed %d: dev %.4f, test %.4f (epoch %d), %.0f s", tc.name, init, s, r["dev"], r["test"],
+             r["epoch"], r["seconds"])
+    return r
+
+
+def _summarise(tc, job: TaskData, origin: dict, plan: Plan, results: dict, seconds: float) -> dict:
+    metric = "accuracy" if job.task.kind == "sequence" else "entity F1"
+    return {"task": tc.name, "metric": metric, "baseline": job.baseline, **origin, "pretrain_split": job.pretrain_split,
+            **{init: {"dev": stats([r["dev"] for r in rs]), "test": stats([r["test"] for r in rs]),
+                      "source": [plan.source[(init, s)] for s in range(1, len(rs) + 1)]}
+               for init, rs in results.items()},
+            "sizes": {k: len(v) for k, v in job.splits.items()}, "seconds": round(seconds, 1)}
 
 
 def _pm(s: dict) -> str:

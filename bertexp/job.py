@@ -1,7 +1,6 @@
 """One Hydra job: name it, run it, record how it ended, and turn user errors into one line."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -13,113 +12,10 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from bertexp.errors import BertexpError, Interrupted
+from bertexp.naming import run_info
+from bertexp.rundir import logger_config
 
 log = logging.getLogger("bertexp")
-STATUS_FILE = "status.json"
-
-
-# Overrides that say nothing about the experiment: left out of run names.
-_NOT_IN_NAMES = ("hydra.", "hydra/", "+hydra", "logger", "trainer.resume", "trainer.allow_changes", "data.cache_dir",
-                 "data.num_proc", "data.num_workers", "model.path", "trainer.log_every", "trainer.eval_every",
-                 "trainer.save_every", "trainer.keep_checkpoints")
-NAME_CHARS = 64
-
-
-def _short(override: str) -> str:
-    """`data.path=/long/dir/corpus.txt` -> `data.path=corpus.txt`: names show what differs, not where."""
-    key, _, value = override.partition("=")
-    return f"{key}={Path(value.rstrip('/')).name}" if "/" in value else override
-
-
-def run_info(cfg: DictConfig) -> dict:
-    """W&B name, group, tags and notes of this job, from what the user typed and which options composed."""
-    hc = HydraConfig.get()
-    choices = hc.runtime.choices
-    overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "hydra/", "+hydra"))]
-    multirun = hc.mode == RunMode.MULTIRUN
-    default_name = f"{choices.get('model')}-{choices.get('masking')}-{cfg.masking.ratio:g}"
-    named = [o for o in overrides if not o.lstrip("+~").startswith(_NOT_IN_NAMES)]
-    if multirun:  # a sweep's runs are named by their swept values alone, e.g. masking=span,masking.ratio=0.4
-        swept = swept_keys(hc)
-        named = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or named
-    name = ",".join(_short(o) for o in named) or default_name
-    if len(name) > NAME_CHARS:
-        name = name[: NAME_CHARS - 1] + "…"
-    smoke = choices.get("trainer") == "smoke"
-    tags = [str(choices.get(k)) for k in ("data", "model", "masking", "objective") if choices.get(k)]
-    return {
-        "name": name,
-        "group": wandb_group(cfg, hc.sweep.dir if multirun else None, hc if multirun else None, smoke),
-        "tags": tags + ["smoke"] * smoke + ["sweep"] * multirun,
-        "notes": "python run.py " + " ".join(sys.argv[1:]),
-        "overrides": overrides,
-        "multirun": multirun,
-        "job": hc.job.num if multirun else None,
-        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra") and v is not None},
-    }
-
-
-def wandb_group(cfg: DictConfig, sweep_dir=None, hydra_cfg=None, smoke: bool = False) -> str:
-    """The W&B group of a run: logger.group if set; for every job of a sweep and its summary run, the sweep's
-    `experiment` (or `sweep` and the swept keys) with the date and time it started; else `experiment`
-    (`smoke` for smoke runs, so they never sit among real ones)."""
-    group = cfg.logger.get("group") if cfg.get("logger") else None
-    if group:
-        return str(group)
-    if sweep_dir is not None:
-        what = str(cfg.experiment)
-        if what == "default":
-            keys = sorted(swept_keys(hydra_cfg)) if hydra_cfg is not None else []
-            what = "sweep " + ("+".join(keys) if keys else Path(sweep_dir).name)
-        return f"{what} {_sweep_started(Path(sweep_dir))}"
-    if smoke and cfg.experiment == "default":
-        return "smoke"
-    return str(cfg.experiment)
-
-
-def _sweep_started(sweep_dir: Path) -> str:
-    """`multirun/2026-11-30/07-39-48-478165` -> `2026-11-30 07:39:48`; any other dir: its name."""
-    import re
-
-    m = re.fullmatch(r"(\d{2})-(\d{2})-(\d{2})(?:-\d+)?", sweep_dir.name)
-    if m and re.fullmatch(r"\d{4}-\d{2}-\d{2}", sweep_dir.parent.name):
-        return f"{sweep_dir.parent.name} {':'.join(m.groups())}"
-    return sweep_dir.name
-
-
-_SWEEP_FUNCS = ("choice(", "range(", "interval(", "glob(", "tag(")
-
-
-def swept_keys(hc) -> set[str]:
-    """Keys a multirun varies: `hydra.sweeper.params` of a sweep file plus command-line overrides with
-    several values (a,b or choice/range/interval/glob).
-
-    The command line is read from the sweep's own record (`multirun.yaml`, written by Hydra's sweeper in the
-    sweep dir before any job starts), not from this process's argv: under submitit a job runs in a worker
-    whose argv is submitit's, not the user's."""
-    keys = set()
-    params = hc.sweeper.get("params") if hc.sweeper else None
-    if params:
-        keys.update(str(k) for k in params.keys())
-    record = Path(hc.sweep.dir) / "multirun.yaml"
-    if record.is_file():
-        from omegaconf import OmegaConf
-
-        args = list(OmegaConf.load(record).hydra.overrides.task)
-    else:
-        args = sys.argv[1:]
-    for arg in args:
-        if "=" not in arg or arg.startswith("-"):
-            continue
-        key, value = arg.split("=", 1)
-        depth, has_comma = 0, False
-        for ch in value:
-            depth += ch in "[({"
-            depth -= ch in "])}"
-            has_comma |= ch == "," and depth == 0
-        if has_comma or value.startswith(_SWEEP_FUNCS):
-            keys.add(key.lstrip("+~"))
-    return keys
 
 
 def _share_cores(hc) -> None:
@@ -136,40 +32,6 @@ def _share_cores(hc) -> None:
     parallel = cores if n_jobs < 0 else max(1, n_jobs)
     torch.set_num_threads(max(1, cores // parallel))
     log.info("joblib launcher: %d parallel jobs share %d cores, %d torch threads each", parallel, cores, torch.get_num_threads())
-
-
-def read_status(run_dir: Path) -> dict:
-    path = Path(run_dir) / STATUS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _claim(cfg: DictConfig, run_dir: Path, hc, multirun: bool):
-    """Lock the run dir and check that this launch may train in it (bertexp.rundir). A sweep's record of its
-    command line (multirun.yaml, rewritten by Hydra on every launch) is put back too when a job is refused."""
-    import shutil
-
-    from bertexp.rundir import claim
-
-    sweep_record = Path(run_dir).parent / "multirun.yaml"
-    sweep_first = Path(run_dir).parent / "multirun.first.yaml"
-    if multirun and sweep_record.is_file() and not sweep_first.is_file():
-        shutil.copy(sweep_record, sweep_first)
-    try:
-        return claim(cfg, run_dir, sweep_job=hc.job.num if multirun else None)
-    except BertexpError:
-        if multirun and sweep_first.is_file():
-            shutil.copy(sweep_first, sweep_record)
-        raise
-
-
-def write_status(run_dir: Path, status: str, **extra) -> None:
-    path = Path(run_dir) / STATUS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"status": status, **extra}, ensure_ascii=False))
-    tmp.replace(path)
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -226,8 +88,10 @@ def run_job(cfg: DictConfig) -> float | None:
         except BertexpError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+    from bertexp.lifecycle import claim
+
     try:
-        claimed = _claim(cfg, run_dir, hc, info["multirun"])
+        claimed = claim(cfg, run_dir, sweep_job=hc.job.num if info["multirun"] else None)
     except BertexpError as e:  # a sweep stops whole: going on would mix two experiments' results
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -245,8 +109,8 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, info: dict, hc, claimed, run_tr
         return previous.get("result")
     if info["multirun"] and previous:
         log.info("Job %s (%s) was %s: resuming it in %s", hc.job.num, info["name"], previous.get("status"), run_dir)
-    info = {**info, "branch": claimed.branch, "changes": claimed.changes}
-    write_status(run_dir, "running", name=info["name"])
+    info = {**info, "claim": claimed}
+    claimed.status("running", name=info["name"])
     try:
         try:
             if cfg.get("task"):
@@ -257,14 +121,14 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, info: dict, hc, claimed, run_tr
         except InstantiationException as e:  # Hydra wraps what a _target_ raised: show the user's error
             raise _user_error(e) or e
     except Interrupted as e:
-        write_status(run_dir, "interrupted", name=info["name"], error=str(e))
+        claimed.status("interrupted", name=info["name"], error=str(e))
         if info["multirun"]:
             _stop_sweep(hc, e)
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except (BertexpError, OmegaConfBaseException) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        write_status(run_dir, "failed", name=info["name"], error=msg)
+        claimed.status("failed", name=info["name"], error=msg)
         if info["multirun"]:
             # Not raised: Hydra's sweeper would stop at the first failed result and never write the
             # sweep summary. The job is marked failed in status.json (and W&B); the sweep exits 1 at the end.
@@ -273,12 +137,12 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, info: dict, hc, claimed, run_tr
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except SystemExit:  # a launcher's pre-emption handler (submitit) requeues the job after our checkpoint
-        write_status(run_dir, "interrupted", name=info["name"], error="requeued after a checkpoint")
+        claimed.status("interrupted", name=info["name"], error="requeued after a checkpoint")
         raise
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training (while tokenising): stop now
-        from bertexp.rundir import resume_hint
+        from bertexp.lifecycle import resume_hint
 
-        write_status(run_dir, "interrupted", name=info["name"], error="KeyboardInterrupt")
+        claimed.status("interrupted", name=info["name"], error="KeyboardInterrupt")
         stopped = Interrupted("stopped by Ctrl-C (no checkpoint of the current step); "
                               + resume_hint(cfg.trainer.resume, f"hydra.run.dir={run_dir}"), 130)
         if info["multirun"]:
@@ -287,7 +151,7 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, info: dict, hc, claimed, run_tr
         sys.exit(130)
     except Exception as e:
         msg = f"{type(e).__name__}: {e}".splitlines()[0]
-        write_status(run_dir, "failed", name=info["name"], error=msg)
+        claimed.status("failed", name=info["name"], error=msg)
         if info["multirun"]:
             # A bug or the machine (out of memory, a dead GPU) failed this job: record it with its traceback
             # and go on, so the rest of the sweep runs and its summary is written.
@@ -295,7 +159,7 @@ def _run_claimed(cfg: DictConfig, run_dir: Path, info: dict, hc, claimed, run_tr
             return float("nan")
         raise
     result = final.get("final/eval/mlm_acc")
-    write_status(run_dir, "completed", name=info["name"], result=result, **final.get("status", {}))
+    claimed.status("completed", name=info["name"], result=result, **final.get("status", {}))
     failed = final.get("status", {}).get("downstream_error")
     if failed and not info["multirun"]:
         print(f"error: {failed} (pretraining completed: its checkpoints and metrics are in {run_dir})", file=sys.stderr)
@@ -318,12 +182,6 @@ def _downstream_kept_apart(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
         return {"status": {"downstream_error": f"downstream: {msg}", "error": f"downstream: {msg}"}}
 
 
-def _logger(cfg: DictConfig) -> dict | None:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
-
-
 def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
     """`task=NAME model.path=CKPT`: fine-tune a checkpoint on a downstream task (bertexp.finetune)."""
     from bertexp.finetune import run_finetune
@@ -336,7 +194,7 @@ def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
                           "a local pretrained BERT directory)")
     typed = {k[len("data."):]: cfg.data.get(k[len("data."):]) for k in _typed_keys() if k.startswith("data.")}
     summary = run_finetune(cfg.task, user_path(cfg.model.path), cfg.data, cfg.optim, cfg.trainer, run_dir,
-                           _logger(cfg), int(cfg.seed), info, typed_data=typed)
+                           logger_config(cfg), int(cfg.seed), info, typed_data=typed)
     # what a sweeper optimises over fine-tuning settings: dev, never test
     out = {"final/eval/mlm_acc": summary["pretrained"]["dev"]["mean"]}
     if summary.get("pretrain_split"):
@@ -368,7 +226,7 @@ def run_downstream(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
         for ckpt in [*points, run_dir / "checkpoints" / "last"]:
             final = ckpt not in points
             where = run_dir / "downstream" / name if final else run_dir / "downstream" / name / "steps" / ckpt.name
-            summary = run_finetune(tc, ckpt, cfg.data, cfg.optim, cfg.trainer, where, _logger(cfg), int(cfg.seed),
+            summary = run_finetune(tc, ckpt, cfg.data, cfg.optim, cfg.trainer, where, logger_config(cfg), int(cfg.seed),
                                    {**info, "name": f"{info['name']} {name}" + ("" if final else f" {ckpt.name}")})
             curve.append(summary)
         out[f"downstream/{name}/test_mean"] = summary["pretrained"]["test"]["mean"]

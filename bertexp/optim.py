@@ -32,11 +32,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    lr = float(cfg.lr)
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"optim.lr={cfg.lr} must be a positive number")
-    if float(cfg.weight_decay) < 0:
-        raise ConfigError(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
+    check_optim(cfg)
     factory = instantiate(cfg.optimizer)
     return factory(param_groups(model, float(cfg.weight_decay)))
 
@@ -75,8 +71,14 @@ def lr_factor(warm: float, progress: float, decay_from: float | None, min_lr_rat
 
 
 class ProgressLR:
-    """Sets each parameter group's lr from (step, progress) before every step. Stateless: everything it
-    needs is in the run state, so a resume sets exactly the lr an uninterrupted run would."""
+    """The learning-rate schedule of every run: pretraining, fine-tuning and the benchmark's reference pipeline.
+
+    `apply(step, progress, ends)` sets each parameter group's lr for the step about to be taken: warm-up, then
+    the decay from where warm-up ended (`decay_from`, the fraction of the run done then) to the end of the run.
+    `fit(budget)` fixes where the decay starts for the run's budget before it trains: on a step budget it is a
+    function of the budget alone, so a run resumed with a longer max_steps follows exactly the schedule of a
+    fresh run of the new length; on other budgets it is where warm-up ended (the run's totals then), measured
+    against the budget as it is now. Its state (`decay_from` and those totals) goes into every checkpoint."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, warmup_fraction: float | None,
                  min_lr_ratio: float, schedule: str = "linear", decay_fraction: float = 0.2):
@@ -84,12 +86,30 @@ class ProgressLR:
         self.warmup_steps, self.warmup_fraction, self.min_lr_ratio = warmup_steps, warmup_fraction, min_lr_ratio
         self.schedule, self.decay_fraction = schedule, decay_fraction
         self.peaks = [g["lr"] for g in optimizer.param_groups]
+        self.decay_from: float | None = None
+        self.warm_end: dict | None = None  # the run's totals (step, tokens, ...) when warm-up ended
 
     def warm(self, step: int, progress: float) -> float:
         return warmup_done(step, progress, self.warmup_steps, self.warmup_fraction)
 
-    def set(self, step: int, progress: float, decay_from: float | None) -> float:
-        factor = lr_factor(self.warm(step, progress), progress, decay_from, self.min_lr_ratio, self.schedule,
+    def fit(self, budget) -> None:
+        """Where the decay starts, for this budget (see the class's doc)."""
+        if budget.by_steps:
+            n = budget.max_steps
+            ends = (s / n for s in range(min(n, max(self.warmup_steps, 1))) if self.warm(s, s / n) >= 1.0)
+            self.decay_from = next(ends, None)
+        elif self.warm_end is not None:
+            from types import SimpleNamespace
+
+            self.decay_from = budget.progress(SimpleNamespace(**self.warm_end))
+
+    def apply(self, step: int, progress: float, ends: float, totals: dict | None = None) -> float:
+        """Set the lr of step `step`, which starts at `progress` and ends at about `ends` (fractions of the run;
+        a step's lr is the schedule's value where it ends, so the last step's is the final lr). `totals`: the
+        run's totals now, kept as where warm-up ended. Returns the lr."""
+        if self.decay_from is None and self.warm(step, progress) >= 1.0:
+            self.decay_from, self.warm_end = progress, totals
+        factor = lr_factor(self.warm(step, ends), ends, self.decay_from, self.min_lr_ratio, self.schedule,
                            self.decay_fraction)
         for g, peak in zip(self.optimizer.param_groups, self.peaks):
             g["lr"] = peak * factor
@@ -97,19 +117,24 @@ class ProgressLR:
 
     def state_dict(self) -> dict:
         return {"peaks": list(self.peaks), "warmup_steps": self.warmup_steps, "warmup_fraction": self.warmup_fraction,
-                "min_lr_ratio": self.min_lr_ratio, "schedule": self.schedule, "decay_fraction": self.decay_fraction}
+                "min_lr_ratio": self.min_lr_ratio, "schedule": self.schedule, "decay_fraction": self.decay_fraction,
+                "decay_from": self.decay_from, "warm_end": self.warm_end}
 
     def load_state_dict(self, state: dict) -> None:
-        """Nothing to restore (the lr is a function of the run state); older checkpoints hold LambdaLR's."""
+        """Where warm-up ended; the settings come from the config (older checkpoints hold LambdaLR's state)."""
+        self.decay_from, self.warm_end = state.get("decay_from"), state.get("warm_end")
 
 
-def build_scheduler(cfg, optimizer) -> ProgressLR:
-    """Warm-up ends after `optim.warmup_steps` steps or at `optim.warmup_fraction` of the run, whichever comes
-    first, so a run shorter than its warm-up (max_steps=40 with warmup_steps=100) still reaches its peak and
-    decays to its final lr by the end."""
-    warmup = int(cfg.warmup_steps)
-    if warmup < 0:
-        raise ConfigError(f"optim.warmup_steps={warmup} must be >= 0")
+def check_optim(cfg) -> None:
+    """Range checks of optim.* (types were checked when the config was composed): cheap, so a run makes them
+    before any slow work."""
+    lr = float(cfg.lr)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"optim.lr={cfg.lr} must be a positive number")
+    if float(cfg.weight_decay) < 0:
+        raise ConfigError(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
+    if int(cfg.warmup_steps) < 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} must be >= 0")
     fraction = cfg.get("warmup_fraction")
     if fraction is not None and not 0.0 <= float(fraction) < 1.0:
         raise ConfigError(f"optim.warmup_fraction={fraction} must be in [0, 1) (or null: warm-up by steps only)")
@@ -121,5 +146,13 @@ def build_scheduler(cfg, optimizer) -> ProgressLR:
     decay = float(cfg.get("decay_fraction", 0.2))
     if not 0.0 < decay <= 1.0:
         raise ConfigError(f"optim.decay_fraction={decay:g} must be in (0, 1] (the share of the run the lr decays over)")
-    return ProgressLR(optimizer, warmup, None if fraction is None else float(fraction), float(cfg.min_lr_ratio),
-                      schedule, decay)
+
+
+def build_scheduler(cfg, optimizer) -> ProgressLR:
+    """Warm-up ends after `optim.warmup_steps` steps or at `optim.warmup_fraction` of the run, whichever comes
+    first, so a run shorter than its warm-up (max_steps=40 with warmup_steps=100) still reaches its peak and
+    decays to its final lr by the end."""
+    check_optim(cfg)
+    fraction = cfg.get("warmup_fraction")
+    return ProgressLR(optimizer, int(cfg.warmup_steps), None if fraction is None else float(fraction),
+                      float(cfg.min_lr_ratio), str(cfg.get("schedule", "linear")), float(cfg.get("decay_fraction", 0.2)))

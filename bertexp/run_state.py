@@ -35,7 +35,6 @@ class RunState:
     flops: float = 0.0  # model FLOPs, forward and backward, prediction heads included
     train_time: float = 0.0  # seconds spent in training steps, all attempts (evaluation and checkpoints excluded)
     last_increment: float = 0.0  # how much of the run the previous step did (estimates where this one ends)
-    decay_from: float | None = None  # fraction of the run done when lr warm-up ended (the lr decays from there)
 
     @property
     def position(self) -> Position:
@@ -59,6 +58,10 @@ class RunState:
         """The compute axes every record carries beside `step`."""
         return {"step": self.step, "tokens": self.tokens, "predicted_tokens": self.predicted_tokens,
                 "flops": self.flops, "elapsed_s": round(self.train_time, 3)}
+
+    def totals(self) -> dict:
+        """What budgets count (bertexp.budget), as they stand now."""
+        return {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time}
 
     def take_window(self) -> dict[str, float]:
         """The logging window's sums, emptied for the next one."""

@@ -1,83 +1,82 @@
-"""A run dir belongs to one experiment.
+"""What a run dir holds and says: its config record, status, provenance and lineage.
 
-Before a job trains, `claim` makes the run dir its own:
-- **Locked** while this process writes it (`RUN/.lock`, an flock held until the job ends), so two live
-  processes never share one dir; the second is refused in one line.
-- **One config.** What a dir's checkpoints were trained with is recorded (`RUN/run_config.json`, and
-  `run_config.json` inside every checkpoint). Resuming with values that change the result is refused, naming
-  the keys, unless the user allows exactly those keys (`trainer.allow_changes=[trainer.max_steps]`); then
-  the change is recorded with the step it took effect (`RUN/config_changes.jsonl`). Keys that cannot change
-  what is trained (logging cadence, caches, W&B settings, ...) may change freely. Hydra writes `.hydra/`
-  before any of this runs, so a refused launch puts back the files of the config the run trained with.
-- **Branches.** Resuming from an earlier checkpoint of the same dir (a rollback), starting afresh in a used
-  dir (`trainer.resume=never`), or continuing another dir's checkpoint here moves what would be abandoned
-  (later checkpoints and the metrics after the branch point) into `RUN/abandoned/<time>-<why>/`, never
-  deleting it; `metrics.jsonl` keeps the records up to the step resumed from, and the run gets a W&B run of
-  its own that names the branch point.
-- **Provenance** of every attempt (`RUN/provenance.json`): git commit and whether the tree was dirty,
-  package versions, the command, the tokens' build id and the exam id.
+Plain files, read and written here and nowhere else: `run_config.json` (the flat, effective config a run
+trained with, also inside every checkpoint), `status.json` (running, completed, failed, interrupted),
+`provenance.json` (every attempt: code, packages, command, tokens and exam), and each checkpoint's
+`lineage.json` (the pretraining splits of every model it descends from). What a launch may do with a dir
+(claim, resume, branch, refuse) is decided in bertexp.lifecycle, on top of these.
+
+Nothing here imports torch: `bertexp.compare` reads run dirs through this module and stays light.
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import logging
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bertexp.checkpoint import STATE_FILE, checkpoint_dirs, latest_checkpoint
-from bertexp.errors import BertexpError, CheckpointError, ConfigError
-
-log = logging.getLogger(__name__)
-
 RUN_CONFIG = "run_config.json"  # in the run dir and in every checkpoint: the flat, resolved config trained with
 RUN_INFO = "run_info.json"  # in every checkpoint: the run's W&B name, group, tags and Hydra choices
+LINEAGE = "lineage.json"  # in every checkpoint: the pretraining data splits of it and of every model it continued
+STATUS_FILE = "status.json"
 CHANGES_FILE = "config_changes.jsonl"
 PROVENANCE_FILE = "provenance.json"
-LOCK_FILE = ".lock"
-HYDRA_TRAINED = ".hydra.trained"  # a copy of .hydra/ as it was for the config the checkpoints were trained with
-ABANDONED = "abandoned"
-NO_RESUME = ("never", "false", "False", "none", "None")  # trainer.resume values that start afresh
-# Keys whose value cannot change what a run trains or how it is scored: they may differ on a resume.
-FREE_KEYS = ("trainer.resume", "trainer.allow_changes", "trainer.log_every", "trainer.eval_every", "trainer.save_every",
-             "trainer.keep_checkpoints", "trainer.measure_mfu", "trainer.downstream", "trainer.downstream_settings",
-             "trainer.downstream_every_checkpoint", "data.cache_dir", "data.num_proc", "data.num_workers", "logger",
-             "experiment", "task")
+CORPUS_KEY = "data.corpus_fingerprint"  # an effective value: what the corpus files hold, where they are
 
 
-def flat_config(cfg: DictConfig) -> dict:
-    """The resolved config as {dotted.key: value} (lists kept whole): what a run trains with."""
-    return _flatten(OmegaConf.to_container(cfg, resolve=True))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1, "c": {}}} -> {"a.b": 1, "a.c": {}}: lists and empty dicts stay values (an empty dict
+    that fills up later shows as a change)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def derived_keys(cfg: DictConfig) -> set[str]:
-    """Keys whose value is an interpolation of another (`optim.optimizer.lr: ${..lr}`): a change shows in
-    the key they come from, so they are not listed again."""
-    raw = _flatten(OmegaConf.to_container(cfg, resolve=False))
-    return {k for k, v in raw.items() if isinstance(v, str) and v.startswith("${") and not v.startswith("${oc.")}
+def flat_config(cfg: DictConfig) -> dict:
+    """The resolved config as {dotted.key: value} (lists kept whole): what a run trains with."""
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
-def is_free(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in FREE_KEYS)
+def logger_config(cfg: DictConfig) -> dict | None:
+    """`cfg.logger` as a plain dict for bertexp.tracking (None: logger=none)."""
+    return OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+
+
+def effective_config(cfg: DictConfig) -> dict:
+    """What a run actually trains with: every key resolved (an interpolated key carries its value, whichever
+    way it was spelled) and the corpus itself (`data.corpus_fingerprint`: the files' content and resolved
+    paths), so a resume with another corpus, or a relative data.path read from another directory, differs."""
+    flat = flat_config(cfg)
+    corpus = corpus_fingerprint(cfg.get("data"))
+    if corpus is not None:
+        flat[CORPUS_KEY] = corpus
+    return flat
+
+
+def corpus_fingerprint(data) -> str | None:
+    """The fingerprint the tokens cache is keyed by, for the corpora bertexp reads from files (None for others)."""
+    if data is None:
+        return None
+    from bertexp.data.sources import PeoplesDaily, TextFiles
+
+    target = str(data.get("_target_", ""))
+    if target.endswith(".from_text_file"):
+        return TextFiles(data.get("path"), data.get("encoding", "utf-8"), data.get("segmenter", "rjieba"),
+                         data.get("text_field", "text"), data.get("documents", "auto")).fingerprint()
+    if target.endswith(".from_peoples_daily"):
+        source = PeoplesDaily(data.get("path"))
+        return f"{source.path.resolve()}:{source.fingerprint()}"
+    return None
 
 
 def _same(a, b) -> bool:
@@ -89,19 +88,38 @@ def differences(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if not _same(old.get(k), new.get(k))}
 
 
+def interpolation_sources(cfg: DictConfig) -> dict[str, str]:
+    """{key: the key it interpolates} for keys like `optim.optimizer.lr: ${..lr}` -> `optim.lr`."""
+    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+    out = {}
+    for key, v in raw.items():
+        if not (isinstance(v, str) and v.startswith("${") and v.endswith("}") and not v.startswith("${oc.")):
+            continue
+        ref = v[2:-1]
+        if ":" in ref or "$" in ref:  # a resolver, or a composed string: no single source
+            continue
+        dots = len(ref) - len(ref.lstrip("."))
+        if dots:  # relative: one dot is the key's own container, each further dot one level up
+            base = key.split(".")[:-1]
+            base = base[: len(base) - (dots - 1)] if dots - 1 <= len(base) else []
+            ref = ".".join([*base, ref[dots:]])
+        out[key] = ref
+    return out
+
+
 def checkpoint_config(path: Path) -> dict | None:
-    """The flat config a checkpoint was trained with: its run_config.json, or (a checkpoint of an older
-    bertexp) the config in its trainer_state.pt; None for a checkpoint that is not bertexp's."""
+    """The flat config a checkpoint (or run dir) was trained with: its run_config.json, or (a checkpoint of an
+    older bertexp) the config in its trainer_state.pt; None for a directory that is not bertexp's."""
     path = Path(path)
     try:
         return json.loads((path / RUN_CONFIG).read_text())
     except (OSError, ValueError):
         pass
-    if (path / STATE_FILE).is_file():
-        from bertexp.checkpoint import load_trainer_state
+    from bertexp.checkpoint import STATE_FILE, load_trainer_state
 
+    if (path / STATE_FILE).is_file():
         saved = load_trainer_state(path).get("config")
-        return _flatten(saved) if isinstance(saved, dict) else None
+        return flatten(saved) if isinstance(saved, dict) else None
     return None
 
 
@@ -111,213 +129,57 @@ def write_json(path: Path, value) -> None:
     tmp.replace(path)
 
 
-@dataclass
-class Claim:
-    """What `claim` decided for this job."""
-
-    run_dir: Path
-    resume_from: Path | None = None
-    previous_status: dict = field(default_factory=dict)
-    changes: dict = field(default_factory=dict)  # allowed, result-changing keys: {key: (old, new)}
-    branch: dict | None = None  # set when the run continues on a new branch: a W&B run of its own
-    skip: bool = False  # a sweep job already completed with this config
-    _lock_fd: int | None = None
-
-    def release(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._lock_fd)
-                self._lock_fd = None
-
-
-def _lock(run_dir: Path) -> int:
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def read_status(run_dir: Path) -> dict:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise BertexpError(f"run dir {run_dir} is in use by a running job ({holder}); wait for it to end, or use "
-                           "another hydra.run.dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    return fd
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
-def resume_target(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint a run continues from: auto, the dir's latest; never, none; else the path given."""
-    if resume in NO_RESUME:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    from bertexp.data.sources import user_path
-
-    path = user_path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"trainer.resume: {path} is not a checkpoint (no {STATE_FILE})")
-    return path.resolve()
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    write_json(Path(run_dir) / STATUS_FILE, {"status": status, **extra})
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return Path(folder).resolve() in Path(path).resolve().parents
+# ---- lineage: which documents every model in a checkpoint's ancestry pretrained on ---------------------
+
+SPLIT_KEYS = ("_target_", "path", "split_seed", "val_fraction")  # what decides which documents were held out
 
 
-def _restore_hydra(run_dir: Path) -> None:
-    """Put back the .hydra/ files of the config this dir's run was trained with (Hydra has just written the
-    refused launch's over them)."""
-    saved = run_dir / HYDRA_TRAINED
-    if saved.is_dir():
-        shutil.copytree(saved, run_dir / ".hydra", dirs_exist_ok=True)
+def split_of(flat: dict) -> dict:
+    """The pretraining split a flat config describes: {data key: value} for SPLIT_KEYS."""
+    return {k: flat.get(f"data.{k}") for k in SPLIT_KEYS}
 
 
-def _keep_hydra(run_dir: Path) -> None:
-    if (run_dir / ".hydra").is_dir():
-        shutil.copytree(run_dir / ".hydra", run_dir / HYDRA_TRAINED, dirs_exist_ok=True)
-
-
-def _shown(changes: dict, n: int = 3) -> str:
-    parts = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changes.items())[:n]]
-    return ", ".join(parts) + (f" and {len(changes) - n} more" if len(changes) > n else "")
-
-
-def claim(cfg: DictConfig, run_dir: Path, *, sweep_job: int | None = None) -> Claim:
-    """Lock the run dir and decide how this job may use it (see the module's doc). Raises BertexpError, with
-    the dir's files as they were, when the job must not run here."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def lineage_of(model_dir: Path | None) -> list[dict]:
+    """The splits every model `model_dir` descends from was pretrained on, the model itself first: a
+    checkpoint's lineage.json, else (an older bertexp checkpoint) its run config followed back through
+    `model.path`, else (a model bertexp did not train) one entry `{"outside": dir}`."""
+    if model_dir is None:
+        return []
+    model_dir = Path(model_dir)
     try:
-        fd = _lock(run_dir)
-    except BertexpError:
-        _restore_hydra(run_dir)
-        raise
-    c = Claim(run_dir, _lock_fd=fd)
-    try:
-        _decide(cfg, c, sweep_job)
-    except BaseException:
-        c.release()
-        raise
-    return c
+        return json.loads((model_dir / LINEAGE).read_text())
+    except (OSError, ValueError):
+        pass
+    flat = checkpoint_config(model_dir)
+    if flat is None:
+        return [{"outside": str(model_dir)}]
+    me = {"checkpoint": str(model_dir), **split_of(flat)}
+    parent = flat.get("model.path")
+    if not (parent and str(flat.get("model._target_", "")).endswith("PretrainedBert")):
+        return [me]
+    found = Path(os.path.expanduser(str(parent)))
+    return [me, *(lineage_of(found) if found.is_dir() else [{"unknown": str(parent)}])]
 
 
-def _decide(cfg: DictConfig, c: Claim, sweep_job: int | None) -> None:
-    from bertexp.job import read_status
-
-    run_dir = c.run_dir
-    flat = flat_config(cfg)
-    allowed = [str(k) for k in (cfg.trainer.get("allow_changes") or [])]
-    unknown = [k for k in allowed if k not in flat]
-    if unknown:
-        raise ConfigError(f"trainer.allow_changes: no such key {unknown[0]!r} in the config (name keys as on the "
-                          "command line, e.g. trainer.allow_changes=[trainer.max_steps])")
-    c.previous_status = read_status(run_dir)
-    target = resume_target(run_dir, str(cfg.trainer.resume))
-    trained = checkpoint_config(target) if target is not None else None
-    if target is None and str(cfg.trainer.resume) == "auto" and _trained_records(run_dir):
-        # an attempt cut off before its first checkpoint: nothing to resume, but the dir's records and W&B run
-        # are of its config, so another config may not start here either
-        trained = checkpoint_config(run_dir)
-    if trained is not None:
-        derived = derived_keys(cfg)
-        diff = {k: v for k, v in differences(trained, flat).items() if not is_free(k) and k not in derived}
-        refused = {k: v for k, v in diff.items() if k not in allowed}
-        if refused:
-            _restore_hydra(run_dir)
-            _refuse(run_dir, target, refused, sweep_job)
-        if c.previous_status.get("status") == "completed" and not diff and sweep_job is not None:
-            c.skip = True
-            return
-        c.changes = diff if target is not None else {}  # with nothing to resume, the run starts afresh
-    c.resume_from = target
-    _branch(c, target, str(cfg.trainer.resume))
-    if c.changes:
-        step = int(target.name.rsplit("_", 1)[-1]) if target is not None and target.name.startswith("step_") else None
-        log.warning("Resuming from %s with changed values, as trainer.allow_changes allows: %s", target, _shown(c.changes, 8))
-        with open(run_dir / CHANGES_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in c.changes.items()},
-                                "time": time.strftime("%Y-%m-%d %H:%M:%S")}, default=str) + "\n")
-    write_json(run_dir / RUN_CONFIG, flat)
-    _keep_hydra(run_dir)
-
-
-def resume_hint(resume, where: str) -> str:
-    """How to continue a stopped run: the same command, except that a trainer.resume other than auto would
-    start afresh or roll back again instead of continuing."""
-    resume = str(resume)
-    if resume == "auto":
-        return f"resume with the same command and {where}"
-    return (f"resume with the same command and {where}, but trainer.resume=auto instead of trainer.resume={resume} "
-            "(which would branch off again)")
-
-
-def _trained_records(run_dir: Path) -> bool:
-    from bertexp.tracking import read_metrics
-
-    return any("train/loss" in r for r in read_metrics(run_dir / "metrics.jsonl"))
-
-
-def _refuse(run_dir: Path, target: Path | None, refused: dict, sweep_job: int | None) -> None:
-    if sweep_job is not None:
-        raise BertexpError(f"job {sweep_job} ({run_dir}) was first run with another config ({_shown(refused)}); re-run "
-                           "the sweep with its original command, or use a new hydra.sweep.dir")
-    where = f"{run_dir}" if target is None or _inside(target, run_dir) else f"checkpoint {target}"
-    keys = ",".join(refused)
-    raise BertexpError(f"{where} was trained with other values ({_shown(refused)}): use a new hydra.run.dir for a new "
-                       f"experiment, trainer.resume=never to start afresh here, or trainer.allow_changes=[{keys}] to "
-                       "go on with the new values")
-
-
-def _branch(c: Claim, target: Path | None, resume: str) -> None:
-    """Move aside what the run leaves behind: checkpoints after the one it resumes from (all of this dir's,
-    on a fresh start or when continuing another dir's checkpoint) and the metrics after that step."""
-    run_dir = c.run_dir
-    if target is None:
-        after, why = 0, "fresh-start"
-    elif _inside(target, run_dir / "checkpoints"):
-        after, why = int(target.name.rsplit("_", 1)[-1]), f"rolled-back-to-{target.name}"
-    else:
-        after, why = 0, "resumed-from-elsewhere"
-    later = [p for s, p in checkpoint_dirs(run_dir) if s > after]
-    from bertexp.tracking import read_metrics
-
-    metrics = run_dir / "metrics.jsonl"
-    records = read_metrics(metrics)
-    if not later and target is None and records:  # an earlier attempt that never checkpointed: keep its records
-        why = "fresh-start" if resume in NO_RESUME else "restarted-without-checkpoint"
-    elif not later:  # a plain resume (or a first start): records after the checkpoint are redone identically
-        return
-    tail = [r for r in records if r.get("step", 0) > after]
-    dest = run_dir / ABANDONED / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = dest.with_name(f"{dest.name.rsplit('.', 1)[0]}.{n}")
-    (dest / "checkpoints").mkdir(parents=True)
-    for p in later:
-        os.rename(p, dest / "checkpoints" / p.name)
-    for name in ("metrics.jsonl", "wandb_id", CHANGES_FILE):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, dest / name)
-    kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records if r.get("step", 0) <= after)
-    tmp = metrics.with_suffix(".jsonl.tmp")
-    tmp.write_text(kept, encoding="utf-8")
-    tmp.replace(metrics)
-    _relink_last(run_dir)
-    old_id = (run_dir / "wandb_id").read_text().strip() if (run_dir / "wandb_id").is_file() else None
-    c.branch = {"reason": why, "from_step": after, "abandoned": str(dest), "previous_wandb_id": old_id}
-    log.warning("%s: moved %d later checkpoint(s) and %d metric record(s) after step %d aside to %s", why,
-                len(later), len(tail), after, dest)
-
-
-def _relink_last(run_dir: Path) -> None:
-    root = run_dir / "checkpoints"
-    last = root / "last"
-    newest = latest_checkpoint(run_dir)
-    if last.is_symlink() or last.exists():
-        last.unlink()
-    if newest is not None:
-        os.symlink(newest.name, last)
+def lineage_for(flat: dict, where: str, resumed_from: Path | None, model_path: Path | None) -> list[dict]:
+    """The lineage a checkpoint of this run carries: this run's split first, then the lineage of what its weights
+    came from (the checkpoint it resumed, or model.path). A resume on the same split is one entry, not two."""
+    me = {"checkpoint": where, **split_of(flat)}
+    before = lineage_of(resumed_from if resumed_from is not None else model_path)
+    if resumed_from is not None and before and all(before[0].get(k) == me[k] for k in SPLIT_KEYS):
+        before = before[1:]
+    return [me, *before]
 
 
 # ---- provenance --------------------------------------------------------------------------------------

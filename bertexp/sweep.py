@@ -32,7 +32,7 @@ def log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
         return
     from omegaconf import OmegaConf
 
-    from bertexp.job import wandb_group
+    from bertexp.naming import wandb_group
     from bertexp.tracking import log_sweep_summary
 
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from bertexp.budget import Budget
 from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from bertexp.compare import standing
 from bertexp.data.cache import key_of, write_atomically
-from bertexp.data.loader import batch_stream, mask_step, step_seed  # noqa: F401 - step_seed: finetune uses it
+from bertexp.data.loader import batch_stream, mask_step, step_seed
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from bertexp.exam import BASELINES_VERSION, BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
@@ -41,15 +40,15 @@ from bertexp.exam import evaluate as evaluate_exam
 from bertexp.masking import Vocab
 from bertexp.modeling import (ModelFlops, PretrainingObjective, check_objective, encoder_params, family_of_dir,
                               fit_attention_to_precision, load_pretrained)
-from bertexp.optim import build_optimizer, build_scheduler
+from bertexp.lifecycle import Claim, StopFlag, resume_hint, resume_target
+from bertexp.optim import build_optimizer, build_scheduler, check_optim
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
-from bertexp.rundir import NO_RESUME, RUN_CONFIG, RUN_INFO, flat_config, provenance, record_provenance, resume_hint, resume_target
-from bertexp.tracking import NullTracker, Tracker, saved_wandb_id
+from bertexp.rundir import (LINEAGE, RUN_CONFIG, RUN_INFO, effective_config, lineage_for, logger_config, provenance,
+                            record_provenance)
+from bertexp.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
-# Exit codes 128 + signal number. SIGUSR1 is SLURM's usual pre-emption warning; SIGUSR2 is submitit's.
-_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGUSR2: 140}
 
 
 def process_age() -> float:
@@ -85,42 +84,6 @@ def matmul_flops(device: torch.device, dtype=torch.float32, n: int | None = None
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
-class _StopFlag:
-    """Turns SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into a request the loop honours after the current step.
-
-    A handler that was installed before ours (submitit's requeue on SIGUSR2 under
-    hydra/launcher=submitit_slurm) is called after our checkpoint is written, so the requeued job
-    resumes from it.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in _SIGNALS:
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. some launchers): signals stay as they were
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
-
-    def chain(self) -> None:
-        """Call the handler that was there before ours for the signal received, if it was a Python one."""
-        previous = self._old.get(self.signum)
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(self.signum, None)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def check_trainer(tc) -> None:
@@ -178,9 +141,10 @@ class Parts:
     precision: str
     amp: object
     resume_from: Path | None
+    spec: object  # the model config's object (bertexp.modeling): a scratch shape, or a pretrained directory
 
 
-def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distributed.Dist, budget: Budget) -> Parts:
+def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distributed.Dist, resume_from: Path | None) -> Parts:
     tc = cfg.trainer
     log.info("Instantiating data <%s>", cfg.data._target_)
     data = instantiate(cfg.data)
@@ -195,7 +159,7 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     masker = instantiate(cfg.masking)  # validates masking.* before any slow work
     check_objective(spec.family, cfg.objective.nsp_weight, cfg.objective.mlm_bias_init)  # likewise objective.*
     make_objective = instantiate(cfg.objective)
-    resume_from = resume_target(run_dir, str(tc.resume))
+    check_optim(cfg.optim)  # and optim.*: all before the vocabulary is trained and the corpus tokenised
     if resume_from and family_of_dir(resume_from) is not spec.family:
         raise CheckpointError(f"checkpoint {resume_from} is not a {spec.family.name}, which this config builds")
     tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
@@ -223,12 +187,13 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from)
+    return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from, spec)
 
 
 def restore(parts: Parts, budget: Budget) -> RunState:
     """The run state of the checkpoint to resume from (optimizer, scheduler and RNG restored in place), or a
     fresh one."""
+    parts.scheduler.fit(budget)
     if not parts.resume_from:
         return RunState()
     saved = load_trainer_state(parts.resume_from)
@@ -237,21 +202,22 @@ def restore(parts: Parts, budget: Budget) -> RunState:
                               "bertexp?); start afresh with trainer.resume=never")
     try:
         parts.optimizer.load_state_dict(saved["optimizer"])
-        parts.scheduler.load_state_dict(saved["scheduler"])
+        schedule = saved["scheduler"]
+        if "decay_from" not in schedule:  # written when the run state kept where warm-up ended
+            schedule = {**schedule, "decay_from": saved["run"].get("decay_from")}
+        parts.scheduler.load_state_dict(schedule)
         state = RunState.from_dict(saved["run"])
         set_rng_state(saved["rng"])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"checkpoint {parts.resume_from}: its state does not fit this config ({e})") from None
-    if "decay_from" not in saved["run"] and state.step > 0:  # a checkpoint of a bertexp before budgets
-        if not budget.by_steps:
+    if "decay_from" not in saved["run"] and "decay_from" not in saved["scheduler"] and state.step > 0:
+        if not budget.by_steps:  # a checkpoint of a bertexp before budgets
             raise CheckpointError(f"checkpoint {parts.resume_from} was written before compute budgets existed; "
                                   "resume it with trainer.max_steps, or start afresh with trainer.resume=never")
-        n = budget.max_steps
-        state.decay_from = next((s / n for s in range(state.step) if parts.scheduler.warm(s, s / n) >= 1.0), None)
-        state.last_increment = 1.0 / n
         log.warning("Checkpoint from an older bertexp: its compute totals (tokens, flops, elapsed_s) start at 0")
-    if budget.by_steps and abs(state.last_increment - 1.0 / budget.max_steps) > 1e-9:
-        state.last_increment = 1.0 / budget.max_steps  # trainer.max_steps changed (allow_changes): its step size
+    if budget.by_steps:
+        state.last_increment = 1.0 / budget.max_steps  # (trainer.max_steps may have changed: allow_changes)
+    parts.scheduler.fit(budget)  # after its state is loaded: the decay's start for the budget as it is now
     log.info("Checkpoint found: resuming from step %d (%s)", state.step, parts.resume_from)
     return state
 
@@ -297,148 +263,206 @@ def prepare_exam(cfg: DictConfig, data, batch_size: int):
 
 
 def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device, dist: distributed.Dist) -> dict:
-    tc = cfg.trainer
-    seed, accum = int(cfg.seed), int(tc.grad_accum)
-    budget = Budget.from_config(tc)
-    hf_logging.disable_progress_bar()  # one progress bar (ours), not one per checkpoint shard
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    parts = build(cfg, run_dir, device, dist, budget)
-    state = restore(parts, budget)
-    exam, exam_batches, baselines = prepare_exam(cfg, parts.data, parts.data.batch_size)
-    flat = flat_config(cfg)
-    if state.exam_id not in (None, exam.exam_id):  # e.g. resumed with another trainer.exam_length
-        log.warning("This run was scored on exam %s before the resume and on exam %s from now on: its best-so-far "
-                    "values start afresh, and comparisons will not rank it", state.exam_id, exam.exam_id)
-        state.best = {}
-    state.exam_id = exam.exam_id
-    config = OmegaConf.to_container(cfg, resolve=True)
-    resumed_here = parts.resume_from is not None and Path(run_dir).resolve() in parts.resume_from.resolve().parents
-    branch = run_info.get("branch")
-    lineage = {"resumed_from": str(parts.resume_from) if parts.resume_from else None, "branch": branch,
-               "config_changes": {k: list(v) for k, v in (run_info.get("changes") or {}).items()}}
-    attempt = provenance(step=state.step, tokens_build=parts.data.tokens_build_id, vocab=str(parts.tokenizer.name_or_path),
-                         exam_id=exam.exam_id, **lineage)
-    if dist.main:
-        record_provenance(run_dir, attempt)
-    config["provenance"] = attempt
-    config["choices"] = run_info.get("choices")  # the Hydra options composed: data, model, masking, ...
-    config["masking"]["strategy"] = parts.masker.name  # a plain key to group and filter by in W&B
-    # The W&B run continues only what this run dir itself trained: a rollback, a fresh start in a used dir, or
-    # another dir's checkpoint get a W&B run of their own (the config names where they branched off). A job cut
-    # off before its first checkpoint (a sweep re-run, a requeue) keeps its W&B run id.
-    if branch or (parts.resume_from is not None and not resumed_here) or str(tc.resume) in NO_RESUME:
-        resume_id = None
-    else:
-        resume_id = state.wandb_id or saved_wandb_id(run_dir)
-    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, resume_id) if dist.main else NullTracker()
-    tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
-    state.wandb_id = tracker.run_id
-    # MFU against the matmul throughput of the precision the run computes in
-    peak = (matmul_flops(device, torch.bfloat16 if parts.precision == "bf16" else torch.float32)
-            if tc.measure_mfu else float("nan"))
-
-    def evaluate() -> dict:
-        record = {**state.axes(), **evaluate_exam(parts.objective, exam_batches, device, parts.amp, dist),
-                  **baselines, "eval/exam_id": exam.exam_id}
-        state.note_eval(record)
-        return record
-
-    def checkpoint() -> Path | None:
-        if not dist.main:
-            return None
-        return save_checkpoint(
-            run_dir, state.step, parts.model, parts.tokenizer,
-            {"run": state.to_dict(), "optimizer": parts.optimizer.state_dict(),
-             "scheduler": parts.scheduler.state_dict(), "config": config},
-            keep=int(tc.keep_checkpoints), files={RUN_CONFIG: flat, RUN_INFO: {
-                **{k: run_info.get(k) for k in ("name", "group", "tags", "choices")}, "wandb_id": state.wandb_id}},
-        )
-
-    step_fn = Stepper(cfg, parts, run_dir, dist, device)
-    batches = _batches(parts, budget, state, seed, accum * dist.world, device)
-    last_eval: dict = {}
-    first_step_s = None
+    """Start (or resume) the run, train until its budget is spent or a signal stops it, close its records."""
+    attempt = Attempt.start(cfg, run_dir, run_info, device, dist)
     exit_code = 1
-    final: dict | None = None
-    if not budget.by_steps:
-        log.info("The run ends on its budget: %s (trainer.max_steps does not apply)", budget.describe())
-    # in a sweep, every line says which job it is about
-    job_prefix = f"[job {run_info.get('job')}: {run_info.get('name')}] " if run_info.get("multirun") else ""
-    pbar = tqdm(total=budget.max_steps, initial=state.step, desc=f"job {run_info.get('job')} train" if job_prefix else "train",
-                dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
     try:
-        with _StopFlag() as stop:
-            while not budget.done(state):
-                t0 = time.perf_counter()
-                batch = masked = None  # the last step's batch is freed before the next is taken (batch_stream)
-                batch, masked, next_position = next(batches)
-                waited = time.perf_counter() - t0
-                before = budget.progress(state)
-                # where this step ends: the lr is set for it (so the last step's lr is the final one)
-                ends = min(1.0, before + state.last_increment)
-                sums, stop_votes = step_fn(state, batch, masked, stop, before, ends)
-                sums["data_wait"] = waited + step_fn.mask_seconds
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                state.advance(next_position, now - t0, **sums)
-                if budget.by_time and dist.enabled:  # every rank must stop at the same step, with the same lr
-                    state.train_time = dist.sum([state.train_time])[0] / dist.world
-                state.last_increment = budget.progress(state) - before
-                finished = budget.done(state)
-                pbar.update(1)
-                if first_step_s is None:
-                    first_step_s = process_age()
-                    log.info("First step done %.1f s after the process started", first_step_s)
-
-                if state.step % int(tc.log_every) == 0 or finished:
-                    record = train_record(state, parts.objective, step_fn.lr, peak, step_fn.flops_per_token, dist)
-                    tracker.log(record)
-                    pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{step_fn.lr:.2e}",
-                                     tok_s=f"{record['throughput/tokens_per_s']:.0f}",
-                                     **({} if budget.by_steps else {"budget": f"{budget.progress(state):.0%}"}))
-                if state.step % int(tc.eval_every) == 0 or finished:
-                    last_eval = evaluate()
-                    tracker.log(last_eval)
-                    if dist.main:
-                        pbar.write(job_prefix + describe_eval(last_eval))
-                saved = state.step % int(tc.save_every) == 0 or finished
-                if saved:
-                    checkpoint()
-                if stop_votes and not finished:  # at the last step the run just finishes
-                    if not saved:
-                        checkpoint()
-                    signum = stop.signum or signal.SIGTERM
-                    interrupted = Interrupted(
-                        f"stopped by {signal.Signals(signum).name} at step {state.step}; checkpoint saved — "
-                        + resume_hint(tc.resume, f"hydra.run.dir={run_dir}"), _SIGNALS.get(signum, 143)
-                    )
-                    if stop.signum is not None:  # e.g. submitit: requeue this job; it resumes from the checkpoint
-                        # W&B gets its summary and is finished first: the previous handler may exit the process
-                        final = _close(tracker, state, last_eval, first_step_s, run_dir, interrupted.exit_code)
-                        stop.chain()
-                    raise interrupted
-            if not last_eval:  # already finished earlier: report the last evaluation again
-                last_eval = evaluate()
+        with StopFlag() as stop:
+            attempt.train(stop)
         exit_code = 0
     except Interrupted as e:
         exit_code = e.exit_code
         raise
     finally:
-        batches.close()  # stops the batch workers
-        pbar.close()
-        if final is None:
-            final = _close(tracker, state, last_eval, first_step_s, run_dir, exit_code,
-                           log_checkpoint=exit_code == 0 and bool(cfg.get("logger")) and bool(cfg.logger.get("log_checkpoints")))
-    log.info(describe_final(final, baselines))
-    if dist.main:  # the last line: where everything this run wrote is
-        last = run_dir / "checkpoints" / "last"
-        acc = final.get("final/eval/mlm_acc")
-        score = f"Exam mlm_acc {acc:.4f}: {standing(acc, baselines)} | " if acc is not None else ""
-        print(f"{score}Run dir: {run_dir} | final checkpoint: {last if last.exists() else 'none'} | "
-              f"{tracker.last_where}", flush=True)
-    return final
+        attempt.close(exit_code)
+    return attempt.report()
+
+
+@dataclass
+class Attempt:
+    """One attempt at a run: what it was built from, where it stands, and where it reports."""
+
+    cfg: DictConfig
+    run_dir: Path
+    info: dict
+    device: torch.device
+    dist: distributed.Dist
+    budget: Budget
+    parts: Parts
+    state: RunState
+    exam_batches: list
+    baselines: dict
+    exam_id: str
+    config: dict  # the resolved config, with provenance and choices: W&B's config and every checkpoint's
+    tracker: object
+    peak: float  # the matmul FLOP/s MFU is measured against (NaN: not measured)
+    effective: dict  # the effective values (bertexp.rundir): every checkpoint's run_config.json
+    lineage: list  # the pretraining splits of this run and of the models it continues: every checkpoint's
+    step_fn: "Stepper" = None
+    batches: object = None
+    pbar: object = None
+    last_eval: dict = None
+    first_step_s: float | None = None
+    final: dict | None = None
+
+    @classmethod
+    def start(cls, cfg: DictConfig, run_dir: Path, info: dict, device: torch.device, dist: distributed.Dist) -> "Attempt":
+        tc = cfg.trainer
+        budget = Budget.from_config(tc)
+        hf_logging.disable_progress_bar()  # one progress bar (ours), not one per checkpoint shard
+        torch.manual_seed(int(cfg.seed))
+        np.random.seed(int(cfg.seed) % 2**32)
+        claim = info.get("claim") or Claim(run_dir, resume=str(tc.resume), resume_from=resume_target(run_dir, str(tc.resume)))
+        parts = build(cfg, run_dir, device, dist, claim.resume_from)
+        state = restore(parts, budget)
+        exam, exam_batches, baselines = prepare_exam(cfg, parts.data, parts.data.batch_size)
+        if state.exam_id not in (None, exam.exam_id):  # e.g. resumed with another trainer.exam_length
+            log.warning("This run was scored on exam %s before the resume and on exam %s from now on: its best-so-far "
+                        "values start afresh, and comparisons will not rank it", state.exam_id, exam.exam_id)
+            state.best = {}
+        state.exam_id = exam.exam_id
+        config = _run_config(cfg, run_dir, info, claim, parts, state, exam.exam_id, dist)
+        tracker = Tracker(run_dir, logger_config(cfg), info, config, claim.wandb_resume_id(state.wandb_id)) \
+            if dist.main else NullTracker()
+        tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
+        state.wandb_id = tracker.run_id
+        # MFU against the matmul throughput of the precision the run computes in
+        peak = (matmul_flops(device, torch.bfloat16 if parts.precision == "bf16" else torch.float32)
+                if tc.measure_mfu else float("nan"))
+        effective = effective_config(cfg)
+        lineage = lineage_for(effective, str(Path(run_dir).resolve()), parts.resume_from, getattr(parts.spec, "path", None))
+        return cls(cfg, Path(run_dir), info, device, dist, budget, parts, state, exam_batches, baselines, exam.exam_id,
+                   config, tracker, peak, effective, lineage, last_eval={})
+
+    def evaluate(self) -> dict:
+        record = {**self.state.axes(), **evaluate_exam(self.parts.objective, self.exam_batches, self.device,
+                                                       self.parts.amp, self.dist),
+                  **self.baselines, "eval/exam_id": self.exam_id}
+        self.state.note_eval(record)
+        return record
+
+    def checkpoint(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        p, state, info = self.parts, self.state, self.info
+        return save_checkpoint(
+            self.run_dir, state.step, p.model, p.tokenizer,
+            {"run": state.to_dict(), "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+             "config": self.config},
+            keep=int(self.cfg.trainer.keep_checkpoints),
+            files={RUN_CONFIG: self.effective, LINEAGE: self.lineage,
+                   RUN_INFO: {**{k: info.get(k) for k in ("name", "group", "tags", "choices")}, "wandb_id": state.wandb_id}},
+        )
+
+    def train(self, stop: StopFlag) -> None:
+        """The loop: step, then log, score the exam and checkpoint when it is time, until the budget is spent
+        or a signal asks to stop (then checkpoint and raise Interrupted)."""
+        cfg, state, budget = self.cfg, self.state, self.budget
+        self.step_fn = Stepper(cfg, self.parts, self.run_dir, self.dist, self.device)
+        self.batches = _batches(self.parts, budget, state, int(cfg.seed), int(cfg.trainer.grad_accum) * self.dist.world,
+                                self.device)
+        if not budget.by_steps:
+            log.info("The run ends on its budget: %s (trainer.max_steps does not apply)", budget.describe())
+        job = self.info.get("job") if self.info.get("multirun") else None
+        self.pbar = tqdm(total=budget.max_steps, initial=state.step, desc="train" if job is None else f"job {job} train",
+                         dynamic_ncols=True, mininterval=1.0, disable=not self.dist.main)
+        while not budget.done(state):
+            t0 = time.perf_counter()
+            batch = masked = None  # the last step's batch is freed before the next is taken (batch_stream)
+            batch, masked, next_position = next(self.batches)
+            waited = time.perf_counter() - t0
+            before = budget.progress(state)
+            ends = min(1.0, before + state.last_increment)  # where this step ends: its lr is the schedule's there
+            sums, stop_votes = self.step_fn(state, batch, masked, stop, before, ends)
+            sums["data_wait"] = waited + self.step_fn.mask_seconds
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            state.advance(next_position, time.perf_counter() - t0, **sums)
+            if budget.by_time and self.dist.enabled:  # every rank must stop at the same step, with the same lr
+                state.train_time = self.dist.sum([state.train_time])[0] / self.dist.world
+            state.last_increment = budget.progress(state) - before
+            finished = budget.done(state)
+            saved = self._after_step(finished)
+            if stop_votes and not finished:  # at the last step the run just finishes
+                self._stop(stop, saved)
+        if not self.last_eval:  # already finished earlier: report the last evaluation again
+            self.last_eval = self.evaluate()
+
+    def _after_step(self, finished: bool) -> bool:
+        """Log, score and checkpoint as the cadence says; returns whether a checkpoint was written."""
+        tc, state = self.cfg.trainer, self.state
+        self.pbar.update(1)
+        if self.first_step_s is None:
+            self.first_step_s = process_age()
+            log.info("First step done %.1f s after the process started", self.first_step_s)
+        if state.step % int(tc.log_every) == 0 or finished:
+            record = train_record(state, self.parts.objective, self.step_fn.lr, self.peak, self.step_fn.flops_per_token,
+                                  self.dist)
+            self.tracker.log(record)
+            self.pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{self.step_fn.lr:.2e}",
+                                  tok_s=f"{record['throughput/tokens_per_s']:.0f}",
+                                  **({} if self.budget.by_steps else {"budget": f"{self.budget.progress(state):.0%}"}))
+        if state.step % int(tc.eval_every) == 0 or finished:
+            self.last_eval = self.evaluate()
+            self.tracker.log(self.last_eval)
+            if self.dist.main:
+                prefix = f"[job {self.info.get('job')}: {self.info.get('name')}] " if self.info.get("multirun") else ""
+                self.pbar.write(prefix + describe_eval(self.last_eval))
+        saved = state.step % int(tc.save_every) == 0 or finished
+        if saved:
+            self.checkpoint()
+        return saved
+
+    def _stop(self, stop: StopFlag, saved: bool) -> None:
+        """A signal asked to stop: checkpoint this step (if not yet), close the records, and raise."""
+        if not saved:
+            self.checkpoint()
+        interrupted = Interrupted(f"stopped by {stop.name} at step {self.state.step}; checkpoint saved — "
+                                  + resume_hint(self.cfg.trainer.resume, f"hydra.run.dir={self.run_dir}"), stop.exit_code)
+        if stop.signum is not None:  # e.g. submitit: requeue this job; it resumes from the checkpoint
+            self.close(interrupted.exit_code)  # W&B gets its summary first: the previous handler may exit the process
+            stop.chain()
+        raise interrupted
+
+    def close(self, exit_code: int) -> None:
+        """Stop the batch workers and the progress bar; write the summary and finish the tracker (once)."""
+        if self.batches is not None:
+            self.batches.close()
+        if self.pbar is not None:
+            self.pbar.close()
+        if self.final is None:
+            logger = self.cfg.get("logger")
+            self.final = _close(self.tracker, self.state, self.last_eval, self.first_step_s, self.run_dir, exit_code,
+                                log_checkpoint=exit_code == 0 and bool(logger) and bool(logger.get("log_checkpoints")))
+
+    def report(self) -> dict:
+        """The final log line and the last console line (where everything this run wrote is); the final dict."""
+        final = self.final
+        log.info(describe_final(final, self.baselines))
+        if self.dist.main:
+            last = self.run_dir / "checkpoints" / "last"
+            acc = final.get("final/eval/mlm_acc")
+            score = f"Exam mlm_acc {acc:.4f}: {standing(acc, self.baselines)} | " if acc is not None else ""
+            print(f"{score}Run dir: {self.run_dir} | final checkpoint: {last if last.exists() else 'none'} | "
+                  f"{self.tracker.last_where}", flush=True)
+        return final
+
+
+def _run_config(cfg: DictConfig, run_dir: Path, info: dict, claim: Claim, parts: Parts, state: RunState, exam_id: str,
+                dist) -> dict:
+    """W&B's config and every checkpoint's: the resolved config, this attempt's provenance (recorded in the run
+    dir), the Hydra choices and the masking strategy by name."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    lineage = {"resumed_from": str(parts.resume_from) if parts.resume_from else None, "branch": claim.branch,
+               "config_changes": {k: list(v) for k, v in claim.changes.items()}}
+    attempt = provenance(step=state.step, tokens_build=parts.data.tokens_build_id, vocab=str(parts.tokenizer.name_or_path),
+                         exam_id=exam_id, **lineage)
+    if dist.main:
+        record_provenance(run_dir, attempt)
+    config["provenance"] = attempt
+    config["choices"] = info.get("choices")  # the Hydra options composed: data, model, masking, ...
+    config["masking"]["strategy"] = parts.masker.name  # a plain key to group and filter by in W&B
+    return config
 
 
 def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, ranks_and_accum: int, device: torch.device):
@@ -502,16 +526,14 @@ class Stepper:
         flops = ModelFlops(parts.model)
         self.flops_per_token, self.step_flops = flops.per_token, flops.step
 
-    def __call__(self, state: RunState, batch: dict, masked, stop: _StopFlag, progress: float,
+    def __call__(self, state: RunState, batch: dict, masked, stop: StopFlag, progress: float,
                  ends: float) -> tuple[dict, bool]:
         """One step from `progress` (the fraction of the run done, which sets the masking ratio) to about `ends`
         (which sets the lr: a step's lr is the schedule's value where the step ends). `masked` is the batch's
         masking if a batch worker already did it (the same draws: bertexp.data.loader), else None."""
         p, dist = self.p, self.dist
         torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
-        if state.decay_from is None and p.scheduler.warm(state.step, progress) >= 1.0:
-            state.decay_from = progress  # warm-up is over: the lr decays from here to the end of the budget
-        self.lr = p.scheduler.set(state.step, ends, state.decay_from)
+        self.lr = p.scheduler.apply(state.step, progress, ends, state.totals())
         self.mask_seconds = 0.0
         if masked is None:  # on the training thread: part of the time the step waits for its data
             t0 = time.perf_counter()
@@ -607,9 +629,3 @@ def describe_final(final: dict, baselines: dict) -> str:
     return (f"Finished at step {final['final/step']}: exam mlm_acc {acc:.4f} = {acc / max(mf, 1e-9):.2f}x the "
             f"most-frequent token; {standing(acc, baselines)}. {nsp}"
             f"{f'{tps:.0f}' if tps else 'n/a'} tokens/s")
-
-
-def _logger_dict(cfg: DictConfig) -> dict | None:
-    if cfg.get("logger") is None:
-        return None
-    return OmegaConf.to_container(cfg.logger, resolve=True)

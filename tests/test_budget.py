@@ -248,3 +248,20 @@ def test_training_longer_stretches_the_schedule_from_the_resumed_step(tmp_path):
     # no warm-up (FAST): the decay runs from the start, so step s of 8 ends at PEAK - (PEAK - FINAL) * s / 8
     expected = [PEAK - (PEAK - FINAL) * s / 8 for s in range(5, 9)]
     assert lrs[4:] == pytest.approx(expected, abs=1e-12)
+
+
+def test_training_longer_with_warmup_is_a_run_of_the_new_length(tmp_path):
+    """With a 3-step warm-up: a 6-step run resumed with max_steps=12 takes, at steps 7-12, exactly the lr of a
+    fresh 12-step run (the decay starts where the new length puts it, not where the old one did)."""
+    warm = [o for o in FAST if not o.startswith("optim.warmup_steps")] + ["optim.warmup_steps=3",
+                                                                          "optim.warmup_fraction=null"]
+    run_in_process(tmp_path / "a", [*warm, "trainer.max_steps=6"])
+    run_in_process(tmp_path / "a", [*warm, "trainer.max_steps=12"])
+    run_in_process(tmp_path / "b", [*warm, "trainer.max_steps=12"])
+    longer = [r["train/lr"] for r in _train_records(tmp_path / "a")]
+    fresh = [r["train/lr"] for r in _train_records(tmp_path / "b")]
+    assert len(longer) == len(fresh) == 12
+    assert longer[6:] == pytest.approx(fresh[6:], rel=1e-12, abs=0)
+    # independently: warm-up ends at step 3 (index 2), so the decay starts at 2/12 of the run, linear to FINAL
+    assert fresh[11] == pytest.approx(FINAL, rel=1e-12)
+    assert fresh[6] == pytest.approx(PEAK - (PEAK - FINAL) * (7 / 12 - 2 / 12) / (1 - 2 / 12), rel=1e-12)

@@ -2,8 +2,11 @@
 NER follows the checkpoint's own pretraining split (or refuses), its preconditions are checked before
 pretraining starts, and a downstream failure leaves the pretraining run completed."""
 import json
+import logging
+import shutil
 
 import numpy as np
+import pytest
 
 from conftest import ESSAY, compose, run_in_process, run_main
 
@@ -77,6 +80,7 @@ def test_downstream_preconditions_are_checked_before_pretraining(tmp_path, monke
         (["data=text_file", f"data.path={ESSAY}", "trainer.downstream=[ner]"], "needs data=peoples_daily"),
         (["trainer.downstream=[sentiment]", "+trainer.downstream_settings.epochz=1"], "unknown setting 'epochz'"),
         (["trainer.downstream=[sentiment]", "+trainer.downstream_settings.epochs=0"], "task.epochs=0"),
+        (["trainer.downstream=[ner]", "data.val_fraction=0"], "data.val_fraction=0 holds out none"),
     ):
         code = run_main(monkeypatch, [*args, "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path / 'r'}"])
         err = capsys.readouterr().err
@@ -105,3 +109,35 @@ def test_a_downstream_failure_keeps_the_pretraining_results(tmp_path, monkeypatc
     (group,) = runs[0]["groups"]
     assert group["n"] == 2 and group["left_out"] == 0
     assert "disk full" in (d / "summary.md").read_text()
+
+
+def test_ner_follows_the_whole_lineage_of_a_continued_checkpoint(tmp_path, caplog):
+    """A (split 1) continued as B with data.split_seed=2: documents B holds out may be ones A trained on, so
+    task=ner on B is refused, naming A; continued on A's own split it is allowed. A model bertexp did not
+    pretrain, continued for two steps, still warns that its pretraining may have seen NER's dev and test."""
+    from bertexp.errors import ConfigError
+    from bertexp.finetune import ner_split
+
+    short = ["logger=none", "trainer.max_steps=2"]
+    a = tmp_path / "a"
+    run_in_process(a, [*short, "data.split_seed=1"])
+    a_ckpt = a / "checkpoints" / "last"
+    data_cfg = compose(["task=ner"]).data
+    for name, split, refused in (("b", 2, True), ("c", 1, False)):
+        run_in_process(tmp_path / name, [*short, "model=pretrained", f"model.path={a_ckpt}", f"data.split_seed={split}"])
+        ckpt = tmp_path / name / "checkpoints" / "last"
+        assert [e.get("split_seed") for e in json.loads((ckpt / "lineage.json").read_text())] == [split, 1]
+        if refused:
+            with pytest.raises(ConfigError, match=f"continues {a.resolve()}, which was pretrained on another split "
+                                                  r"\(data.split_seed=1\)"):
+                ner_split(data_cfg, ckpt)
+        else:
+            assert ner_split(data_cfg, ckpt)[1]["split_seed"] == 1
+    outside = tmp_path / "outside"  # the same weights, without anything that says how they were pretrained
+    shutil.copytree(a_ckpt, outside)
+    for f in ("run_config.json", "lineage.json", "trainer_state.pt", "run_info.json"):
+        (outside / f).unlink()
+    run_in_process(tmp_path / "d", [*short, "model=pretrained", f"model.path={outside}", "data.split_seed=1"])
+    with caplog.at_level(logging.WARNING, logger="bertexp.finetune"):
+        ner_split(data_cfg, tmp_path / "d" / "checkpoints" / "last")
+    assert f"continues {outside}, a model bertexp did not pretrain" in caplog.text

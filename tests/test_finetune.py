@@ -152,6 +152,44 @@ def test_a_stopped_finetune_keeps_finished_seeds_and_reruns_only_the_rest(tmp_pa
     assert read_metrics(tmp_path / "a" / "metrics.jsonl") == read_metrics(tmp_path / "b" / "metrics.jsonl")
 
 
+def test_a_stopped_finetune_job_run_again_keeps_every_finished_runs_records(tmp_path, checkpoint, monkeypatch, capfd):
+    """The reproduction through run.py: task=sentiment into D, SIGTERM during seed 2, the same command again. D's
+    metrics.jsonl then holds what an uninterrupted job's holds (seed 1's records kept, not cut as an abandoned
+    pretraining attempt's), nothing is moved to abandoned/, and the job is one W&B run."""
+    import os
+    import signal
+
+    import bertexp.finetune as ft
+
+    real, calls = ft.finetune_once, []
+
+    def stopped_in_second(*args, **kw):
+        calls.append(args[4:6])
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    def job(d):
+        return run_here(monkeypatch, capfd, ["task=sentiment", f"model.path={checkpoint}", "logger.mode=offline",
+                                             *TINY_TASK, "task.reuse_random_init=false", f"hydra.run.dir={d}"])
+
+    d = tmp_path / "ft"
+    monkeypatch.setattr(ft, "finetune_once", stopped_in_second)
+    assert job(d).returncode == 143
+    seed1 = [r for r in read_metrics(d / "metrics.jsonl") if r.get("finetune/seed") == 1]
+    assert seed1 and all("finetune/sentiment/pretrained/dev" in r for r in seed1)
+    monkeypatch.setattr(ft, "finetune_once", real)
+    r = job(d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = read_metrics(d / "metrics.jsonl")
+    assert [r for r in records if r.get("finetune/seed") == 1][: len(seed1)] == seed1
+    assert job(tmp_path / "whole").returncode == 0
+    assert records == read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert not (d / "abandoned").exists()
+    runs = {p.name.rsplit("-", 1)[-1] for p in (d / "wandb").glob("offline-run-*")}
+    assert runs == {(d / "wandb_id").read_text()}
+
+
 def test_bad_task_settings_are_one_line_errors(tmp_path, checkpoint):
     from bertexp.errors import ConfigError
 

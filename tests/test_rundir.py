@@ -211,3 +211,114 @@ def test_provenance_names_the_code_packages_tokens_and_exam(tmp_path, monkeypatc
     assert config["provenance"]["commit"] == head and config["provenance"]["exam_id"] == attempt["exam_id"]
     resolved = json.loads((d / "run_config.json").read_text())
     assert resolved["masking.ratio"] == compose([]).masking.ratio and resolved["logger.mode"] == "offline"
+
+
+def test_the_guard_compares_effective_values_not_their_spelling(tmp_path, monkeypatch, capsys):
+    """optim.optimizer.lr=1e-3 on the first command and the plain command on the resume: the peak lr would
+    change, so the resume is refused naming that key. A change of optim.lr, which optim.optimizer.lr follows,
+    is one change, allowed and recorded under its own name."""
+    default = compose().optim.lr
+    d = tmp_path / "run"
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "optim.optimizer.lr=1e-3"]) == 0
+    longer = ["trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]"]
+    capsys.readouterr()
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", *longer]) == 2
+    assert f"optim.optimizer.lr: 0.001 -> {default!r}" in capsys.readouterr().err
+    assert _train_steps(d) == [1, 2, 3, 4]
+    e = tmp_path / "e"
+    assert _job(monkeypatch, e, [*SMOKE, "logger=none"]) == 0
+    assert _job(monkeypatch, e, [*SMOKE, "logger=none", "optim.lr=1e-3", "trainer.max_steps=6",
+                                 "trainer.allow_changes=[optim.lr,trainer.max_steps]"]) == 0
+    (change,) = read_metrics(e / "config_changes.jsonl")
+    assert change["changes"] == {"optim.lr": [default, 0.001], "trainer.max_steps": [4, 6]}
+
+
+def test_interpolation_sources_resolve_relative_and_absolute_references():
+    from bertexp.rundir import interpolation_sources
+
+    cfg = OmegaConf.create({"optim": {"lr": 1.0, "optimizer": {"lr": "${..lr}", "x": "${optim.lr}", "y": "${.z}",
+                                                                "z": 2, "path": "${oc.env:HOME}"}}})
+    assert interpolation_sources(cfg) == {"optim.optimizer.lr": "optim.lr", "optim.optimizer.x": "optim.lr",
+                                          "optim.optimizer.y": "optim.optimizer.z"}
+
+
+def test_config_changes_of_an_abandoned_branch_leave_with_it(tmp_path, monkeypatch):
+    """Changes allowed at steps 4 and 6, then a rollback to step 4: the branch that goes on lists only the
+    change made now (the two made on the abandoned branch move to abandoned/ with it); a fresh start lists none."""
+    d = tmp_path / "run"
+    base = [*SMOKE, "logger=none", "trainer.keep_checkpoints=0"]
+
+    def steps(n, *more):
+        return [*base, f"trainer.max_steps={n}", "trainer.allow_changes=[trainer.max_steps]", *more]
+
+    assert _job(monkeypatch, d, base) == 0
+    assert _job(monkeypatch, d, steps(6)) == 0
+    assert _job(monkeypatch, d, steps(8)) == 0
+    assert [c["step"] for c in read_metrics(d / "config_changes.jsonl")] == [4, 6]
+    assert _job(monkeypatch, d, steps(7, f"trainer.resume={d}/checkpoints/step_0000004")) == 0
+    assert [(c["step"], c["changes"]) for c in read_metrics(d / "config_changes.jsonl")] == [
+        (4, {"trainer.max_steps": [4, 7]})]
+    (aside,) = (d / "abandoned").iterdir()
+    assert [c["step"] for c in read_metrics(aside / "config_changes.jsonl")] == [4, 6]
+    assert _job(monkeypatch, d, [*base, "trainer.max_steps=7", "trainer.resume=never"]) == 0
+    assert read_metrics(d / "config_changes.jsonl") == []
+
+
+def test_a_completed_sweep_job_runs_the_downstream_tasks_added_to_it(tmp_path, monkeypatch):
+    """A completed job of a sweep is not run again, unless trainer.downstream now names a task it has no
+    results for; once that task's results are there, it is skipped again."""
+    from bertexp.lifecycle import claim
+
+    d = tmp_path / "0"
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none"]) == 0
+
+    def skipped(cfg) -> bool:
+        c = claim(cfg, d, sweep_job=0)
+        c.release()
+        return c.skip
+
+    assert skipped(compose(SMOKE))
+    added = compose([*SMOKE, "trainer.downstream=[sentiment]"])
+    assert not skipped(added)
+    (d / "downstream" / "sentiment").mkdir(parents=True)
+    (d / "downstream" / "sentiment" / "summary.json").write_text("{}")
+    assert skipped(added)
+
+
+def test_optimizer_ranges_are_checked_before_the_vocabulary_is_trained(tmp_path, monkeypatch, capfd):
+    """optim.schedule=step on an empty cache: one line at once, nothing built in the cache."""
+    from conftest import ESSAY
+
+    cache = tmp_path / "cache"
+    r = run_here(monkeypatch, capfd, [*SMOKE, "logger=none", "data=text_file", f"data.path={ESSAY}",
+                                      f"data.cache_dir={cache}", "optim.schedule=step", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert r.returncode == 2 and "optim.schedule='step' must be one of linear, cosine, wsd" in r.stderr, r.stderr[-2000:]
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_a_resume_on_another_corpus_is_refused(tmp_path, monkeypatch, capsys):
+    """The corpus is part of what a run trains with: its file changed, or a relative data.path read from
+    another directory, refuses the resume naming data.corpus_fingerprint (allowed only by name)."""
+    from conftest import ESSAY
+
+    text = ESSAY.read_text(encoding="utf-8")
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "corpus.txt").write_text(text if where == "a" else text[: len(text) // 2], encoding="utf-8")
+    d = tmp_path / "run"
+    data = [*SMOKE, "logger=none", "data=text_file", "data.path=corpus.txt"]
+    longer = ["trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]"]
+    monkeypatch.chdir(tmp_path / "a")
+    assert _job(monkeypatch, d, data) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert _job(monkeypatch, d, [*data, *longer]) == 2
+    assert "data.corpus_fingerprint" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "a")
+    (tmp_path / "a" / "corpus.txt").write_text(text + "\n最后一段是后来加上的。\n", encoding="utf-8")
+    assert _job(monkeypatch, d, [*data, *longer]) == 2
+    assert "data.corpus_fingerprint" in capsys.readouterr().err
+    assert _train_steps(d) == [1, 2, 3, 4]
+    assert _job(monkeypatch, d, [*data, "trainer.max_steps=6",
+                                 "trainer.allow_changes=[trainer.max_steps,data.corpus_fingerprint]"]) == 0
+    assert _train_steps(d) == [1, 2, 3, 4, 5, 6]

@@ -245,6 +245,20 @@ def _doc_index(offsets: np.ndarray, ranges: list[tuple[int, int]]) -> list[int]:
     return out
 
 
+def _dev_and_test(val_docs: list[int], doc_sentences: list) -> dict[str, list[int]]:
+    """Held-out documents go, in a fixed shuffled order, to whichever of dev/test has fewer sentences so far:
+    two halves of about equal size, no document shared between them."""
+    order = np.random.default_rng(NER_SPLIT_SEED).permutation(len(val_docs))
+    halves: dict[str, list[int]] = {"dev": [], "test": []}
+    sizes = {"dev": 0, "test": 0}
+    for i in order:
+        d = val_docs[int(i)]
+        part = "dev" if sizes["dev"] <= sizes["test"] else "test"
+        halves[part].append(d)
+        sizes[part] += len(doc_sentences[d])
+    return halves
+
+
 def load_ner(data) -> TaskData:
     """People's Daily NER aligned with the pretraining split of `data` (a PretrainingData on People's Daily,
     after `data.prepare`): examples are (list of characters, list of BIO tags), one per sentence."""
@@ -301,17 +315,7 @@ def load_ner(data) -> TaskData:
     if set(train_docs) & set(val_docs):
         raise DataError("NER: a document is in both the training and the held-out part")
 
-    # Held-out documents go, in a fixed shuffled order, to whichever of dev/test has fewer sentences so far:
-    # two halves of about equal size, no document shared between them.
-    order = np.random.default_rng(NER_SPLIT_SEED).permutation(len(val_docs))
-    halves: dict[str, list[int]] = {"dev": [], "test": []}
-    sizes = {"dev": 0, "test": 0}
-    for i in order:
-        d = val_docs[int(i)]
-        part = "dev" if sizes["dev"] <= sizes["test"] else "test"
-        halves[part].append(d)
-        sizes[part] += len(doc_sentences[d])
-
+    halves = _dev_and_test(val_docs, doc_sentences)
     out = TaskData("ner", "token", list(NER_LABELS))
     for part, docs in (("train", train_docs), ("dev", sorted(halves["dev"])), ("test", sorted(halves["test"]))):
         examples, ids = getattr(out, part), []
