@@ -24,7 +24,7 @@ def _status(d):
 def test_swept_keys_come_from_the_sweep_not_the_worker_argv(tmp_path, monkeypatch):
     """Under submitit a job runs in a worker whose argv is submitit's: the run name must still be the swept
     values, read from the sweep's multirun.yaml."""
-    from bertexp.job import swept_keys
+    from bertexp.naming import swept_keys
 
     OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": [
         "masking.ratio=0.15,0.4", "trainer.max_steps=5", "optim.lr=choice(1e-3,2e-3)"]}}}), tmp_path / "multirun.yaml")
