@@ -8,9 +8,10 @@ trivial baseline (majority class; for NER a dictionary of training entities). Ea
 `task.epochs` epochs, scores dev after each and reports test at its best dev epoch; the summary is mean ± sd
 over seeds of dev and test. A pretraining run can do this itself at its end: `trainer.downstream=[sentiment]`.
 
-It shares the pretraining run's parts: device, precision and per-step seeds (bertexp.train), the
-optimizer's parameter groups, gradient clipping and the progress-driven lr schedule (bertexp.optim), the
-signal handling that stops a run after its current step (bertexp.train), the progress bar, and the tracker
+It shares the pretraining run's parts: device and precision (bertexp.train), per-step seeds
+(bertexp.data.loader), the optimizer's parameter groups, gradient clipping and the lr schedule
+(bertexp.optim), the signal handling that stops a run after its current step (bertexp.lifecycle), the
+progress bar, and the tracker
 (metrics.jsonl + W&B, `job_type=finetune`, in the pretraining run's group, with its run id and step in the
 config). Everything random comes from (seed, init): the same command gives the same numbers on CPU.
 
