@@ -90,6 +90,14 @@ def check_downstream(cfg) -> None:
         raise ConfigError("trainer.downstream=[ner] needs data=peoples_daily: NER's dev and test are People's Daily "
                           "documents that pretraining holds out, which a run on another corpus cannot do "
                           "(drop ner, or pretrain on data=peoples_daily)")
+    model_path = cfg.model.get("path") if str(cfg.model.get("_target_", "")).endswith("PretrainedBert") else None
+    if "ner" in tasks and model_path:  # the run's final checkpoint will continue model.path's lineage
+        from bertexp.data.sources import user_path
+        from bertexp.rundir import effective_config, lineage_of, split_of
+
+        parent = user_path(model_path)
+        if parent.is_dir():
+            check_lineage(split_of(effective_config(cfg)), lineage_of(parent), "this run's final checkpoint")
     if "ner" in tasks and not float(cfg.data.get("val_fraction") or 0) > 0:
         raise ConfigError(f"trainer.downstream=[ner] needs held-out documents for NER's dev and test, but "
                           f"data.val_fraction={float(cfg.data.get('val_fraction') or 0):g} holds out none (drop ner, or set "
@@ -106,7 +114,10 @@ def ner_split(data_cfg, checkpoint: Path | None, typed: dict | None = None) -> t
 
     trained = checkpoint_config(checkpoint) if checkpoint is not None else None
     if trained is not None:
-        _check_ancestors(checkpoint)
+        from bertexp.rundir import lineage_of
+
+        own, *ancestors = lineage_of(checkpoint)
+        check_lineage(own, ancestors, str(checkpoint))
     if trained is None:
         if checkpoint is not None:
             log.warning("NER: %s records no pretraining data (not a bertexp checkpoint): its dev and test are the "
@@ -132,13 +143,11 @@ def ner_split(data_cfg, checkpoint: Path | None, typed: dict | None = None) -> t
     return cfg, split
 
 
-def _check_ancestors(checkpoint: Path) -> None:
-    """NER's dev and test are documents the checkpoint's pretraining held out; every model it continued must
-    have held them out too. Refused in one line when an ancestor pretrained on another split (or cannot be
-    followed); a warning when the chain starts at a model bertexp did not pretrain."""
-    from bertexp.rundir import lineage_of
-
-    own, *ancestors = lineage_of(checkpoint)
+def check_lineage(own: dict, ancestors: list[dict], checkpoint: str) -> None:
+    """NER's dev and test are documents the checkpoint's pretraining held out (`own`, its split); every model it
+    continued (`ancestors`, bertexp.rundir.lineage_of) must have held them out too. Refused in one line when an
+    ancestor pretrained on another split (or cannot be followed); a warning when the chain starts at a model
+    bertexp did not pretrain."""
     for a in ancestors:
         if "outside" in a:
             log.warning("NER: %s continues %s, a model bertexp did not pretrain: its pretraining may have seen the "
@@ -395,18 +404,6 @@ def architecture(path: Path) -> dict:
     return {k: v for k, v in sorted(cfg.items()) if k not in _BOOKKEEPING}
 
 
-def weights_digest(path: Path) -> str:
-    """A hash of the checkpoint's weight files: what the pretrained runs depend on beyond the architecture."""
-    h = hashlib.sha1()
-    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def data_digest(task, splits: dict, encoded: dict) -> str:
     """A hash of the examples (text and gold labels) and of the model's inputs (the tokenizer's ids)."""
     h = hashlib.sha1(json.dumps([task.name, task.labels], ensure_ascii=False).encode())
@@ -557,6 +554,8 @@ def _plan(tc, path: Path, job: TaskData, optim_cfg, precision: str, device, out_
                      for k in ("name", "epochs", "lr", "batch_size", "max_length", "warmup_fraction", "bucket")},
             "optim": OmegaConf.to_container(optim_cfg, resolve=True), "precision": precision, "device": device.type,
             "torch": torch.__version__, "transformers": transformers.__version__}
+    from bertexp.rundir import weights_digest
+
     weights = weights_digest(path)
     keys = {(init, s): hashlib.sha1(json.dumps({**what, "init": init, "seed": s,
                                                 "weights": weights if init == "pretrained" else None},

@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 
 from bertexp.checkpoint import STATE_FILE, checkpoint_dirs, latest_checkpoint
 from bertexp.errors import BertexpError, CheckpointError, ConfigError
-from bertexp.rundir import (CHANGES_FILE, CORPUS_KEY, RUN_CONFIG, checkpoint_config, differences, effective_config,
+from bertexp.rundir import (CHANGES_FILE, CORPUS_KEY, RUN_CONFIG, WEIGHTS_KEY, checkpoint_config, differences, effective_config,
                             interpolation_sources, read_status, write_json, write_status)
 from bertexp.tracking import WANDB_ID_FILE, read_metrics, saved_wandb_id
 
@@ -103,7 +103,10 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def is_free(key: str) -> bool:
+def is_free(key: str, kind: str = "pretrain") -> bool:
+    """Whether `key` may change on a resume: a fine-tuning job's own settings (task.*) are what it trains with."""
+    if kind == "finetune" and (key == "task" or key.startswith("task.")):
+        return False
     return any(key == k or key.startswith(k + ".") for k in FREE_KEYS)
 
 
@@ -225,7 +228,7 @@ def _decide(cfg: DictConfig, c: Claim, sweep_job: int | None) -> None:
         # the dir's records and W&B run are of its config, so another config may not start here either
         trained = checkpoint_config(run_dir)
     if trained is not None:
-        diff = _guarded(trained, flat, interpolation_sources(cfg))
+        diff = _guarded(trained, flat, interpolation_sources(cfg), c.kind)
         refused = {k: v for k, v in diff.items() if k not in allowed}
         if refused:
             _refuse(run_dir, target, refused, sweep_job)
@@ -245,14 +248,15 @@ def _decide(cfg: DictConfig, c: Claim, sweep_job: int | None) -> None:
     _keep_hydra(run_dir)
 
 
-def _guarded(trained: dict, flat: dict, sources: dict[str, str]) -> dict[str, tuple]:
+def _guarded(trained: dict, flat: dict, sources: dict[str, str], kind: str) -> dict[str, tuple]:
     """The result-changing differences between what a dir trained with and this launch's effective values. A
     key interpolated from another (`optim.optimizer.lr: ${..lr}`) that changed exactly as its source did is
     that change, listed once under the source; one that changed on its own (set directly on one of the two
-    commands) is listed itself. The corpus fingerprint is compared where the dir recorded one."""
-    diff = {k: v for k, v in differences(trained, flat).items() if not is_free(k)}
-    if CORPUS_KEY not in trained:  # recorded by an older bertexp without it
-        diff.pop(CORPUS_KEY, None)
+    commands) is listed itself. Fingerprints are compared where the dir recorded them."""
+    diff = {k: v for k, v in differences(trained, flat).items() if not is_free(k, kind)}
+    for key in (CORPUS_KEY, WEIGHTS_KEY):
+        if key not in trained:  # recorded by an older bertexp without it
+            diff.pop(key, None)
     return {k: v for k, v in diff.items() if not (k in sources and diff.get(sources[k]) == v)}
 
 
@@ -264,9 +268,11 @@ def _used(run_dir: Path, kind: str) -> bool:
 
 
 def _downstream_added(cfg: DictConfig, run_dir: Path) -> list[str]:
-    """trainer.downstream tasks this completed run has no results for yet."""
+    """trainer.downstream tasks this completed run has no results for yet (or no curve over its checkpoints,
+    when trainer.downstream_every_checkpoint asks for one)."""
     tasks = [str(t) for t in (cfg.trainer.get("downstream") or [])]
-    return [t for t in tasks if not (run_dir / "downstream" / t / "summary.json").is_file()]
+    wanted = ["summary.json", "curve.csv"] if cfg.trainer.get("downstream_every_checkpoint") else ["summary.json"]
+    return [t for t in tasks if not all((run_dir / "downstream" / t / f).is_file() for f in wanted)]
 
 
 def _shown(changes: dict, n: int = 3) -> str:
@@ -297,8 +303,16 @@ def _record_changes(c: Claim, target: Path | None) -> None:
 def _branch_point(c: Claim, target: Path | None) -> tuple[int, str, list[Path]] | None:
     """(step branched from, why, checkpoints to move aside), or None when the run simply goes on."""
     run_dir = c.run_dir
-    if c.kind == "finetune":  # its finished runs are its checkpoints: kept, unless it starts afresh
-        return (0, "fresh-start", []) if c.resume in NO_RESUME and _used(run_dir, c.kind) else None
+    if c.kind == "finetune":  # its finished runs are its checkpoints: kept while it goes on as it was
+        if not _used(run_dir, c.kind) and not read_metrics(run_dir / "metrics.jsonl"):
+            return None
+        if c.resume in NO_RESUME:
+            return 0, "fresh-start", []
+        if c.changes:  # its results depend on what changed: they go aside, not overwritten
+            return 0, "changed-settings", []
+        if not any((run_dir / SEEDS_DIR).glob("*.json")):  # cut off before its first run finished
+            return 0, "restarted-without-finished-run", []
+        return None
     if target is None:
         after, why = 0, "fresh-start"
     elif _inside(target, run_dir / "checkpoints"):
@@ -331,7 +345,8 @@ def _branch(c: Claim, target: Path | None) -> None:
     moved = _keep_until(run_dir / "metrics.jsonl", dest, lambda r: r.get("step", 0) <= after)
     # a change recorded at step s took effect after s: the branch keeps those made before its branch point
     _keep_until(run_dir / CHANGES_FILE, dest, lambda r: r.get("step") is not None and r["step"] < after)
-    for name in ([SEEDS_DIR, "summary.json"] if c.kind == "finetune" else []) + [WANDB_ID_FILE]:
+    # a fine-tuning job's finished runs; a pretraining run's downstream results (of the branch it leaves)
+    for name in ([SEEDS_DIR, "summary.json"] if c.kind == "finetune" else ["downstream"]) + [WANDB_ID_FILE]:
         if (run_dir / name).exists():
             os.rename(run_dir / name, dest / name)
     _relink_last(run_dir)

@@ -75,10 +75,13 @@ class ProgressLR:
 
     `apply(step, progress, ends)` sets each parameter group's lr for the step about to be taken: warm-up, then
     the decay from where warm-up ended (`decay_from`, the fraction of the run done then) to the end of the run.
-    `fit(budget)` fixes where the decay starts for the run's budget before it trains: on a step budget it is a
-    function of the budget alone, so a run resumed with a longer max_steps follows exactly the schedule of a
-    fresh run of the new length; on other budgets it is where warm-up ended (the run's totals then), measured
-    against the budget as it is now. Its state (`decay_from` and those totals) goes into every checkpoint."""
+    `fit(budget)` fixes where the decay starts for the run's budget before it trains, so that a run resumed
+    with a larger budget follows exactly the schedule of a fresh run of the new size: on a step budget it is
+    a function of the budget alone; on the others it is found again in the run's totals before each of its
+    first `warmup_steps` steps (`history`: tokens and FLOPs per step do not depend on the budget), measured
+    against the budget as it is now. Its state (`decay_from`, `history`) goes into every checkpoint."""
+
+    HISTORY_LIMIT = 100_000  # warm-ups longer than this many steps keep no history (a resume keeps decay_from)
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, warmup_fraction: float | None,
                  min_lr_ratio: float, schedule: str = "linear", decay_fraction: float = 0.2):
@@ -87,28 +90,31 @@ class ProgressLR:
         self.schedule, self.decay_fraction = schedule, decay_fraction
         self.peaks = [g["lr"] for g in optimizer.param_groups]
         self.decay_from: float | None = None
-        self.warm_end: dict | None = None  # the run's totals (step, tokens, ...) when warm-up ended
+        self.history: list[dict] = []  # the run's totals (step, tokens, ...) before each step of the warm-up by steps
 
     def warm(self, step: int, progress: float) -> float:
         return warmup_done(step, progress, self.warmup_steps, self.warmup_fraction)
 
     def fit(self, budget) -> None:
         """Where the decay starts, for this budget (see the class's doc)."""
+        from types import SimpleNamespace
+
         if budget.by_steps:
             n = budget.max_steps
             ends = (s / n for s in range(min(n, max(self.warmup_steps, 1))) if self.warm(s, s / n) >= 1.0)
             self.decay_from = next(ends, None)
-        elif self.warm_end is not None:
-            from types import SimpleNamespace
-
-            self.decay_from = budget.progress(SimpleNamespace(**self.warm_end))
+        elif self.history:  # else (warm-up not begun, or too long to keep): as it was, or set by the loop
+            at = (budget.progress(SimpleNamespace(**h)) for h in self.history)
+            self.decay_from = next((p for s, p in enumerate(at) if self.warm(s, p) >= 1.0), None)
 
     def apply(self, step: int, progress: float, ends: float, totals: dict | None = None) -> float:
         """Set the lr of step `step`, which starts at `progress` and ends at about `ends` (fractions of the run;
         a step's lr is the schedule's value where it ends, so the last step's is the final lr). `totals`: the
-        run's totals now, kept as where warm-up ended. Returns the lr."""
+        run's totals before this step (kept through the warm-up by steps, for `fit`). Returns the lr."""
+        if totals is not None and step == len(self.history) and step < min(self.warmup_steps, self.HISTORY_LIMIT):
+            self.history.append(totals)
         if self.decay_from is None and self.warm(step, progress) >= 1.0:
-            self.decay_from, self.warm_end = progress, totals
+            self.decay_from = progress
         factor = lr_factor(self.warm(step, ends), ends, self.decay_from, self.min_lr_ratio, self.schedule,
                            self.decay_fraction)
         for g, peak in zip(self.optimizer.param_groups, self.peaks):
@@ -118,11 +124,11 @@ class ProgressLR:
     def state_dict(self) -> dict:
         return {"peaks": list(self.peaks), "warmup_steps": self.warmup_steps, "warmup_fraction": self.warmup_fraction,
                 "min_lr_ratio": self.min_lr_ratio, "schedule": self.schedule, "decay_fraction": self.decay_fraction,
-                "decay_from": self.decay_from, "warm_end": self.warm_end}
+                "decay_from": self.decay_from, "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
         """Where warm-up ended; the settings come from the config (older checkpoints hold LambdaLR's state)."""
-        self.decay_from, self.warm_end = state.get("decay_from"), state.get("warm_end")
+        self.decay_from, self.history = state.get("decay_from"), list(state.get("history") or [])
 
 
 def check_optim(cfg) -> None:

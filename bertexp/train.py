@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -215,8 +216,10 @@ def restore(parts: Parts, budget: Budget) -> RunState:
             raise CheckpointError(f"checkpoint {parts.resume_from} was written before compute budgets existed; "
                                   "resume it with trainer.max_steps, or start afresh with trainer.resume=never")
         log.warning("Checkpoint from an older bertexp: its compute totals (tokens, flops, elapsed_s) start at 0")
-    if budget.by_steps:
-        state.last_increment = 1.0 / budget.max_steps  # (trainer.max_steps may have changed: allow_changes)
+    if state.previous is not None:  # the previous step's share of the budget as it is now (it may have changed)
+        state.last_increment = budget.progress(state) - budget.progress(SimpleNamespace(**state.previous))
+    elif budget.by_steps:
+        state.last_increment = 1.0 / budget.max_steps
     parts.scheduler.fit(budget)  # after its state is loaded: the decay's start for the budget as it is now
     log.info("Checkpoint found: resuming from step %d (%s)", state.step, parts.resume_from)
     return state

@@ -265,3 +265,20 @@ def test_training_longer_with_warmup_is_a_run_of_the_new_length(tmp_path):
     # independently: warm-up ends at step 3 (index 2), so the decay starts at 2/12 of the run, linear to FINAL
     assert fresh[11] == pytest.approx(FINAL, rel=1e-12)
     assert fresh[6] == pytest.approx(PEAK - (PEAK - FINAL) * (7 / 12 - 2 / 12) / (1 - 2 / 12), rel=1e-12)
+
+
+def test_a_token_budget_made_larger_is_a_run_of_the_new_size(tmp_path):
+    """A run on 20,000 tokens with a 4-step warm-up (ended early by warmup_fraction), resumed with 60,000: every
+    step after the resume takes exactly the lr of a fresh 60,000-token run at that step (its warm-up end, and
+    the previous step's share of the budget, measured against the new budget)."""
+    warm = [o for o in FAST if not o.startswith("optim.warmup_steps")] + ["optim.warmup_steps=4",
+                                                                          "optim.warmup_fraction=0.1"]
+    run_in_process(tmp_path / "a", [*warm, "trainer.max_tokens=20000"])
+    first = len(_train_records(tmp_path / "a"))
+    run_in_process(tmp_path / "a", [*warm, "trainer.max_tokens=60000"])
+    run_in_process(tmp_path / "b", [*warm, "trainer.max_tokens=60000"])
+    longer, fresh = _train_records(tmp_path / "a"), _train_records(tmp_path / "b")
+    assert [r["tokens"] for r in longer] == [r["tokens"] for r in fresh] and len(fresh) > first + 2
+    assert [r["train/lr"] for r in longer[first:]] == pytest.approx([r["train/lr"] for r in fresh[first:]],
+                                                                    rel=1e-12, abs=0)
+    assert [r["train/lr"] for r in longer[:first]] != pytest.approx([r["train/lr"] for r in fresh[:first]], rel=1e-6)

@@ -111,7 +111,7 @@ def test_a_downstream_failure_keeps_the_pretraining_results(tmp_path, monkeypatc
     assert "disk full" in (d / "summary.md").read_text()
 
 
-def test_ner_follows_the_whole_lineage_of_a_continued_checkpoint(tmp_path, caplog):
+def test_ner_follows_the_whole_lineage_of_a_continued_checkpoint(tmp_path, caplog, monkeypatch, capsys):
     """A (split 1) continued as B with data.split_seed=2: documents B holds out may be ones A trained on, so
     task=ner on B is refused, naming A; continued on A's own split it is allowed. A model bertexp did not
     pretrain, continued for two steps, still warns that its pretraining may have seen NER's dev and test."""
@@ -141,3 +141,16 @@ def test_ner_follows_the_whole_lineage_of_a_continued_checkpoint(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="bertexp.finetune"):
         ner_split(data_cfg, tmp_path / "d" / "checkpoints" / "last")
     assert f"continues {outside}, a model bertexp did not pretrain" in caplog.text
+    # trainer.downstream=[ner] on a continuation with another split: refused before pretraining starts (last:
+    # Hydra's logging set-up in run_main takes caplog's records away)
+    import bertexp.train
+
+    def never(*a, **k):
+        raise AssertionError("pretraining started")
+
+    with monkeypatch.context() as m:
+        m.setattr(bertexp.train, "run_training", never)
+        code = run_main(m, [*short, "model=pretrained", f"model.path={a_ckpt}", "data.split_seed=2",
+                            "trainer.downstream=[ner]", f"hydra.run.dir={tmp_path / 'e'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"continues {a.resolve()}, which was pretrained on another split" in err, err[-1000:]

@@ -190,6 +190,27 @@ def test_a_stopped_finetune_job_run_again_keeps_every_finished_runs_records(tmp_
     assert runs == {(d / "wandb_id").read_text()}
 
 
+def test_a_finetune_dir_refuses_other_settings_and_other_weights(tmp_path, checkpoint, monkeypatch, capfd):
+    """A fine-tuning job's dir is guarded like a pretraining run's: the same command with another task.epochs is
+    refused naming it, and so is the same command after the weights behind model.path changed (a checkpoint
+    named `last` holds other weights once its run goes on); its results stay as they were."""
+    import shutil
+
+    weights = tmp_path / "last"
+    shutil.copytree(checkpoint, weights)
+    d = tmp_path / "ft"
+    args = ["task=sentiment", f"model.path={weights}", "logger=none", *TINY_TASK, f"hydra.run.dir={d}"]
+    assert run_here(monkeypatch, capfd, args).returncode == 0
+    before = {f: (d / f).read_bytes() for f in ("metrics.jsonl", "summary.json")}
+    r = run_here(monkeypatch, capfd, [*args, "task.epochs=2"])
+    assert r.returncode == 2 and "task.epochs: 1 -> 2" in r.stderr, r.stderr[-2000:]
+    (f,) = weights.glob("*.safetensors")
+    f.write_bytes(f.read_bytes()[:-8] + bytes(8))
+    r = run_here(monkeypatch, capfd, args)
+    assert r.returncode == 2 and "model.weights_fingerprint" in r.stderr, r.stderr[-2000:]
+    assert {f: (d / f).read_bytes() for f in before} == before
+
+
 def test_bad_task_settings_are_one_line_errors(tmp_path, checkpoint):
     from bertexp.errors import ConfigError
 

@@ -142,10 +142,13 @@ def test_rollback_moves_the_abandoned_branch_aside(tmp_path, monkeypatch):
 def test_a_fresh_start_in_a_used_dir_moves_the_old_run_aside(tmp_path, monkeypatch):
     d = tmp_path / "run"
     assert _job(monkeypatch, d, [*SMOKE, "logger=none"]) == 0
+    (d / "downstream" / "sentiment").mkdir(parents=True)  # as trainer.downstream leaves it: results of this branch
+    (d / "downstream" / "sentiment" / "summary.json").write_text("{}")
     assert _job(monkeypatch, d, [*SMOKE, "logger=none", "masking.ratio=0.4", "trainer.resume=never",
                                  "trainer.max_steps=2"]) == 0
     (old,) = (d / "abandoned").iterdir()
     assert old.name.endswith("fresh-start")
+    assert (old / "downstream" / "sentiment" / "summary.json").is_file() and not (d / "downstream").exists()
     assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert _train_steps(d) == [1, 2] and [s for s, _ in checkpoint_dirs(d)] == [2]
     assert json.loads((d / "checkpoints" / "last" / "run_config.json").read_text())["masking.ratio"] == 0.4
