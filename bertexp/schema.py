@@ -180,6 +180,9 @@ class LoggerSchema:
     init_timeout: float = 15.0
     log_checkpoints: bool = False
     system_metrics: bool = True
+    tags: List[str] = field(default_factory=list)  # added to bertexp's own tags (data, model, masking, objective, ...)
+    name: Optional[str] = None  # the W&B run's name (in a sweep, it prefixes each job's swept values)
+    notes: Optional[str] = None  # the W&B run's notes (default: the command that ran)
 
 
 SCHEMAS = {

@@ -45,7 +45,7 @@ from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
 from bertexp.rundir import NO_RESUME, RUN_CONFIG, RUN_INFO, flat_config, provenance, record_provenance, resume_hint, resume_target
-from bertexp.tracking import NullTracker, Tracker, saved_wandb_id
+from bertexp.tracking import NullTracker, Tracker, recorded_vocab, saved_wandb_id
 
 log = logging.getLogger(__name__)
 # Exit codes 128 + signal number. SIGUSR1 is SLURM's usual pre-emption warning; SIGUSR2 is submitit's.
@@ -331,7 +331,8 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         resume_id = None
     else:
         resume_id = state.wandb_id or saved_wandb_id(run_dir)
-    tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, resume_id) if dist.main else NullTracker()
+    tracker = (Tracker(run_dir, _logger_dict(cfg), run_info, {**config, "model": recorded_vocab(config["model"], parts.model)},
+                       resume_id) if dist.main else NullTracker())
     tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
     state.wandb_id = tracker.run_id
     # MFU against the matmul throughput of the precision the run computes in
@@ -396,7 +397,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                     record = train_record(state, parts.objective, step_fn.lr, peak, step_fn.flops_per_token, dist)
                     tracker.log(record)
                     pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{step_fn.lr:.2e}",
-                                     tok_s=f"{record['throughput/tokens_per_s']:.0f}",
+                                     tok_s=f"{record['throughput/window_tokens_per_s']:.0f}",
                                      **({} if budget.by_steps else {"budget": f"{budget.progress(state):.0%}"}))
                 if state.step % int(tc.eval_every) == 0 or finished:
                     last_eval = evaluate()
@@ -584,7 +585,10 @@ def train_record(state: RunState, objective: PretrainingObjective, lr: float, pe
         "masking/corrupted_ratio": w["corrupted"] / max(w["maskable"], 1),
         "masking/predicted_ratio": w["predicted"] / max(w["maskable"], 1),
         "data/nsp_random_share": w["nsp_random"] / max(w["rows"], 1),  # BERT's recipe: about 0.55
-        "throughput/tokens_per_s": tps,
+        # one statistic per name: this window's rate (the progress bar's), and the run's mean so far (its total
+        # tokens over its total training seconds): the final line, the sweep table and W&B's summary show the mean
+        "throughput/window_tokens_per_s": tps,
+        "throughput/mean_tokens_per_s": state.tokens / max(state.train_time, 1e-9),
         "throughput/data_wait_s": w["data_wait"] / n,  # per step: how long the loop waited for its batch
     }
     if math.isfinite(peak):
@@ -606,7 +610,7 @@ def describe_final(final: dict, baselines: dict) -> str:
     nsp = f"eval/nsp_acc {final['final/eval/nsp_acc']:.3f}; " if "final/eval/nsp_acc" in final else ""
     return (f"Finished at step {final['final/step']}: exam mlm_acc {acc:.4f} = {acc / max(mf, 1e-9):.2f}x the "
             f"most-frequent token; {standing(acc, baselines)}. {nsp}"
-            f"{f'{tps:.0f}' if tps else 'n/a'} tokens/s")
+            f"mean {f'{tps:.0f}' if tps else 'n/a'} tokens/s")
 
 
 def _logger_dict(cfg: DictConfig) -> dict | None:
