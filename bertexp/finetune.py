@@ -540,6 +540,7 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
                 for init in results for split in ("dev", "test") for k in ("mean", "sd")}
         tracker.summary({**flat, f"downstream/{tc.name}/baseline/test": base["test"]})
         print(describe(summary))
+        summary["wandb"] = tracker.where()  # for the job's last line (task=): not in summary.json, it moves
         exit_code = 0
         return summary
     except Interrupted as e:
@@ -579,3 +580,11 @@ def describe(summary: dict) -> str:
     if also:
         lines.append(f"  {also['name']:<31} dev {also['dev']:.4f}            test {also['test']:.4f}")
     return "\n".join(lines)
+
+
+def final_line(summary: dict, run_dir: Path) -> str:
+    """The last line of a `task=` job, as pretraining's: the score, then where everything is."""
+    test = summary["pretrained"]["test"]
+    return (f"{summary['task']} test {summary['metric']} {_pm(test)} (random init {_pm(summary['random']['test'])}, "
+            f"{summary['baseline']['name']} {summary['baseline']['test']:.4f}) | Run dir: {run_dir} | "
+            f"{summary.get('wandb', 'W&B: off')}")
