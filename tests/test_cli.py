@@ -1,6 +1,7 @@
 """The real CLI, as users type it: overrides, one-line errors for bad input, kill -9 / SIGTERM and resume,
 and a multirun sweep with its summary. Each test is a subprocess of `python run.py` (seconds each)."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -208,7 +209,8 @@ def test_sigterm_and_kills_resume_to_exactly_the_uninterrupted_run(tmp_path, uni
 def test_multirun_sweep_summary_and_group(tmp_path, monkeypatch, capfd):
     d = tmp_path / "sweep"
     r = run_here(monkeypatch, capfd, ["-m", "masking.ratio=0.15,0.4", "trainer=smoke", "trainer.max_steps=10", "trainer.log_every=5",
-                 "trainer.eval_every=5", "trainer.save_every=10", "logger.mode=offline", f"hydra.sweep.dir={d}"])
+                 "trainer.eval_every=5", "trainer.save_every=10", "logger.mode=offline", "logger.tags=[abl]",
+                 "logger.name=trial", f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p for p in d.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(runs) == 2
@@ -230,7 +232,7 @@ def test_multirun_sweep_summary_and_group(tmp_path, monkeypatch, capfd):
     for run in runs:
         files = wandb_files(run)[0]
         got = inspect(files)["run"]
-        assert {"smoke", "sweep", "peoples_daily", "bert_tiny", "token"} <= set(got["tags"])  # smoke runs say so
+        assert {"smoke", "sweep", "peoples_daily", "bert_tiny", "token", "abl"} <= set(got["tags"])  # smoke runs say so
         assert got["config"]["update"]["masking"]["strategy"] == "token"
         # the Hydra config files travel with the W&B run; the summary has each metric once per meaning
         assert (files.parent / "files" / ".hydra" / "config.yaml").is_file()
@@ -250,9 +252,37 @@ def test_multirun_sweep_summary_and_group(tmp_path, monkeypatch, capfd):
             pos, mentioned = side.find(f"the {name} ({table:.4f})"), side.find("below")
             assert pos > 0 and ((acc <= table) == (mentioned != -1 and pos > mentioned)), (name, line)
         assert f"Run dir: {run} | final checkpoint: {run}/checkpoints/last" in line
-        assert f"upload it with: wandb sync {files.parent}" in r.stdout
+        assert f"wandb sync {files.parent}" in r.stdout
+    # smoke jobs of a sweep stay in the sweep's group (README): only single smoke runs go to `smoke`
     assert groups == {f"sweep masking.ratio {d.name}"}  # the swept keys (and the date, in multirun/DATE/TIME)
-    assert names == ["masking.ratio=0.15", "masking.ratio=0.4"]
+    assert names == ["trial: masking.ratio=0.15", "trial: masking.ratio=0.4"]  # logger.name prefixes the swept values
+    _sweep_syncs_in_one_command_from_a_copy(d, r.stdout, tmp_path)
+
+
+def _sweep_syncs_in_one_command_from_a_copy(d, stdout, tmp_path):
+    """The sweep prints one command that uploads all its offline runs (jobs and summary), `wandb login` first;
+    a copy of the sweep folder, the original gone, still holds every file and syncs with the same command."""
+    import re
+    import shutil
+
+    from wandb_reader import wandb_files
+
+    (line,) = [x for x in stdout.splitlines() if "offline runs upload in one command" in x]
+    m = re.search(r": wandb login && \(cd (\S+) && (wandb sync [^)]+)\)$", line)
+    assert m and m.group(1) == str(d), line
+    expected = {f.name for f in [*wandb_files(d), *(f for run in d.iterdir() if run.is_dir() for f in wandb_files(run))]}
+    assert len(expected) == 3  # two jobs and the summary run
+    copy = tmp_path / "elsewhere" / "sweep"
+    shutil.copytree(d, copy, symlinks=True)
+    shutil.rmtree(d)  # another machine: nothing of the original is left to point at
+    for files in copy.rglob("offline-run-*/files"):  # what sync uploads beside the run's records
+        assert [f for f in files.rglob("*") if f.is_file()] and not [f for f in files.rglob("*") if f.is_symlink()]
+    exe = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
+    args = m.group(2).split()[2:]
+    r = subprocess.run(f"{exe} sync --dry-run {' '.join(args)}", shell=True, cwd=copy, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"})
+    listed = set(re.findall(r"(run-\w+\.wandb)", r.stdout + r.stderr))
+    assert listed == expected, r.stdout + r.stderr
 
 
 def test_fake_api_key_without_network_falls_back_offline(tmp_path):
