@@ -256,6 +256,8 @@ def test_multirun_sweep_summary_and_group(tmp_path, monkeypatch, capfd):
     # smoke jobs of a sweep stay in the sweep's group (README): only single smoke runs go to `smoke`
     assert groups == {f"sweep masking.ratio {d.name}"}  # the swept keys (and the date, in multirun/DATE/TIME)
     assert names == ["trial: masking.ratio=0.15", "trial: masking.ratio=0.4"]  # logger.name prefixes the swept values
+    summary_run = inspect(wandb_files(d)[0])["run"]  # the sweep's summary run carries the user's labels too
+    assert summary_run["display_name"] == "trial summary" and {"summary", "abl"} <= set(summary_run["tags"])
     _sweep_syncs_in_one_command_from_a_copy(d, r.stdout, tmp_path)
 
 

@@ -35,6 +35,7 @@ def test_own_tags_name_and_notes_reach_the_wandb_run(labelled):
     assert run["display_name"] == "first" and run["notes"] == "hello"
     # the user's tag beside bertexp's own, never in their place
     assert {"ablation", "peoples_daily", "bert_tiny", "token", "mlm_nsp", "smoke"} <= set(run["tags"])
+    assert run["run_group"] == "smoke"  # a single smoke run (a sweep's smoke jobs stay in the sweep's group)
 
 
 def test_wandb_files_are_copies_that_move_with_the_run(labelled):
