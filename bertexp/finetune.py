@@ -485,8 +485,9 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
     in_dir = [item for item in plan if source.get(item) == "run dir"]
     pre_name, pre_tags = origin.get("pretrain/name"), origin.get("pretrain/tags")
     where = f"{pre_name} step {origin.get('pretrain/step')}" if pre_name else Path(path).name
-    named = logger_cfg.get("name") if logger_cfg else None  # logger.name: the user's, kept (a sweep's or downstream's prefixed)
-    run_info = {**info, "name": info["name"] if named else f"{tc.name} of {where}", "group": origin.get("pretrain/group") or info.get("group"),
+    named = bool(logger_cfg and logger_cfg.get("name"))  # logger.name: the job's name as run_info made it, kept
+    run_info = {**info, "name": info["name"] if named else f"{tc.name} of {where}",
+                "group": origin.get("pretrain/group") or info.get("group"),
                 "tags": [*(pre_tags if pre_tags is not None else info.get("tags", [])), "finetune", tc.name]}
     config = {"task": OmegaConf.to_container(tc, resolve=True), **origin}
     logger = dict(logger_cfg, job_type="finetune") if logger_cfg else None
