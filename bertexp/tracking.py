@@ -234,6 +234,7 @@ def sweep_sync_line(sweep_dir: Path) -> str | None:
     summary run), or None when there is none. Its paths are relative to the sweep dir, so the part in
     parentheses runs as well in a copy of the folder on another machine."""
     import glob
+    import shlex
 
     sweep_dir = Path(sweep_dir)
     runs = sorted(p for p in sweep_dir.glob("**/wandb/offline-run-*") if p.is_dir())
@@ -249,7 +250,7 @@ def sweep_sync_line(sweep_dir: Path) -> str | None:
     matched = {str(Path(m).relative_to(sweep_dir)) for p in patterns for m in glob.glob(str(sweep_dir / p))}
     args = " ".join(patterns if matched == set(dirs) else dirs)  # a wildcard that would catch more: each dir
     return (f"W&B: the sweep's {len(runs)} offline runs upload in one command: "
-            f"{login_first()}(cd {sweep_dir} && wandb sync {args})")
+            f"{login_first()}(cd {shlex.quote(str(sweep_dir))} && wandb sync {args})")
 
 
 WANDB_ID_FILE = "wandb_id"
