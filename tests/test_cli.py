@@ -333,6 +333,7 @@ def test_value_range_errors_come_at_once_and_leave_no_run_dir(tmp_path):
         assert r.returncode == 2 and r.stderr.strip() == expected, (args, r.stderr[-1500:])
         assert took < 3, f"{args}: {took:.1f} s"
         assert not (tmp_path / "outputs").exists(), "a run dir was left behind"
-        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's bertexp, from any dir
         assert "exit 2 torch imported: False" in r.stdout, r.stdout + r.stderr[-1500:]
         assert not (tmp_path / "outputs").exists()
