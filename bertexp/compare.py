@@ -67,7 +67,9 @@ def load_run(path: Path) -> dict:
     status = json.loads(status_file.read_text()) if status_file.is_file() else {"status": "unknown"}
     evals = [m for m in metrics if "eval/mlm_acc" in m]
     exams = {m.get("eval/exam_id") for m in evals}
-    tps = [m["throughput/tokens_per_s"] for m in metrics if m.get("throughput/tokens_per_s")]
+    # (records written before the mean was logged: their tokens over their training seconds)
+    trained = ([m for m in metrics if m.get("throughput/mean_tokens_per_s")]
+               or [m for m in metrics if m.get("elapsed_s") and m.get("tokens")])
     last = evals[-1] if evals else {}
 
     def best(key, fn):
@@ -94,7 +96,9 @@ def load_run(path: Path) -> dict:
         "baseline": last.get("eval/baseline/neighbours_acc"),
         # one exam per run; a run whose records name several (or none) cannot be ranked against others
         "exam_id": exams.pop() if len(exams) == 1 else None,
-        "tokens_per_s": sum(tps) / len(tps) if tps else None,
+        # the run's mean, as its final line and W&B summary give it: all its tokens over all its training seconds
+        "mean_tokens_per_s": (trained[-1].get("throughput/mean_tokens_per_s")
+                              or trained[-1]["tokens"] / trained[-1]["elapsed_s"]) if trained else None,
         "steps": max((m.get("step", 0) for m in metrics), default=0),
         "status": status.get("status", "unknown"),
         "error": status.get("error", ""),
@@ -293,7 +297,7 @@ COLUMNS = [
     ("final eval mlm_loss", "final/eval/mlm_loss"),
     ("final eval nsp_acc", "final/eval/nsp_acc"),
     ("exam", "exam_id"),
-    ("tokens/s", "tokens_per_s"),
+    ("mean tokens/s", "mean_tokens_per_s"),
     ("steps", "steps"),
     ("status", "status"),
 ]
@@ -310,8 +314,9 @@ def rank_within_exams(runs: list[dict], metric: str = "final/eval/mlm_acc") -> s
             groups.setdefault(r["exam_id"], []).append(r)
     sign = 1 if lower_is_better(metric) else -1
     for group in groups.values():
-        for i, r in enumerate(sorted(group, key=lambda r: sign * metric_value(r, metric))):
-            r["rank"] = i + 1
+        scores = [sign * metric_value(r, metric) for r in group]
+        for r, mine in zip(group, scores):  # equal scores share a rank (1, 2, 2, 4)
+            r["rank"] = 1 + sum(other < mine for other in scores)
     notes = []
     if len(groups) > 1:
         notes.append(f"Note: these runs took {len(groups)} different exams ({', '.join(sorted(groups))}): eval/mlm_acc "
@@ -334,7 +339,16 @@ def _downstream_cell(summary: dict | None, init: str) -> str:
     return f"{_fmt(s['mean'])} ± {_fmt(s['sd'])}" if s.get("sd") is not None else _fmt(s["mean"])
 
 
-def table_rows(runs: list[dict], keys: list[str]) -> tuple[list[str], list[list[str]]]:
+def _csv_value(v) -> str:
+    """A CSV cell for machines: numbers at full precision (the Markdown rounds them)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "-" if v is None else str(v)
+    return str(v) if isinstance(v, int) else repr(float(v))
+
+
+def table_rows(runs: list[dict], keys: list[str], fmt=None) -> tuple[list[str], list[list[str]]]:
+    """The runs' table; `fmt` writes each value (default: rounded, for Markdown; `_csv_value` for the CSV)."""
+    fmt = fmt or _fmt
     tasks = sorted({t for r in runs for t in r.get("downstream", {})})
     extra = [f"{t} test ({init})" for t in tasks for init in ("pretrained", "random init")]
     header = ["run", *keys, *[c for c, _ in COLUMNS], *extra, "error"]
@@ -342,7 +356,8 @@ def table_rows(runs: list[dict], keys: list[str]) -> tuple[list[str], list[list[
     for r in runs:
         cells = [_downstream_cell(r.get("downstream", {}).get(t), init)
                  for t in tasks for init in ("pretrained", "random")]
-        rows.append([str(r["path"]), *[_fmt_value(r["config"].get(k)) for k in keys], *[_fmt(r[f]) for _, f in COLUMNS],
+        config = [(_fmt_value if fmt is _fmt else _csv_value)(r["config"].get(k)) for k in keys]
+        rows.append([str(r["path"]), *config, *[fmt(r[f]) for _, f in COLUMNS],
                      *cells, r["error"]])
     return header, rows
 
@@ -483,7 +498,7 @@ def compare(paths: list[Path], out: Path | None = None, stem: str = "comparison"
             md += f"\n\n{note}"
         _write_csv(out / f"{stem}_groups.csv", [h.removesuffix(" (csv)") for h in gheader], grows)
     (out / f"{stem}.md").write_text(md + "\n", encoding="utf-8")
-    _write_csv(out / f"{stem}.csv", header, rows)
+    _write_csv(out / f"{stem}.csv", *table_rows(runs, keys, fmt=_csv_value))
     if with_plot:
         plot(runs, keys, out / f"{stem}.png", x, groups)
     for r in runs:

@@ -476,6 +476,7 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
                 for init in results for split in ("dev", "test") for k in ("mean", "sd")}
         tracker.summary({**flat, f"downstream/{tc.name}/baseline/test": job.baseline["test"]})
         print(describe(summary))
+        summary["wandb"] = tracker.where()  # for the job's last line (task=): not in summary.json, it moves
         exit_code = 0
         return summary
     except Interrupted as e:
@@ -582,7 +583,9 @@ def _finetune_tracker(tc, origin: dict, out_dir: Path, logger_cfg: dict | None, 
 
     pre_name, pre_tags = origin.get("pretrain/name"), origin.get("pretrain/tags")
     where = f"{pre_name} step {origin.get('pretrain/step')}" if pre_name else Path(origin["pretrain/checkpoint"]).name
-    run_info = {**info, "name": f"{tc.name} of {where}", "group": origin.get("pretrain/group") or info.get("group"),
+    named = bool(logger_cfg and logger_cfg.get("name"))  # logger.name: the job's name as run_info made it, kept
+    run_info = {**info, "name": info["name"] if named else f"{tc.name} of {where}",
+                "group": origin.get("pretrain/group") or info.get("group"),
                 "tags": [*(pre_tags if pre_tags is not None else info.get("tags", [])), "finetune", tc.name]}
     config = {"task": OmegaConf.to_container(tc, resolve=True), **origin}
     logger = dict(logger_cfg, job_type="finetune") if logger_cfg else None
@@ -666,3 +669,11 @@ def describe(summary: dict) -> str:
     if also:
         lines.append(f"  {also['name']:<31} dev {also['dev']:.4f}            test {also['test']:.4f}")
     return "\n".join(lines)
+
+
+def final_line(summary: dict, run_dir: Path) -> str:
+    """The last line of a `task=` job, as pretraining's: the score, then where everything is."""
+    test = summary["pretrained"]["test"]
+    return (f"{summary['task']} test {summary['metric']} {_pm(test)} (random init {_pm(summary['random']['test'])}, "
+            f"{summary['baseline']['name']} {summary['baseline']['test']:.4f}) | Run dir: {run_dir} | "
+            f"{summary.get('wandb', 'W&B: off')}")

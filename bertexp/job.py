@@ -195,6 +195,9 @@ def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
     typed = {k[len("data."):]: cfg.data.get(k[len("data."):]) for k in _typed_keys() if k.startswith("data.")}
     summary = run_finetune(cfg.task, user_path(cfg.model.path), cfg.data, cfg.optim, cfg.trainer, run_dir,
                            logger_config(cfg), int(cfg.seed), info, typed_data=typed)
+    from bertexp.finetune import final_line
+
+    print(final_line(summary, run_dir), flush=True)
     # what a sweeper optimises over fine-tuning settings: dev, never test
     out = {"final/eval/mlm_acc": summary["pretrained"]["dev"]["mean"]}
     if summary.get("pretrain_split"):

@@ -39,7 +39,9 @@ def run_info(cfg: DictConfig) -> dict:
         name = name[: NAME_CHARS - 1] + "…"
     smoke = choices.get("trainer") == "smoke"
     tags = [str(choices.get(k)) for k in ("data", "model", "masking", "objective") if choices.get(k)]
-    return {
+    from bertexp.tracking import user_name
+
+    return user_name(cfg.get("logger"), {
         "name": name,
         "group": wandb_group(cfg, hc.sweep.dir if multirun else None, hc if multirun else None, smoke),
         "tags": tags + ["smoke"] * smoke + ["sweep"] * multirun,
@@ -48,7 +50,7 @@ def run_info(cfg: DictConfig) -> dict:
         "multirun": multirun,
         "job": hc.job.num if multirun else None,
         "choices": {k: v for k, v in choices.items() if not k.startswith("hydra") and v is not None},
-    }
+    })
 
 
 def wandb_group(cfg: DictConfig, sweep_dir=None, hydra_cfg=None, smoke: bool = False) -> str:

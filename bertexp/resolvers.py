@@ -14,6 +14,8 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
+from bertexp import fields_help
+
 
 def process_start(pid: int | str = "self") -> float | None:
     """When a process started (Unix time), from Linux's /proc; None elsewhere."""
@@ -56,3 +58,4 @@ def register() -> None:
 
 
 register()
+fields_help.register()  # python run.py --help: each field's description

@@ -19,23 +19,23 @@ from hydra.core.config_store import ConfigStore
 class DataSchema:
     _target_: str = "bertexp.data.dataset.PretrainingData.from_peoples_daily"
     path: Any = None  # a file, directory or glob; or a list of them (data=text_file)
-    max_length: int = 128
-    batch_size: int = 32
-    val_fraction: float = 0.05
-    split_seed: int = 0
-    short_seq_prob: float = 0.1
-    pad_to_multiple_of: int = 8
-    cache_dir: Optional[str] = None
-    num_proc: Optional[int] = None
-    vocab_sample_mb: float = 64
-    num_workers: Optional[int] = None
+    max_length: int = 128  # tokens per [CLS] A [SEP] B [SEP] pair (8 .. the model's position limit)
+    batch_size: int = 32  # pairs per optimizer step
+    val_fraction: float = 0.05  # share of documents held out for evaluation, in [0, 0.5]
+    split_seed: int = 0  # fixes the held-out documents and eval masks, independent of `seed`
+    short_seq_prob: float = 0.1  # BERT's share of shorter-than-max pairs
+    pad_to_multiple_of: int = 8  # dynamic padding to the batch's longest pair, rounded up to this
+    cache_dir: Optional[str] = None  # vocabularies and tokenised corpora; null: $BERTEXP_CACHE or ~/.cache/bertexp
+    num_proc: Optional[int] = None  # processes that tokenise the corpus (once; then cached); null: every core
+    vocab_sample_mb: float = 64  # a scratch model's WordPiece vocabulary is trained on the corpus's first this many MB
+    num_workers: Optional[int] = None  # processes building and masking upcoming batches (0: the training thread; null: 2 on a GPU, 0 on a CPU)
 
 
 @dataclass
 class TextFileDataSchema(DataSchema):
-    encoding: str = "utf-8"
-    segmenter: str = "rjieba"
-    text_field: str = "text"
+    encoding: str = "utf-8"  # the files' text encoding (e.g. gb18030 for GBK-encoded Chinese)
+    segmenter: str = "rjieba"  # word segmenter for whole-word masking: rjieba | jieba | none
+    text_field: str = "text"  # JSON lines / Parquet: the field that holds a document's text
     documents: str = "auto"  # auto | blank_lines | lines | file: how plain text is cut into documents
 
 
@@ -44,74 +44,74 @@ class ScratchSizeSchema:
     """What every scratch model option sets, in the config field names both families share."""
     _target_: str = "bertexp.modeling.ScratchBert"
     path: Optional[str] = None  # only for task=... (fine-tuning loads model.path whatever the model group)
-    vocab_size: int = 8000
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    intermediate_size: int = 512
-    max_position_embeddings: int = 512
+    vocab_size: int = 8000  # at most this many WordPiece entries, trained on the corpus (the model has what training gives)
+    hidden_size: int = 128  # width of the encoder (BertConfig / ModernBertConfig field)
+    num_hidden_layers: int = 2  # encoder layers
+    num_attention_heads: int = 2  # attention heads per layer (divides hidden_size)
+    intermediate_size: int = 512  # width of each layer's feed-forward block
+    max_position_embeddings: int = 512  # the longest input the model takes (data.max_length is checked against it)
 
 
 @dataclass
 class ScratchModelSchema(ScratchSizeSchema):  # BertConfig fields (model=bert_*)
-    hidden_dropout_prob: float = 0.0
-    attention_probs_dropout_prob: float = 0.0
-    initializer_range: float = 0.02
+    hidden_dropout_prob: float = 0.0  # dropout after attention and feed-forward blocks
+    attention_probs_dropout_prob: float = 0.0  # dropout on attention weights (0 keeps the fused SDPA kernel)
+    initializer_range: float = 0.02  # std of the initial weights
 
 
 @dataclass
 class ScratchModernBertSchema(ScratchSizeSchema):  # ModernBertConfig fields (model=modernbert_*)
     _target_: str = "bertexp.modeling.ScratchModernBert"
     intermediate_size: int = 344
-    local_attention: int = 128
-    global_attn_every_n_layers: int = 3
-    embedding_dropout: float = 0.0
-    mlp_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    initializer_range: float = 0.02
-    reference_compile: bool = False
+    local_attention: int = 128  # tokens a local-attention layer sees
+    global_attn_every_n_layers: int = 3  # every Nth layer attends globally
+    embedding_dropout: float = 0.0  # dropout on the embeddings
+    mlp_dropout: float = 0.0  # dropout in the feed-forward blocks
+    attention_dropout: float = 0.0  # dropout on attention weights
+    initializer_range: float = 0.02  # std of the initial weights
+    reference_compile: bool = False  # let transformers compile parts of ModernBERT itself (trainer.compile decides instead)
 
 
 @dataclass
 class PretrainedModelSchema:
     _target_: str = "bertexp.modeling.PretrainedBert"
-    path: Optional[str] = None
+    path: Optional[str] = None  # a local model directory (e.g. a run's checkpoints/last)
 
 
 @dataclass
 class OptimSchema:
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    warmup_fraction: Optional[float] = 0.04
-    min_lr_ratio: float = 0.1
-    schedule: str = "linear"
-    decay_fraction: float = 0.2
-    grad_clip: Optional[float] = 1.0
-    optimizer: Any = None
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay (biases and LayerNorm excluded)
+    warmup_steps: int = 100  # linear warm-up steps
+    warmup_fraction: Optional[float] = 0.04  # warm-up also ends at this fraction of the run, if that comes first (null: by steps only)
+    min_lr_ratio: float = 0.1  # the lr decays to min_lr_ratio * lr at the end of the run
+    schedule: str = "linear"  # after warm-up: linear | cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: the final share of the run over which the lr decays
+    grad_clip: Optional[float] = 1.0  # max global gradient norm (null or <= 0: no clipping)
+    optimizer: Any = None  # the torch optimizer, built with the model's parameter groups at run time
 
 
 @dataclass
 class MaskingSchema:
     _target_: str = "bertexp.masking.TokenMasking"
-    ratio: float = 0.3
-    mask_token_prob: float = 0.8
-    random_token_prob: float = 0.1
-    schedule: str = "constant"
-    final_ratio: Optional[float] = None
-    step_at: float = 0.5
-    prediction_ratio: Optional[float] = None
+    ratio: float = 0.3  # share of non-special tokens selected, in (0, 1)
+    mask_token_prob: float = 0.8  # of the selected: share replaced by [MASK]
+    random_token_prob: float = 0.1  # of the selected: share replaced by a random token (the rest unchanged)
+    schedule: str = "constant"  # mask-rate schedule: constant | linear | cosine | step
+    final_ratio: Optional[float] = None  # the ratio at the end of the run (linear, cosine, step)
+    step_at: float = 0.5  # step: the fraction of the run at which the ratio switches
+    prediction_ratio: Optional[float] = None  # share of non-special tokens whose prediction is scored (null: the selected)
 
 
 @dataclass
 class SpanMaskingSchema(MaskingSchema):
-    p: float = 0.2
-    max_span: int = 10
+    p: float = 0.2  # geometric parameter of span lengths (SpanBERT: 0.2, mean length 1/p)
+    max_span: int = 10  # longest span, in words
 
 
 @dataclass
 class NgramMaskingSchema(MaskingSchema):
-    ngram_probs: List[float] = field(default_factory=lambda: [0.4, 0.3, 0.2, 0.1])
+    ngram_probs: List[float] = field(default_factory=lambda: [0.4, 0.3, 0.2, 0.1])  # probability of masking an n-gram of 1, 2, 3, ... words (sums to 1)
 
 
 @dataclass
@@ -126,60 +126,63 @@ class PmiMaskingSchema(MaskingSchema):
 class ObjectiveSchema:
     _target_: str = "bertexp.modeling.PretrainingObjective"
     _partial_: bool = True
-    nsp_weight: float = 0.1
-    mlm_bias_init: str = "unigram"
+    nsp_weight: float = 0.1  # loss = mlm + nsp_weight * nsp (0: MLM only)
+    mlm_bias_init: str = "unigram"  # unigram: MLM output bias starts at the training log-frequencies | zero
 
 
 @dataclass
 class TrainerSchema:
-    max_steps: Optional[int] = 2500
-    budget_minutes: Optional[float] = None
+    max_steps: Optional[int] = 2500  # optimizer steps (unless a budget is set)
+    budget_minutes: Optional[float] = None  # wall-clock minutes of training steps (ends the run instead of max_steps)
     max_tokens: Optional[float] = None  # a float so that 5e6 is accepted; must be whole
     max_flops: Optional[float] = None
-    log_every: int = 20
-    eval_every: int = 250
-    exam_length: int = 128
-    exam_pairs: Optional[int] = 2048
-    save_every: int = 250
-    keep_checkpoints: int = 2
-    resume: str = "auto"
-    allow_changes: List[str] = field(default_factory=list)
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    max_bad_steps: int = 0
-    measure_mfu: bool = True
-    grad_accum: int = 1
-    downstream: List[str] = field(default_factory=list)
-    downstream_settings: Dict[str, Any] = field(default_factory=dict)
-    downstream_every_checkpoint: bool = False
+    log_every: int = 20  # train metrics to metrics.jsonl / W&B every N steps
+    eval_every: int = 250  # held-out evaluation every N steps (and at the end)
+    exam_length: int = 128  # the exam's pairs are built at this length
+    exam_pairs: Optional[int] = 2048  # at most this many held-out pairs in the exam (null: all)
+    save_every: int = 250  # checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2  # keep the last K checkpoints
+    resume: str = "auto"  # auto | never | PATH to a checkpoint
+    allow_changes: List[str] = field(default_factory=list)  # keys that may differ from the checkpoint resumed from, e.g. [trainer.max_steps]
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16
+    compile: bool = False  # torch.compile the encoder
+    max_bad_steps: int = 0  # non-finite losses tolerated (update skipped) before stopping
+    measure_mfu: bool = True  # time a matmul at start to report throughput/mfu
+    grad_accum: int = 1  # micro-batches per optimizer step
+    downstream: List[str] = field(default_factory=list)  # after pretraining, fine-tune the final checkpoint on these tasks
+    downstream_settings: Dict[str, Any] = field(default_factory=dict)  # overrides of conf/task/*.yaml for them
+    downstream_every_checkpoint: bool = False  # also fine-tune every earlier checkpoint on disk
 
 
 @dataclass
 class TaskSchema:
-    name: str = "sentiment"
-    seeds: int = 3
-    epochs: int = 2
-    lr: float = 1e-3
-    batch_size: int = 32
-    max_length: int = 64
-    warmup_fraction: float = 0.1
-    train_limit: Optional[int] = None
-    eval_limit: Optional[int] = None
-    bucket: int = 1
-    reuse_random_init: bool = True
+    name: str = "sentiment"  # sentiment | ner
+    seeds: int = 3  # fine-tuning seeds (mean ± sd over them)
+    epochs: int = 2  # epochs per fine-tuning run
+    lr: float = 1e-3  # fine-tuning learning rate
+    batch_size: int = 32  # examples per step
+    max_length: int = 64  # tokens per example (longer ones are truncated)
+    warmup_fraction: float = 0.1  # share of fine-tuning steps spent warming up the lr
+    train_limit: Optional[int] = None  # use only this many training examples (null: all)
+    eval_limit: Optional[int] = None  # score only this many dev and test examples (null: all)
+    bucket: int = 1  # batches of similar length per shuffled chunk (1: plain shuffling)
+    reuse_random_init: bool = True  # reuse cached random-init results (they do not depend on the weights)
 
 
 @dataclass
 class LoggerSchema:
     mode: str = "auto"  # the YAML's default is ${wandb_mode:}: offline or online by API key
-    project: str = "bertexp"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    job_type: str = "pretrain"
-    init_timeout: float = 15.0
-    log_checkpoints: bool = False
-    system_metrics: bool = True
+    project: str = "bertexp"  # the W&B project
+    entity: Optional[str] = None  # the W&B entity (null: your default)
+    group: Optional[str] = None  # the W&B group (null: the sweep in a multirun, else `experiment`)
+    job_type: str = "pretrain"  # the W&B job type of pretraining runs
+    init_timeout: float = 15.0  # seconds; an unreachable server means offline, never a hang
+    log_checkpoints: bool = False  # log the final checkpoint as a W&B model artifact
+    system_metrics: bool = True  # sample CPU, memory and GPU use into the run
+    tags: List[str] = field(default_factory=list)  # added to bertexp's own tags (data, model, masking, objective, ...)
+    name: Optional[str] = None  # the W&B run's name (in a sweep, it prefixes each job's swept values)
+    notes: Optional[str] = None  # the W&B run's notes (default: the command that ran)
 
 
 SCHEMAS = {

@@ -40,6 +40,11 @@ def log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
         run_id = log_sweep_summary(logger_cfg, sweep_dir, wandb_group(config, sweep_dir, config.hydra))
         if run_id:
             print(f"W&B: summary tables and plot logged in run {run_id} (job_type=summary)")
+        from bertexp.tracking import sweep_sync_line
+
+        sync = sweep_sync_line(sweep_dir)
+        if sync:
+            print(sync)
     except Exception as e:  # the tables are on disk whatever W&B does
         log.warning("W&B sweep summary failed (%s: %s)", type(e).__name__, e)
 

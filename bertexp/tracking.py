@@ -99,6 +99,23 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+def user_name(logger_cfg, info: dict) -> dict:
+    """`info` with the run name the user chose (`logger.name`): as is for one run; in a sweep it prefixes each
+    job's swept values, so the jobs stay apart (`first: masking.ratio=0.4`)."""
+    chosen = logger_cfg.get("name") if logger_cfg else None
+    if not chosen:
+        return info
+    return {**info, "name": f"{chosen}: {info['name']}" if info.get("multirun") else str(chosen)}
+
+
+def labels(cfg: dict, info: dict) -> dict:
+    """W&B name, group, tags and notes: bertexp's, with the user's `logger.tags` added to its tags (never in
+    their place) and `logger.notes` in place of the command line."""
+    tags = list(info["tags"])
+    tags += [str(t) for t in cfg.get("tags") or [] if str(t) not in tags]
+    return {"name": info["name"], "group": info["group"], "tags": tags, "notes": cfg.get("notes") or info["notes"]}
+
+
 def start_wandb(run_dir: Path, cfg: dict, info: dict, config: dict, resume_id: str | None, job_type: str | None = None):
     """wandb.init with a bounded wait: online when reachable, else offline; None when disabled or failing."""
     import wandb
@@ -113,11 +130,8 @@ def start_wandb(run_dir: Path, cfg: dict, info: dict, config: dict, resume_id: s
     kwargs = dict(
         project=cfg.get("project") or "bertexp",
         entity=cfg.get("entity") or None,
-        name=info["name"],
-        group=info["group"],
         job_type=job_type or cfg.get("job_type") or "pretrain",
-        tags=info["tags"],
-        notes=info["notes"],
+        **labels(cfg, info),
         dir=str(run_dir),
         config=config,
         id=resume_id,
@@ -140,6 +154,16 @@ def start_wandb(run_dir: Path, cfg: dict, info: dict, config: dict, resume_id: s
             log.warning("W&B offline init failed too (%s); metrics go to metrics.jsonl only", e2)
             return None
     return run
+
+
+def recorded_vocab(model_cfg: dict, model) -> dict:
+    """The model config as W&B records it: `vocab_size` is the vocabulary the model has (a vocabulary trained on
+    a small corpus stops short of the size asked for); the size asked for is kept as `max_vocab_size`."""
+    out = dict(model_cfg)
+    if "vocab_size" in out:
+        out["max_vocab_size"] = out["vocab_size"]
+    out["vocab_size"] = int(model.config.vocab_size)
+    return out
 
 
 def _cell(c: str):
@@ -171,7 +195,8 @@ def log_sweep_summary(logger_cfg: dict, sweep_dir: Path, group: str) -> str | No
 
     import wandb
 
-    info = {"name": f"summary-{Path(sweep_dir).name}", "group": group, "tags": ["summary"],
+    chosen = logger_cfg.get("name")
+    info = {"name": f"{chosen} summary" if chosen else f"summary-{Path(sweep_dir).name}", "group": group, "tags": ["summary"],
             "notes": f"summary of the sweep in {sweep_dir}"}
     run = start_wandb(Path(sweep_dir), logger_cfg, info, {"sweep_dir": str(sweep_dir)}, None, job_type="summary")
     if run is None:
@@ -199,6 +224,35 @@ def log_sweep_summary(logger_cfg: dict, sweep_dir: Path, group: str) -> str | No
     return run_id
 
 
+def login_first() -> str:
+    """`wandb login && ` where no API key is configured: `wandb sync` alone answers "No API key configured"."""
+    return "" if api_key_configured() else "wandb login && "
+
+
+def sweep_sync_line(sweep_dir: Path) -> str | None:
+    """One command that uploads every offline W&B run of a sweep (its jobs', their fine-tuning runs' and the
+    summary run), or None when there is none. Its paths are relative to the sweep dir, so the part in
+    parentheses runs as well in a copy of the folder on another machine."""
+    import glob
+    import shlex
+
+    sweep_dir = Path(sweep_dir)
+    runs = sorted(p for p in sweep_dir.glob("**/wandb/offline-run-*") if p.is_dir())
+    if not runs:
+        return None
+    dirs = sorted({str(p.parent.relative_to(sweep_dir)) for p in runs})
+
+    def pattern(rel: str) -> str:  # job dirs (0, 1, ...) and fine-tuning tasks as wildcards
+        parts = rel.split("/")
+        return "/".join("*" if p.isdigit() or (i and parts[i - 1] == "downstream") else p for i, p in enumerate(parts))
+
+    patterns = sorted({pattern(d) for d in dirs}, key=lambda p: (p.count("/"), p))
+    matched = {str(Path(m).relative_to(sweep_dir)) for p in patterns for m in glob.glob(str(sweep_dir / p))}
+    args = " ".join(patterns if matched == set(dirs) else dirs)  # a wildcard that would catch more: each dir
+    return (f"W&B: the sweep's {len(runs)} offline runs upload in one command: "
+            f"{login_first()}(cd {shlex.quote(str(sweep_dir))} && wandb sync {args})")
+
+
 WANDB_ID_FILE = "wandb_id"
 
 
@@ -208,6 +262,27 @@ def saved_wandb_id(run_dir: Path) -> str | None:
         return (Path(run_dir) / WANDB_ID_FILE).read_text().strip() or None
     except OSError:
         return None
+
+
+def keep_files(run, run_dir: Path, patterns) -> None:
+    """Copies of the run dir's files matching `patterns` in the W&B run's `files/`, saved from there. wandb's
+    own `save` would symlink them to absolute paths (and say so on every run): a run dir copied to another
+    machine before `wandb sync` would lose them. A copy moves with the run and is the file as it was now."""
+    import shutil
+
+    files_dir = Path(run.dir)
+    for pattern in patterns:
+        for src in sorted(Path(run_dir).glob(pattern)):
+            dst = files_dir / src.relative_to(run_dir)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.is_symlink() or dst.exists():
+                    dst.unlink()
+                shutil.copy2(src, dst)
+                # already in files/: wandb publishes it as is, with no link and no warning
+                run.save(str(dst), base_path=str(files_dir), policy="now", glob=False)
+            except Exception as e:  # noqa: BLE001 - the files are in the run dir whatever W&B does
+                log.warning("W&B could not keep %s (%s)", src, e)
 
 
 class Tracker:
@@ -236,12 +311,7 @@ class Tracker:
         for pattern in ("train/*", "eval/*", "throughput/*", "masking/*", "data/*", "finetune/*"):
             run.define_metric(pattern, step_metric="step")
         run.summary["run_dir"] = str(self.run_dir)
-        for pattern in (".hydra/*.yaml", "run_config.json", "provenance.json"):  # the config files, with the run
-            if any(self.run_dir.glob(pattern)):
-                try:
-                    run.save(str(self.run_dir / pattern), base_path=str(self.run_dir), policy="now")
-                except Exception as e:  # noqa: BLE001 - the files are in the run dir whatever W&B does
-                    log.warning("W&B could not keep %s (%s)", pattern, e)
+        keep_files(run, self.run_dir, (".hydra/*.yaml", "run_config.json", "provenance.json"))  # the config files
         return run
 
     last_where = "W&B: off"
@@ -252,7 +322,7 @@ class Tracker:
             return "W&B: off"
         if self.run.settings.mode == "offline" or getattr(self.run, "offline", False):
             folder = Path(self.run.dir).parent
-            return f"W&B: offline run {self.run.id} in {folder}; upload it with: wandb sync {folder}"
+            return f"W&B: offline run {self.run.id} in {folder}; upload it with: {login_first()}wandb sync {folder}"
         return f"W&B: {self.run.url}"
 
     def truncate_after(self, step: int) -> None:

@@ -47,7 +47,7 @@ from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
 from bertexp.rundir import (LINEAGE, RUN_CONFIG, RUN_INFO, effective_config, lineage_for, logger_config, provenance,
                             record_provenance)
-from bertexp.tracking import NullTracker, Tracker
+from bertexp.tracking import NullTracker, Tracker, recorded_vocab
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,8 @@ class Attempt:
             state.best = {}
         state.exam_id = exam.exam_id
         config = _run_config(cfg, run_dir, info, claim, parts, state, exam.exam_id, dist)
-        tracker = Tracker(run_dir, logger_config(cfg), info, config, claim.wandb_resume_id(state.wandb_id)) \
+        recorded = {**config, "model": recorded_vocab(config["model"], parts.model)}  # the vocabulary it has
+        tracker = Tracker(run_dir, logger_config(cfg), info, recorded, claim.wandb_resume_id(state.wandb_id)) \
             if dist.main else NullTracker()
         tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
         state.wandb_id = tracker.run_id
@@ -403,7 +404,7 @@ class Attempt:
                                   self.dist)
             self.tracker.log(record)
             self.pbar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{self.step_fn.lr:.2e}",
-                                  tok_s=f"{record['throughput/tokens_per_s']:.0f}",
+                                  tok_s=f"{record['throughput/window_tokens_per_s']:.0f}",
                                   **({} if self.budget.by_steps else {"budget": f"{self.budget.progress(state):.0%}"}))
         if state.step % int(tc.eval_every) == 0 or finished:
             self.last_eval = self.evaluate()
@@ -609,7 +610,10 @@ def train_record(state: RunState, objective: PretrainingObjective, lr: float, pe
         "masking/corrupted_ratio": w["corrupted"] / max(w["maskable"], 1),
         "masking/predicted_ratio": w["predicted"] / max(w["maskable"], 1),
         "data/nsp_random_share": w["nsp_random"] / max(w["rows"], 1),  # BERT's recipe: about 0.55
-        "throughput/tokens_per_s": tps,
+        # one statistic per name: this window's rate (the progress bar's), and the run's mean so far (its total
+        # tokens over its total training seconds): the final line, the sweep table and W&B's summary show the mean
+        "throughput/window_tokens_per_s": tps,
+        "throughput/mean_tokens_per_s": state.tokens / max(state.train_time, 1e-9),
         "throughput/data_wait_s": w["data_wait"] / n,  # per step: how long the loop waited for its batch
     }
     if math.isfinite(peak):
@@ -631,4 +635,4 @@ def describe_final(final: dict, baselines: dict) -> str:
     nsp = f"eval/nsp_acc {final['final/eval/nsp_acc']:.3f}; " if "final/eval/nsp_acc" in final else ""
     return (f"Finished at step {final['final/step']}: exam mlm_acc {acc:.4f} = {acc / max(mf, 1e-9):.2f}x the "
             f"most-frequent token; {standing(acc, baselines)}. {nsp}"
-            f"{f'{tps:.0f}' if tps else 'n/a'} tokens/s")
+            f"mean {f'{tps:.0f}' if tps else 'n/a'} tokens/s")

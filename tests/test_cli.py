@@ -1,6 +1,7 @@
 """The real CLI, as users type it: overrides, one-line errors for bad input, kill -9 / SIGTERM and resume,
 and a multirun sweep with its summary. Each test is a subprocess of `python run.py` (seconds each)."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -208,7 +209,8 @@ def test_sigterm_and_kills_resume_to_exactly_the_uninterrupted_run(tmp_path, uni
 def test_multirun_sweep_summary_and_group(tmp_path, monkeypatch, capfd):
     d = tmp_path / "sweep"
     r = run_here(monkeypatch, capfd, ["-m", "masking.ratio=0.15,0.4", "trainer=smoke", "trainer.max_steps=10", "trainer.log_every=5",
-                 "trainer.eval_every=5", "trainer.save_every=10", "logger.mode=offline", f"hydra.sweep.dir={d}"])
+                 "trainer.eval_every=5", "trainer.save_every=10", "logger.mode=offline", "logger.tags=[abl]",
+                 "logger.name=trial", f"hydra.sweep.dir={d}"])
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p for p in d.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(runs) == 2
@@ -230,7 +232,7 @@ def test_multirun_sweep_summary_and_group(tmp_path, monkeypatch, capfd):
     for run in runs:
         files = wandb_files(run)[0]
         got = inspect(files)["run"]
-        assert {"smoke", "sweep", "peoples_daily", "bert_tiny", "token"} <= set(got["tags"])  # smoke runs say so
+        assert {"smoke", "sweep", "peoples_daily", "bert_tiny", "token", "abl"} <= set(got["tags"])  # smoke runs say so
         assert got["config"]["update"]["masking"]["strategy"] == "token"
         # the Hydra config files travel with the W&B run; the summary has each metric once per meaning
         assert (files.parent / "files" / ".hydra" / "config.yaml").is_file()
@@ -250,9 +252,39 @@ def test_multirun_sweep_summary_and_group(tmp_path, monkeypatch, capfd):
             pos, mentioned = side.find(f"the {name} ({table:.4f})"), side.find("below")
             assert pos > 0 and ((acc <= table) == (mentioned != -1 and pos > mentioned)), (name, line)
         assert f"Run dir: {run} | final checkpoint: {run}/checkpoints/last" in line
-        assert f"upload it with: wandb sync {files.parent}" in r.stdout
+        assert f"wandb sync {files.parent}" in r.stdout
+    # smoke jobs of a sweep stay in the sweep's group (README): only single smoke runs go to `smoke`
     assert groups == {f"sweep masking.ratio {d.name}"}  # the swept keys (and the date, in multirun/DATE/TIME)
-    assert names == ["masking.ratio=0.15", "masking.ratio=0.4"]
+    assert names == ["trial: masking.ratio=0.15", "trial: masking.ratio=0.4"]  # logger.name prefixes the swept values
+    summary_run = inspect(wandb_files(d)[0])["run"]  # the sweep's summary run carries the user's labels too
+    assert summary_run["display_name"] == "trial summary" and {"summary", "abl"} <= set(summary_run["tags"])
+    _sweep_syncs_in_one_command_from_a_copy(d, r.stdout, tmp_path)
+
+
+def _sweep_syncs_in_one_command_from_a_copy(d, stdout, tmp_path):
+    """The sweep prints one command that uploads all its offline runs (jobs and summary), `wandb login` first;
+    a copy of the sweep folder, the original gone, still holds every file and syncs with the same command."""
+    import re
+    import shutil
+
+    from wandb_reader import wandb_files
+
+    (line,) = [x for x in stdout.splitlines() if "offline runs upload in one command" in x]
+    m = re.search(r": wandb login && \(cd (\S+) && (wandb sync [^)]+)\)$", line)
+    assert m and m.group(1) == str(d), line
+    expected = {f.name for f in [*wandb_files(d), *(f for run in d.iterdir() if run.is_dir() for f in wandb_files(run))]}
+    assert len(expected) == 3  # two jobs and the summary run
+    copy = tmp_path / "elsewhere" / "sweep"
+    shutil.copytree(d, copy, symlinks=True)
+    shutil.rmtree(d)  # another machine: nothing of the original is left to point at
+    for files in copy.rglob("offline-run-*/files"):  # what sync uploads beside the run's records
+        assert [f for f in files.rglob("*") if f.is_file()] and not [f for f in files.rglob("*") if f.is_symlink()]
+    exe = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
+    args = m.group(2).split()[2:]
+    r = subprocess.run(f"{exe} sync --dry-run {' '.join(args)}", shell=True, cwd=copy, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"})
+    listed = set(re.findall(r"(run-\w+\.wandb)", r.stdout + r.stderr))
+    assert listed == expected, r.stdout + r.stderr
 
 
 def test_fake_api_key_without_network_falls_back_offline(tmp_path):
@@ -285,3 +317,23 @@ def test_path_errors_come_before_torch_is_imported(tmp_path):
                            text=True, timeout=120, cwd=ROOT)
         assert expected in r.stderr, r.stderr[-1500:]
         assert "exit 2 torch imported: False" in r.stdout, (args, r.stdout, r.stderr[-1500:])
+
+
+def test_value_range_errors_come_at_once_and_leave_no_run_dir(tmp_path):
+    """`python run.py masking.ratio=1.5`, as typed (outputs/ under the working dir): one line, exit 2, in under
+    3 s, torch never imported, and no run dir made. Likewise a negative learning rate."""
+    probe = ("import runpy, sys\nsys.argv = ['run.py'] + sys.argv[1:]\ntry:\n    runpy.run_path({run!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'torch imported:', 'torch' in sys.modules)\n").format(run=str(ROOT / "run.py"))
+    for args, expected in ((["masking.ratio=1.5"], "error: masking.ratio=1.5 must be in (0, 1) (exclusive)"),
+                           (["optim.lr=-1e-3"], "error: optim.lr=-0.001 must be a positive number"),
+                           (["trainer=smoke", "trainer.eval_every=0"], "error: trainer.eval_every=0 must be >= 1")):
+        t = time.time()
+        r = run_cli(args, cwd=tmp_path)
+        took = time.time() - t
+        assert r.returncode == 2 and r.stderr.strip() == expected, (args, r.stderr[-1500:])
+        assert took < 3, f"{args}: {took:.1f} s"
+        assert not (tmp_path / "outputs").exists(), "a run dir was left behind"
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's bertexp, from any dir
+        assert "exit 2 torch imported: False" in r.stdout, r.stdout + r.stderr[-1500:]
+        assert not (tmp_path / "outputs").exists()

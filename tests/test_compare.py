@@ -197,3 +197,26 @@ def test_standing_names_every_table_on_its_side():
     assert cmp.standing(0.04, b).startswith("below the most-frequent token (0.0400), the left-neighbour")  # a tie is not above
     assert cmp.standing(0.5, b) == ("above the most-frequent token (0.0400), the left-neighbour table (0.1600) and "
                                     "the neighbours table (0.3200)")
+
+
+def test_tied_scores_share_a_rank_and_the_csv_keeps_full_precision(sweep, tmp_path):
+    """A run copied beside the sweep scores exactly what its original scores: both get the same rank, the next
+    run the rank after both (1, 1, 3). summary.csv holds the numbers as the records have them (the Markdown
+    rounds them to 4 digits)."""
+    root = tmp_path / "runs"
+    shutil.copytree(sweep, root)
+    shutil.copytree(sweep / "0", root / "2")
+    md, runs = cmp.compare([root], out=tmp_path / "o", with_plot=False)
+    accs = [r["final/eval/mlm_acc"] for r in runs]
+    assert accs[0] == accs[2] != accs[1]
+    best_first = sorted(range(3), key=lambda i: -accs[i])
+    expected = {0: [1, 3, 1], 1: [2, 1, 2]}[best_first[0]]
+    assert [r["rank"] for r in runs] == expected
+    rows = list(csv.DictReader((tmp_path / "o" / "comparison.csv").open()))
+    for row, run in zip(rows, runs):
+        last = [m for m in cmp.read_metrics(run["path"] / "metrics.jsonl") if "eval/mlm_acc" in m][-1]
+        assert float(row["final eval mlm_acc"]) == last["eval/mlm_acc"]  # to the last bit, not 4 digits
+        assert float(row["final eval mlm_loss"]) == last["eval/mlm_loss"]
+        assert float(row["mean tokens/s"]) == run["mean_tokens_per_s"]
+        assert int(row["rank"]) == run["rank"]
+    assert f"| {accs[0]:.4g} |" in md  # the Markdown, for people, rounds

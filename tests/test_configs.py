@@ -121,3 +121,29 @@ def test_help_and_config_comments_list_exactly_the_options():
     for group, options in comments.items():
         named = {re.sub(r"\s*\(.*", "", o).strip() for o in options.split("|")} - {"null"}
         assert named == real[group], (group, named)
+
+
+@pytest.mark.parametrize("options", [[], ["data=text_file", "masking=span", "task=sentiment", "model=modernbert_tiny"]])
+def test_help_describes_every_field(options):
+    """`python run.py --help` shows the composed config with each field's description beside it, from the
+    comments in conf/ (or the schema's in bertexp/schema.py where an option's file has none)."""
+    import re
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(CONF.parent / "run.py"), "--help", *options], capture_output=True, text=True,
+                       timeout=120, cwd=CONF.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = r.stdout.split("each field with what it means")[1]
+    fields = re.findall(r"^(\w+:|  \w+:)(.*)$", config, re.M)
+    assert len(fields) > 60
+    bare = [f"{k}{v}" for k, v in fields if " # " not in v and not v.strip() == ""]
+    assert not bare, bare  # every field (nested values such as optim.optimizer's aside) says what it is
+    assert re.search(r"^  ratio: 0.3 +# share of non-special tokens selected, in \(0, 1\)", config, re.M)
+    assert re.search(r"^  tags: \[\] +# your own W&B tags", config, re.M)
+    assert re.search(r"^seed: 42 +# seeds data order", config, re.M)
+    if options:  # inherited fields: text_file's from peoples_daily, span's from token, and the schema's
+        assert re.search(r"^  batch_size: 32 +# pairs per optimizer step", config, re.M)
+        assert re.search(r"^  p: 0.2 +# geometric parameter of span lengths", config, re.M)
+        assert re.search(r"^  mask_token_prob: 0.8 +# of the selected: share replaced by \[MASK\]", config, re.M)
+        assert re.search(r"^  seeds: 3 +# fine-tuning seeds", config, re.M)

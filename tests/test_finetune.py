@@ -362,3 +362,22 @@ def test_ner_finetuning_learns_a_learnable_tagging(tmp_path, checkpoint, shuffle
         assert r["dev"] < 0.2 and r["test"] < 0.2, r
     else:
         assert r["dev"] > 0.9 and r["test"] > 0.9, r
+
+
+def test_a_task_job_ends_with_where_everything_is_and_carries_the_users_labels(tmp_path, checkpoint, monkeypatch, capfd):
+    """`task=` prints pretraining's last line (score | Run dir | W&B and how to upload it), and logger.tags,
+    logger.name and logger.notes reach its W&B run as they reach a pretraining run's."""
+    from wandb_reader import inspect, wandb_files
+
+    d = tmp_path / "ft"
+    r = run_here(monkeypatch, capfd, ["task=sentiment", f"model.path={checkpoint}", "logger.mode=offline", *TINY_TASK,
+                                      "logger.tags=[probe]", "logger.name=ft-first", "logger.notes=why", f"hydra.run.dir={d}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    mean = json.loads((d / "summary.json").read_text())["pretrained"]["test"]["mean"]
+    folder = wandb_files(d)[0].parent
+    assert last.startswith(f"sentiment test accuracy {mean:.4f} ± ") and f" | Run dir: {d} | W&B: offline run " in last
+    assert last.endswith(f"wandb sync {folder}")
+    run = inspect(wandb_files(d)[0])["run"]
+    assert run["display_name"] == "ft-first" and run["notes"] == "why" and run["job_type"] == "finetune"
+    assert {"probe", "finetune", "sentiment"} <= set(run["tags"])

@@ -12,7 +12,7 @@ from bertexp.tracking import read_metrics
 from conftest import ESSAY, compose, run_in_process, signal_at_training_call
 from wandb_reader import inspect, wandb_files
 
-REQUIRED_TRAIN = {"step", "train/loss", "train/mlm_loss", "train/nsp_loss", "train/lr", "throughput/tokens_per_s", "masking/realized_ratio"}
+REQUIRED_TRAIN = {"step", "train/loss", "train/mlm_loss", "train/nsp_loss", "train/lr", "throughput/window_tokens_per_s", "throughput/mean_tokens_per_s", "masking/realized_ratio"}
 REQUIRED_EVAL = {"step", "eval/mlm_loss", "eval/mlm_acc", "eval/perplexity", "eval/nsp_acc"}
 
 
