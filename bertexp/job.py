@@ -189,8 +189,9 @@ def check_inputs(cfg: DictConfig) -> None:
         PeoplesDaily(data.path).fingerprint()
     model_path = cfg.model.get("path")
     if model_path and (cfg.get("task") or str(cfg.model.get("_target_", "")).endswith("PretrainedBert")):
-        if not user_path(model_path).is_dir():
-            raise CheckpointError(f"model.path: directory not found: {user_path(model_path)}")
+        from bertexp.hub import resolve
+
+        resolve(model_path, cfg.model.get("revision"))  # a directory, or a Hub id (fetched or found in the HF cache)
     sweeps = Path(__file__).resolve().parents[1] / "multirun_sweeps"
     typed = [o.split("=", 1)[0] for o in HydraConfig.get().overrides.task]
     if "experiment" in typed and HydraConfig.get().mode != RunMode.MULTIRUN and (sweeps / f"{cfg.experiment}.yaml").is_file():
@@ -327,7 +328,7 @@ def _logger(cfg: DictConfig) -> dict | None:
 def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
     """`task=NAME model.path=CKPT`: fine-tune a checkpoint on a downstream task (bertexp.finetune)."""
     from bertexp.finetune import run_finetune
-    from bertexp.modeling import user_path
+    from bertexp.hub import resolve
 
     if not cfg.model.get("path"):
         from bertexp.errors import ConfigError
@@ -335,7 +336,7 @@ def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
         raise ConfigError(f"task={cfg.task.name} needs model.path=DIR (a pretraining run's checkpoints/last, or "
                           "a local pretrained BERT directory)")
     typed = {k[len("data."):]: cfg.data.get(k[len("data."):]) for k in _typed_keys() if k.startswith("data.")}
-    summary = run_finetune(cfg.task, user_path(cfg.model.path), cfg.data, cfg.optim, cfg.trainer, run_dir,
+    summary = run_finetune(cfg.task, resolve(cfg.model.path, cfg.model.get("revision")).dir, cfg.data, cfg.optim, cfg.trainer, run_dir,
                            _logger(cfg), int(cfg.seed), info, typed_data=typed)
     # what a sweeper optimises over fine-tuning settings: dev, never test
     out = {"final/eval/mlm_acc": summary["pretrained"]["dev"]["mean"]}

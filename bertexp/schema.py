@@ -44,6 +44,7 @@ class ScratchSizeSchema:
     """What every scratch model option sets, in the config field names both families share."""
     _target_: str = "bertexp.modeling.ScratchBert"
     path: Optional[str] = None  # only for task=... (fine-tuning loads model.path whatever the model group)
+    revision: Optional[str] = None  # with a Hub id in model.path: a branch, tag or commit
     vocab_size: int = 8000
     hidden_size: int = 128
     num_hidden_layers: int = 2
@@ -75,7 +76,8 @@ class ScratchModernBertSchema(ScratchSizeSchema):  # ModernBertConfig fields (mo
 @dataclass
 class PretrainedModelSchema:
     _target_: str = "bertexp.modeling.PretrainedBert"
-    path: Optional[str] = None
+    path: Optional[str] = None  # a local directory or a Hugging Face Hub id (bertexp.hub)
+    revision: Optional[str] = None  # with a Hub id: a branch, tag or commit (default: main)
 
 
 @dataclass

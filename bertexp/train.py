@@ -44,6 +44,7 @@ from bertexp.modeling import (ModelFlops, PretrainingObjective, check_objective,
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
+from bertexp.hub import model_source
 from bertexp.rundir import NO_RESUME, RUN_CONFIG, RUN_INFO, flat_config, provenance, record_provenance, resume_hint, resume_target
 from bertexp.tracking import NullTracker, Tracker, saved_wandb_id
 
@@ -318,7 +319,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     lineage = {"resumed_from": str(parts.resume_from) if parts.resume_from else None, "branch": branch,
                "config_changes": {k: list(v) for k, v in (run_info.get("changes") or {}).items()}}
     attempt = provenance(step=state.step, tokens_build=parts.data.tokens_build_id, vocab=str(parts.tokenizer.name_or_path),
-                         exam_id=exam.exam_id, **lineage)
+                         exam_id=exam.exam_id, model=model_source(cfg.model), **lineage)
     if dist.main:
         record_provenance(run_dir, attempt)
     config["provenance"] = attempt
