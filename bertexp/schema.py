@@ -40,6 +40,19 @@ class TextFileDataSchema(DataSchema):
 
 
 @dataclass
+class HFDatasetSchema(DataSchema):
+    """data=hf_dataset: a `datasets` dataset (bertexp/data/hf_dataset.py)."""
+    name: Optional[str] = None  # a Hub dataset id, a builder (json, parquet, text, csv) or a save_to_disk directory
+    config_name: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    data_files: Any = None  # the builder's files: a path, glob, list, or {split: files}
+    revision: Optional[str] = None
+    streaming: bool = False
+    segmenter: str = "rjieba"
+
+
+@dataclass
 class ScratchSizeSchema:
     """What every scratch model option sets, in the config field names both families share."""
     _target_: str = "bertexp.modeling.ScratchBert"
@@ -187,6 +200,7 @@ class LoggerSchema:
 SCHEMAS = {
     "data_schema": DataSchema,
     "text_file_schema": TextFileDataSchema,
+    "hf_dataset_schema": HFDatasetSchema,
     "scratch_schema": ScratchModelSchema,
     "modernbert_schema": ScratchModernBertSchema,
     "pretrained_schema": PretrainedModelSchema,
