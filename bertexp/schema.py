@@ -153,6 +153,7 @@ class TrainerSchema:
     max_flops: Optional[float] = None
     log_every: int = 20
     eval_every: int = 250
+    eval_at_start: bool = False
     exam_length: int = 128
     exam_pairs: Optional[int] = 2048
     save_every: int = 250

@@ -44,6 +44,7 @@ from bertexp.modeling import (ModelFlops, PretrainingObjective, check_objective,
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
+from bertexp.continued import before_after, exam_at_start
 from bertexp.hub import model_source
 from bertexp.rundir import NO_RESUME, RUN_CONFIG, RUN_INFO, flat_config, provenance, record_provenance, resume_hint, resume_target
 from bertexp.tracking import NullTracker, Tracker, saved_wandb_id
@@ -368,6 +369,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     job_prefix = f"[job {run_info.get('job')}: {run_info.get('name')}] " if run_info.get("multirun") else ""
     pbar = tqdm(total=budget.max_steps, initial=state.step, desc=f"job {run_info.get('job')} train" if job_prefix else "train",
                 dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
+    start_eval = exam_at_start(bool(tc.get("eval_at_start")), state, evaluate, tracker, pbar.write)
     try:
         with _StopFlag() as stop:
             while not budget.done(state):
@@ -433,6 +435,8 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
             final = _close(tracker, state, last_eval, first_step_s, run_dir, exit_code,
                            log_checkpoint=exit_code == 0 and bool(cfg.get("logger")) and bool(cfg.logger.get("log_checkpoints")))
     log.info(describe_final(final, baselines))
+    if start_eval and dist.main:
+        print(before_after(start_eval, final))
     if dist.main:  # the last line: where everything this run wrote is
         last = run_dir / "checkpoints" / "last"
         acc = final.get("final/eval/mlm_acc")

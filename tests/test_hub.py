@@ -3,11 +3,12 @@ its heads and a tiny ModernBERT, written under a temporary HF_HOME), offline, fo
 trainer.downstream; provenance and W&B name the id and its commit; each failure is one line, fast."""
 import json
 import logging
+import shlex
 import time
 
 import pytest
 
-from conftest import ESSAY, run_cli, run_here
+from conftest import ESSAY, ROOT, run_cli, run_here
 from hub_cache import put_in_cache, tiny_bert, tiny_modernbert, use_cache
 
 ESSAY_RUN = ["data=text_file", f"data.path={ESSAY}", "trainer=smoke", "logger=none"]
@@ -177,3 +178,40 @@ def test_an_unreachable_hub_is_told_in_seconds_and_the_cache_still_serves(offlin
     with caplog.at_level(logging.WARNING):
         assert bertexp.hub.resolve("tiny-org/bert").dir == snaps["tiny-org/bert"]
     assert any("comes from the cache" in r.getMessage() for r in caplog.records)
+
+
+def test_the_readme_continued_pretraining_job_runs_on_a_cached_id(offline, tmp_path, monkeypatch, capfd):
+    """The README's continued-pretraining command, on the tiny cached BERT and the essay: MLM + NSP from the
+    model's own heads and tokenizer, the exam scored before the first step and after the last, and a line that
+    puts the two side by side."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bertexp.tracking import read_metrics
+
+    home, snaps = offline
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = next(line for line in readme.splitlines() if "-cn continue_pretraining" in line and "bert-base-chinese" in line)
+    args = shlex.split(command.split("#")[0])[2:]
+    args = [a.replace("bert-base-chinese", "tiny-org/bert") if a.startswith("model.path=") else a for a in args]
+    args = [f"data.path={ESSAY}" if a.startswith("data.path=") else a for a in args]
+    r = run_here(monkeypatch, capfd, [*args, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.exam_pairs=64",
+                                      "logger=none", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    evals = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "eval/mlm_acc" in m]
+    assert [m["step"] for m in evals] == [0, 2, 4]
+    before, after = evals[0]["eval/mlm_acc"], evals[-1]["eval/mlm_acc"]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("Continued pretraining"))
+    assert f"mlm_acc {before:.4f} before" in line and f"-> {after:.4f} after step 4" in line
+    assert "the neighbours table" in line and "nsp_acc" in line
+    assert "random weights" not in r.stderr
+    cached = load_file(str(snaps["tiny-org/bert"] / "model.safetensors"))
+    trained = load_file(str(tmp_path / "checkpoints" / "last" / "model.safetensors"))
+    for head in ("cls.seq_relationship.weight", "cls.predictions.transform.dense.weight"):
+        # 4 steps at lr 5e-5 move the pretrained heads a little; heads started afresh would be unrelated weights
+        assert torch.allclose(trained[head], cached[head], atol=1e-2) and not torch.equal(trained[head], cached[head])
+    vocab = (tmp_path / "checkpoints" / "last" / "vocab.txt").read_text(encoding="utf-8")
+    assert vocab == (snaps["tiny-org/bert"] / "vocab.txt").read_text(encoding="utf-8")
+    cfg = json.loads((tmp_path / "run_config.json").read_text())
+    assert (cfg["model.path"], cfg["masking.ratio"], cfg["objective.nsp_weight"], cfg["optim.lr"]) == \
+        ("tiny-org/bert", 0.15, 1.0, 5e-5)  # BERT's own recipe at a pretrained model's learning rate
