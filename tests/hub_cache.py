@@ -85,3 +85,25 @@ def use_cache(monkeypatch, hf_home: Path) -> None:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(hf_home) / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     bertexp.hub._resolve_id.cache_clear()
+
+
+def put_dataset_in_cache(datasets_cache: Path, repo_id: str, jsonl: Path, commit: str = "0" * 40) -> Path:
+    """A Hub dataset `repo_id` as `datasets` leaves it in its cache after `load_dataset(repo_id)` online (what it
+    reads offline by the name): prepared by datasets' own json builder, then filed under the repo's name
+    (`NAMESPACE___NAME/default/0.0.0/COMMIT/`, `NAME-train.arrow`, its dataset_info naming it)."""
+    import json
+    import shutil
+
+    import datasets
+
+    name = repo_id.split("/")[-1]
+    builder = datasets.load_dataset_builder("json", data_files=str(Path(jsonl).resolve()),
+                                            cache_dir=str(Path(datasets_cache).parent / "json_builder"))
+    builder.download_and_prepare()
+    dst = Path(datasets_cache) / repo_id.replace("/", "___") / "default" / "0.0.0" / commit
+    dst.mkdir(parents=True)
+    for f in Path(builder.cache_dir).iterdir():
+        shutil.copy(f, dst / f.name.replace("json-", f"{name}-"))
+    info = json.loads((dst / "dataset_info.json").read_text())
+    (dst / "dataset_info.json").write_text(json.dumps({**info, "config_name": "default", "dataset_name": name}))
+    return dst

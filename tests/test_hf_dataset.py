@@ -128,3 +128,21 @@ def test_bad_datasets_are_one_line_errors(essay_sets, tmp_path, monkeypatch):
     msg = error("data.name=tiny-org/absent")
     assert msg.startswith("data.name=tiny-org/absent: no such directory, and not in the datasets cache at ")
     assert "(offline); connect, or run once online, or give a save_to_disk directory" in msg
+
+
+def test_a_hub_dataset_in_the_datasets_cache_loads_by_its_name_offline(essay_sets, tmp_path, monkeypatch):
+    """Offline, `data.name=ORG/NAME` is read from the datasets cache (as left by an earlier online load), and
+    tokenises to what the same records give as files."""
+    import datasets
+    from huggingface_hub import constants
+
+    from hub_cache import put_dataset_in_cache
+
+    jsonl, _ = essay_sets
+    put_dataset_in_cache(tmp_path / "dscache", "tiny-org/essays", jsonl)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "dscache")
+    reference = _prepared(["data=text_file", f"data.path={jsonl}", "data.text_field=content"], tmp_path / "c")
+    data = _prepared(["data=hf_dataset", "data.name=tiny-org/essays", "data.text_field=content"], tmp_path / "c")
+    np.testing.assert_array_equal(np.asarray(data.tokens.ids), np.asarray(reference.tokens.ids))
