@@ -176,8 +176,7 @@ def check_inputs(cfg: DictConfig) -> None:
     """The files a run reads, checked before the seconds of importing torch and transformers: a missing or
     unreadable corpus, or a missing model directory, is a one-line error at once. (The full checks run again
     where the files are used.)"""
-    from bertexp.data.sources import PeoplesDaily, TextFiles, user_path
-    from bertexp.errors import CheckpointError
+    from bertexp.data.sources import PeoplesDaily, TextFiles
 
     data, target = cfg.data, str(cfg.data.get("_target_", ""))
     if target.endswith(".from_text_file"):
