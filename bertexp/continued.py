@@ -11,7 +11,7 @@ from bertexp.compare import standing
 log = logging.getLogger("bertexp")
 
 
-def exam_at_start(enabled: bool, state, evaluate, tracker, write) -> dict | None:
+def exam_at_start(enabled: bool, state, evaluate, tracker, write=None) -> dict | None:
     """The exam of the model as it starts (step 0, logged like every evaluation). Not on a resume: the start was
     scored when the run began. Not a `best/` value either: those are of models this run trained."""
     if not enabled or state.step != 0:
@@ -21,6 +21,8 @@ def exam_at_start(enabled: bool, state, evaluate, tracker, write) -> dict | None
     state.best = best
     tracker.log(record)
     acc = record["eval/mlm_acc"]
+    if write is None:  # a rank other than 0 under torchrun: it evaluated its share, rank 0 speaks
+        return record
     write(f"before training: exam mlm_acc {acc:.4f} ({standing(acc, record)}), top-5 {record['eval/mlm_top5_acc']:.4f}"
           + (f", nsp_acc {record['eval/nsp_acc']:.3f}" if "eval/nsp_acc" in record else ""))
     return record

@@ -333,7 +333,7 @@ def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
         from bertexp.errors import ConfigError
 
         raise ConfigError(f"task={cfg.task.name} needs model.path=DIR (a pretraining run's checkpoints/last, or "
-                          "a local pretrained BERT directory)")
+                          "a local pretrained BERT directory) or a Hugging Face Hub id")
     typed = {k[len("data."):]: cfg.data.get(k[len("data."):]) for k in _typed_keys() if k.startswith("data.")}
     summary = run_finetune(cfg.task, resolve(cfg.model.path, cfg.model.get("revision")).dir, cfg.data, cfg.optim, cfg.trainer, run_dir,
                            _logger(cfg), int(cfg.seed), info, typed_data=typed)

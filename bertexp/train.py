@@ -369,7 +369,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     job_prefix = f"[job {run_info.get('job')}: {run_info.get('name')}] " if run_info.get("multirun") else ""
     pbar = tqdm(total=budget.max_steps, initial=state.step, desc=f"job {run_info.get('job')} train" if job_prefix else "train",
                 dynamic_ncols=True, mininterval=1.0, disable=not dist.main)
-    start_eval = exam_at_start(bool(tc.get("eval_at_start")), state, evaluate, tracker, pbar.write)
+    start_eval = exam_at_start(bool(tc.get("eval_at_start")), state, evaluate, tracker, pbar.write if dist.main else None)
     try:
         with _StopFlag() as stop:
             while not budget.done(state):
