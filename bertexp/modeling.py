@@ -216,8 +216,9 @@ class ScratchModernBert(ScratchBert):
 
 
 class PretrainedBert:
-    """A local model directory: a BERT in the layout of bert-base-chinese (config.json, weights, vocab.txt), or a
-    ModernBERT such as a bertexp checkpoint of one; config.json's model_type says which."""
+    """A local model directory or a Hugging Face Hub id (resolved to its snapshot in the HF cache, bertexp.hub):
+    a BERT in the layout of bert-base-chinese (config.json, weights, vocab.txt), or a ModernBERT such as a
+    bertexp checkpoint of one; config.json's model_type says which."""
 
     fresh = False  # its pretrained heads are kept as they are
 
