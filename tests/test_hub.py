@@ -225,3 +225,43 @@ def test_the_readme_continued_pretraining_job_runs_on_a_cached_id(offline, tmp_p
     cfg = json.loads((tmp_path / "run_config.json").read_text())
     assert (cfg["model.path"], cfg["masking.ratio"], cfg["objective.nsp_weight"], cfg["optim.lr"]) == \
         ("tiny-org/bert", 0.15, 1.0, 5e-5)  # BERT's own recipe at a pretrained model's learning rate
+
+
+def test_online_answers_of_the_hub_are_told_apart(offline, monkeypatch):
+    """Online (the Hub reachable), huggingface_hub's answers become one line each: no such repo, no such
+    revision, a gated repo; a download brings only a BERT's files."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    import bertexp.hub
+
+    home, snaps = offline
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(bertexp.hub, "_unreachable", lambda: None)
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/name"))
+    asked = []
+
+    def answer(error):
+        def snapshot_download(repo_id, **kw):
+            if kw.get("local_files_only"):
+                raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+            asked.append(kw.get("allow_patterns"))
+            if error is None:
+                return str(snaps["tiny-org/bert"])
+            raise error("404 Client Error", response=response)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        bertexp.hub._resolve_id.cache_clear()
+
+    for error, expected in ((RepositoryNotFoundError, "'org/name' is no model on the Hugging Face Hub"),
+                            (RevisionNotFoundError, "model.revision=v9: no such revision of org/name"),
+                            (GatedRepoError, "the repo is gated")):
+        answer(error)
+        with pytest.raises(bertexp.hub.CheckpointError) as e:
+            bertexp.hub.resolve("org/name", "v9")
+        assert expected in str(e.value) and "\n" not in str(e.value)
+    answer(None)
+    resolved = bertexp.hub.resolve("org/name")
+    assert resolved.dir == snaps["tiny-org/bert"] and resolved.repo_id == "org/name"
+    assert asked[-1] == bertexp.hub.MODEL_FILES and "*.h5" not in asked[-1]  # weights as safetensors, no TF/Flax copies
