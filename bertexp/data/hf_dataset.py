@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 from typing import Iterator
 
 from bertexp.data.sources import SEGMENTERS, Chunk, Corpus, Paragraph, join_documents, parse_chunk, segmenter, \
