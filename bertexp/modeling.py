@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForPreTraining, ModernBertConfig, ModernBertForMaskedLM
 
-from bertexp.data.sources import user_path
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError
 
