@@ -380,8 +380,10 @@ def pretraining_origin(path: Path) -> dict:
     from bertexp.checkpoint import STATE_FILE, load_trainer_state
     from bertexp.rundir import RUN_INFO
 
-    if not (path / STATE_FILE).is_file():
-        return {"pretrain/checkpoint": str(path)}
+    if not (path / STATE_FILE).is_file():  # a model bertexp did not train: a directory, or a Hub id's snapshot
+        from bertexp.hub import describe
+
+        return {"pretrain/checkpoint": str(path), **{f"pretrain/{k}": v for k, v in describe(path).items() if k != "path"}}
     saved = load_trainer_state(path)
     run = saved.get("run", {})
     try:

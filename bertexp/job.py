@@ -38,8 +38,7 @@ def check_inputs(cfg: DictConfig) -> None:
     """The files a run reads, checked before the seconds of importing torch and transformers: a missing or
     unreadable corpus, or a missing model directory, is a one-line error at once. (The full checks run again
     where the files are used.)"""
-    from bertexp.data.sources import PeoplesDaily, TextFiles, user_path
-    from bertexp.errors import CheckpointError
+    from bertexp.data.sources import PeoplesDaily, TextFiles
 
     data, target = cfg.data, str(cfg.data.get("_target_", ""))
     if target.endswith(".from_text_file"):
@@ -51,8 +50,9 @@ def check_inputs(cfg: DictConfig) -> None:
         PeoplesDaily(data.path).fingerprint()
     model_path = cfg.model.get("path")
     if model_path and (cfg.get("task") or str(cfg.model.get("_target_", "")).endswith("PretrainedBert")):
-        if not user_path(model_path).is_dir():
-            raise CheckpointError(f"model.path: directory not found: {user_path(model_path)}")
+        from bertexp.hub import resolve
+
+        resolve(model_path, cfg.model.get("revision"))  # a directory, or a Hub id (fetched or found in the HF cache)
     sweeps = Path(__file__).resolve().parents[1] / "multirun_sweeps"
     typed = [o.split("=", 1)[0] for o in HydraConfig.get().overrides.task]
     if "experiment" in typed and HydraConfig.get().mode != RunMode.MULTIRUN and (sweeps / f"{cfg.experiment}.yaml").is_file():
@@ -185,16 +185,16 @@ def _downstream_kept_apart(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
 def run_task(cfg: DictConfig, run_dir: Path, info: dict) -> dict:
     """`task=NAME model.path=CKPT`: fine-tune a checkpoint on a downstream task (bertexp.finetune)."""
     from bertexp.finetune import run_finetune
-    from bertexp.modeling import user_path
+    from bertexp.hub import resolve
 
     if not cfg.model.get("path"):
         from bertexp.errors import ConfigError
 
         raise ConfigError(f"task={cfg.task.name} needs model.path=DIR (a pretraining run's checkpoints/last, or "
-                          "a local pretrained BERT directory)")
+                          "a local pretrained BERT directory) or a Hugging Face Hub id")
     typed = {k[len("data."):]: cfg.data.get(k[len("data."):]) for k in _typed_keys() if k.startswith("data.")}
-    summary = run_finetune(cfg.task, user_path(cfg.model.path), cfg.data, cfg.optim, cfg.trainer, run_dir,
-                           logger_config(cfg), int(cfg.seed), info, typed_data=typed)
+    summary = run_finetune(cfg.task, resolve(cfg.model.path, cfg.model.get("revision")).dir, cfg.data, cfg.optim,
+                           cfg.trainer, run_dir, logger_config(cfg), int(cfg.seed), info, typed_data=typed)
     from bertexp.finetune import final_line
 
     print(final_line(summary, run_dir), flush=True)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForPreTraining, ModernBertConfig, ModernBertForMaskedLM
 
-from bertexp.data.sources import user_path
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError
 
@@ -172,10 +171,13 @@ class ScratchBert:
     fresh = True  # its heads may be initialised from the data (objective.mlm_bias_init)
     family: Family = FAMILIES["bert"]
 
-    def __init__(self, vocab_size: int = 8000, path: str | None = None, **config):
+    def __init__(self, vocab_size: int = 8000, path: str | None = None, revision: str | None = None, **config):
         if path is not None:  # model.path is for loading (model=pretrained) and fine-tuning (task=...)
             raise ConfigError(f"model.path={path} is set, but this model is built from scratch: use "
                               "model=pretrained model.path=DIR to start from it, or task=NAME to fine-tune it")
+        if revision is not None:
+            raise ConfigError(f"model.revision={revision} is set, but this model is built from scratch: it goes with "
+                              "a Hub id in model.path (model=pretrained or task=NAME)")
         if vocab_size < 16:
             raise ConfigError(f"model.vocab_size={vocab_size} must be >= 16")
         h, n = config.get("hidden_size", 768), config.get("num_attention_heads", 12)
@@ -202,8 +204,8 @@ class ScratchModernBert(ScratchBert):
 
     family = FAMILIES["modernbert"]
 
-    def __init__(self, vocab_size: int = 8000, path: str | None = None, **config):
-        super().__init__(vocab_size, path, **config)
+    def __init__(self, vocab_size: int = 8000, path: str | None = None, revision: str | None = None, **config):
+        super().__init__(vocab_size, path, revision, **config)
         if int(config.get("global_attn_every_n_layers", 1)) < 1:
             raise ConfigError(f"model.global_attn_every_n_layers={config['global_attn_every_n_layers']} must be >= 1 "
                               "(1: every layer attends globally)")
@@ -213,18 +215,20 @@ class ScratchModernBert(ScratchBert):
 
 
 class PretrainedBert:
-    """A local model directory: a BERT in the layout of bert-base-chinese (config.json, weights, vocab.txt), or a
-    ModernBERT such as a bertexp checkpoint of one; config.json's model_type says which."""
+    """A local model directory or a Hugging Face Hub id (resolved to its snapshot in the HF cache, bertexp.hub):
+    a BERT in the layout of bert-base-chinese (config.json, weights, vocab.txt), or a ModernBERT such as a
+    bertexp checkpoint of one; config.json's model_type says which."""
 
     fresh = False  # its pretrained heads are kept as they are
 
-    def __init__(self, path: str | None = None):
+    def __init__(self, path: str | None = None, revision: str | None = None):
         if not path or str(path) in ("???", "None"):
-            raise ConfigError("model.path is not set: model=pretrained needs model.path=DIR (a Hugging Face BERT or "
-                              "ModernBERT directory)")
-        self.path = user_path(path)
-        if not self.path.is_dir():
-            raise CheckpointError(f"model.path: directory not found: {self.path}")
+            raise ConfigError("model.path is not set: model=pretrained needs model.path=DIR or a Hugging Face Hub id "
+                              "(a BERT or ModernBERT)")
+        from bertexp.hub import resolve
+
+        self.source = resolve(path, revision)  # a Hub id becomes its snapshot in the HF cache
+        self.path = self.source.dir
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"model.path: {self.path} has no config.json")
         if not any((self.path / w).is_file() for w in WEIGHT_FILES):
@@ -258,9 +262,14 @@ class PretrainedBert:
                 f"{n_vocab} rows (config.json vocab_size)"
             )
         try:
-            return self.family.load(self.path)
+            model, info = self.family.model_class.from_pretrained(str(self.path), local_files_only=True,
+                                                                  attn_implementation="sdpa", output_loading_info=True)
         except Exception as e:
             raise CheckpointError(f"model.path: cannot load {self.family.name} weights from {self.path}: {e}") from None
+        from bertexp.hub import report_new_heads
+
+        report_new_heads(self.source.label, info.get("missing_keys") or [])
+        return model
 
 
 def fit_attention_to_precision(model, device_type: str, precision: str) -> None:

@@ -65,12 +65,10 @@ def effective_config(cfg: DictConfig) -> dict:
     if corpus is not None:
         flat[CORPUS_KEY] = corpus
     model_path = cfg.model.get("path") if cfg.get("task") and cfg.get("model") else None
-    if model_path:
-        from bertexp.data.sources import user_path
+    if model_path:  # a directory, or a Hub id's snapshot (its commit is in the key already, the bytes say more)
+        from bertexp.hub import resolve
 
-        found = user_path(model_path)
-        if found.is_dir():
-            flat[WEIGHTS_KEY] = weights_digest(found)
+        flat[WEIGHTS_KEY] = weights_digest(resolve(model_path, cfg.model.get("revision")).dir)
     return flat
 
 

@@ -40,10 +40,24 @@ class TextFileDataSchema(DataSchema):
 
 
 @dataclass
+class HFDatasetSchema(DataSchema):
+    """data=hf_dataset: a `datasets` dataset (bertexp/data/hf_dataset.py)."""
+    name: Optional[str] = None  # a Hub dataset id, a builder (json, parquet, text, csv) or a save_to_disk directory
+    config_name: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    data_files: Any = None  # the builder's files: a path, glob, list, or {split: files}
+    revision: Optional[str] = None
+    streaming: bool = False
+    segmenter: str = "rjieba"
+
+
+@dataclass
 class ScratchSizeSchema:
     """What every scratch model option sets, in the config field names both families share."""
     _target_: str = "bertexp.modeling.ScratchBert"
     path: Optional[str] = None  # only for task=... (fine-tuning loads model.path whatever the model group)
+    revision: Optional[str] = None  # with a Hub id in model.path: a branch, tag or commit
     vocab_size: int = 8000  # at most this many WordPiece entries, trained on the corpus (the model has what training gives)
     hidden_size: int = 128  # width of the encoder (BertConfig / ModernBertConfig field)
     num_hidden_layers: int = 2  # encoder layers
@@ -75,7 +89,8 @@ class ScratchModernBertSchema(ScratchSizeSchema):  # ModernBertConfig fields (mo
 @dataclass
 class PretrainedModelSchema:
     _target_: str = "bertexp.modeling.PretrainedBert"
-    path: Optional[str] = None  # a local model directory (e.g. a run's checkpoints/last)
+    path: Optional[str] = None  # a local directory or a Hugging Face Hub id (bertexp.hub)
+    revision: Optional[str] = None  # with a Hub id: a branch, tag or commit (default: main)
 
 
 @dataclass
@@ -138,6 +153,7 @@ class TrainerSchema:
     max_flops: Optional[float] = None
     log_every: int = 20  # train metrics to metrics.jsonl / W&B every N steps
     eval_every: int = 250  # held-out evaluation every N steps (and at the end)
+    eval_at_start: bool = False  # also take the exam before the first step (continued pretraining: before and after)
     exam_length: int = 128  # the exam's pairs are built at this length
     exam_pairs: Optional[int] = 2048  # at most this many held-out pairs in the exam (null: all)
     save_every: int = 250  # checkpoint every N steps (and at the end)
@@ -188,6 +204,7 @@ class LoggerSchema:
 SCHEMAS = {
     "data_schema": DataSchema,
     "text_file_schema": TextFileDataSchema,
+    "hf_dataset_schema": HFDatasetSchema,
     "scratch_schema": ScratchModelSchema,
     "modernbert_schema": ScratchModernBertSchema,
     "pretrained_schema": PretrainedModelSchema,

@@ -45,6 +45,8 @@ from bertexp.lifecycle import Claim, StopFlag, resume_hint, resume_target
 from bertexp.optim import build_optimizer, build_scheduler, check_optim
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
+from bertexp.continued import before_after, exam_at_start
+from bertexp.hub import model_source
 from bertexp.rundir import (LINEAGE, RUN_CONFIG, RUN_INFO, effective_config, lineage_for, logger_config, provenance,
                             record_provenance)
 from bertexp.tracking import NullTracker, Tracker, recorded_vocab
@@ -307,6 +309,7 @@ class Attempt:
     last_eval: dict = None
     first_step_s: float | None = None
     final: dict | None = None
+    start_eval: dict | None = None  # the exam before the first step (trainer.eval_at_start)
 
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path, info: dict, device: torch.device, dist: distributed.Dist) -> "Attempt":
@@ -370,6 +373,8 @@ class Attempt:
         job = self.info.get("job") if self.info.get("multirun") else None
         self.pbar = tqdm(total=budget.max_steps, initial=state.step, desc="train" if job is None else f"job {job} train",
                          dynamic_ncols=True, mininterval=1.0, disable=not self.dist.main)
+        self.start_eval = exam_at_start(bool(cfg.trainer.get("eval_at_start")), state, self.evaluate, self.tracker,
+                                        self.pbar.write if self.dist.main else None)
         while not budget.done(state):
             t0 = time.perf_counter()
             batch = masked = None  # the last step's batch is freed before the next is taken (batch_stream)
@@ -443,6 +448,8 @@ class Attempt:
         """The final log line and the last console line (where everything this run wrote is); the final dict."""
         final = self.final
         log.info(describe_final(final, self.baselines))
+        if self.start_eval and self.dist.main:
+            print(before_after(self.start_eval, final))
         if self.dist.main:
             last = self.run_dir / "checkpoints" / "last"
             acc = final.get("final/eval/mlm_acc")
@@ -460,7 +467,7 @@ def _run_config(cfg: DictConfig, run_dir: Path, info: dict, claim: Claim, parts:
     lineage = {"resumed_from": str(parts.resume_from) if parts.resume_from else None, "branch": claim.branch,
                "config_changes": {k: list(v) for k, v in claim.changes.items()}}
     attempt = provenance(step=state.step, tokens_build=parts.data.tokens_build_id, vocab=str(parts.tokenizer.name_or_path),
-                         exam_id=exam_id, **lineage)
+                         exam_id=exam_id, model=model_source(cfg.model), **lineage)
     if dist.main:
         record_provenance(run_dir, attempt)
     config["provenance"] = attempt

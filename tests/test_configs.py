@@ -26,6 +26,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     extra = []
     if (group, option) == ("data", "text_file"):
         extra = [f"data.path={ESSAY}"]
+    if (group, option) == ("data", "hf_dataset"):
+        extra = ["data.name=text", f"data.data_files={ESSAY}"]  # datasets' text builder: a record per line
     if (group, option) == ("model", "pretrained"):
         from transformers import BertConfig, BertForPreTraining, BertTokenizerFast
 

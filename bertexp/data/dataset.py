@@ -104,6 +104,20 @@ class PretrainingData:
 
         return cls(TextFiles(path, encoding, segmenter, text_field, documents), **kwargs)
 
+    @classmethod
+    def from_hf_dataset(cls, name=None, config_name: str | None = None, split: str = "train", text_field: str = "text",
+                        data_files=None, revision: str | None = None, streaming: bool = False,
+                        segmenter: str = "rjieba", path=None, **kwargs) -> "PretrainingData":
+        """A `datasets` dataset: a Hub id, a builder over data_files, or a save_to_disk directory
+        (bertexp/data/hf_dataset.py); one record is one document."""
+        from bertexp.data.hf_dataset import HFDataset
+
+        if path is not None:
+            raise ConfigError(f"data.path={path} is set, but data=hf_dataset reads data.name (a Hub id, a builder with "
+                              "data.data_files, or a save_to_disk directory); for files use data=text_file")
+
+        return cls(HFDataset(name, config_name, split, text_field, data_files, revision, streaming, segmenter), **kwargs)
+
     @property
     def name(self) -> str:
         return getattr(self.source, "name", type(self.source).__name__)
