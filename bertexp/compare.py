@@ -258,7 +258,9 @@ def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.0f}" if abs(v) >= 1e4 else f"{v:.4g}"  # throughput as a whole number, as the final line shows it
     return str(v)
 
 
@@ -332,10 +334,9 @@ def rank_within_exams(runs: list[dict], metric: str = "final/eval/mlm_acc") -> s
     return "\n".join(notes)
 
 
-def _downstream_cell(summary: dict | None, init: str) -> str:
-    if not summary:
+def _downstream_cell(s: dict) -> str:
+    if not s:
         return "-"
-    s = summary[init]["test"]
     return f"{_fmt(s['mean'])} ± {_fmt(s['sd'])}" if s.get("sd") is not None else _fmt(s["mean"])
 
 
@@ -350,12 +351,19 @@ def table_rows(runs: list[dict], keys: list[str], fmt=None) -> tuple[list[str], 
     """The runs' table; `fmt` writes each value (default: rounded, for Markdown; `_csv_value` for the CSV)."""
     fmt = fmt or _fmt
     tasks = sorted({t for r in runs for t in r.get("downstream", {})})
-    extra = [f"{t} test ({init})" for t in tasks for init in ("pretrained", "random init")]
+    inits = (("pretrained", "pretrained"), ("random init", "random"))
+    if fmt is _fmt:  # Markdown: one cell "mean ± sd" per task and init
+        extra = [f"{t} test ({name})" for t in tasks for name, _ in inits]
+    else:  # CSV: the mean and the sd in columns of their own, each a number
+        extra = [f"{t} test ({name}) {stat}" for t in tasks for name, _ in inits for stat in ("mean", "sd")]
     header = ["run", *keys, *[c for c, _ in COLUMNS], *extra, "error"]
     rows = []
     for r in runs:
-        cells = [_downstream_cell(r.get("downstream", {}).get(t), init)
-                 for t in tasks for init in ("pretrained", "random")]
+        cells = []
+        for t in tasks:
+            for _, init in inits:
+                test = (r.get("downstream", {}).get(t) or {}).get(init, {}).get("test", {})
+                cells += ([_downstream_cell(test)] if fmt is _fmt else [fmt(test.get("mean")), fmt(test.get("sd"))])
         config = [(_fmt_value if fmt is _fmt else _csv_value)(r["config"].get(k)) for k in keys]
         rows.append([str(r["path"]), *config, *[fmt(r[f]) for _, f in COLUMNS],
                      *cells, r["error"]])

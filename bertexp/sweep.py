@@ -40,13 +40,22 @@ def log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
         run_id = log_sweep_summary(logger_cfg, sweep_dir, wandb_group(config, sweep_dir, config.hydra))
         if run_id:
             print(f"W&B: summary tables and plot logged in run {run_id} (job_type=summary)")
-        from bertexp.tracking import sweep_sync_line
-
-        sync = sweep_sync_line(sweep_dir)
-        if sync:
-            print(sync)
     except Exception as e:  # the tables are on disk whatever W&B does
         log.warning("W&B sweep summary failed (%s: %s)", type(e).__name__, e)
+    print_sync_line(sweep_dir)
+
+
+def print_sync_line(sweep_dir: Path) -> None:
+    """The one command that uploads every offline run of the sweep, whatever became of its summary."""
+    from bertexp.tracking import sweep_sync_line
+
+    try:
+        sync = sweep_sync_line(sweep_dir)
+    except Exception as e:  # noqa: BLE001 - the runs are on disk; `wandb sync` can find them without us
+        log.warning("could not list the sweep's offline W&B runs (%s: %s)", type(e).__name__, e)
+        return
+    if sync:
+        print(sync)
 
 
 class SweepSummary(Callback):
@@ -54,6 +63,8 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = write_summary(sweep_dir)
         if runs is None:
+            if config.get("logger"):
+                print_sync_line(sweep_dir)
             return
         log_summary_to_wandb(config, sweep_dir)
         failed = sum(1 for r in runs if r["status"] in ("failed", "interrupted") or r.get("downstream_error"))

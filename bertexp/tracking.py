@@ -254,6 +254,7 @@ def sweep_sync_line(sweep_dir: Path) -> str | None:
 
 
 WANDB_ID_FILE = "wandb_id"
+LABELS_FILE = "wandb_labels.json"  # the user's own W&B tags, name and notes for this run
 
 
 def saved_wandb_id(run_dir: Path) -> str | None:
@@ -299,7 +300,22 @@ class Tracker:
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
 
+    def _own_labels(self, cfg: dict, info: dict, resume_id: str | None) -> tuple[dict, dict]:
+        """The user's logger.tags/name/notes are kept with the run (wandb_labels.json): a resume that names none
+        of them continues the W&B run under the labels it was given (W&B would take the resume's instead)."""
+        path = self.run_dir / LABELS_FILE
+        mine = {k: cfg.get(k) for k in ("tags", "name", "notes") if cfg.get(k)}
+        if mine:
+            path.write_text(json.dumps(mine, ensure_ascii=False), encoding="utf-8")
+            return cfg, info
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8")) if resume_id else {}
+        except (OSError, ValueError):
+            saved = {}
+        return {**cfg, **saved}, user_name(saved, info)
+
     def _init_wandb(self, cfg: dict, info: dict, config: dict, resume_id: str | None):
+        cfg, info = self._own_labels(cfg, info, resume_id)
         run = start_wandb(self.run_dir, cfg, info, config, resume_id)
         if run is None:
             return None

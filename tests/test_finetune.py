@@ -308,6 +308,13 @@ def test_sweep_with_downstream_has_scores_per_run(tmp_path, monkeypatch, capfd):
         s = json.loads((d / run / "downstream" / "sentiment" / "summary.json").read_text())
         assert s["pretrained"]["test"]["n"] == 2
         assert f"{s['pretrained']['test']['mean']:.4g} ± {s['pretrained']['test']['sd']:.4g}" in md
+    rows = list(csv.DictReader((d / "summary.csv").read_text().splitlines()))  # for machines: numbers, in full
+    by_run = {r["run"].rsplit("/", 1)[-1]: r for r in rows}
+    for run in ("0", "1"):
+        s = json.loads((d / run / "downstream" / "sentiment" / "summary.json").read_text())
+        for stat in ("mean", "sd"):
+            assert float(by_run[run][f"sentiment test (pretrained) {stat}"]) == s["pretrained"]["test"][stat]
+            assert float(by_run[run][f"sentiment test (random init) {stat}"]) == s["random"]["test"][stat]
 
 
 def _names_task(tokenizer, shuffled: bool = False):

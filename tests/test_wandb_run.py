@@ -74,3 +74,24 @@ def test_offline_line_says_to_log_in_first(labelled):
     last = [x for x in out.splitlines() if "| Run dir: " in x][-1]
     folder = wandb_files(d)[0].parent
     assert last.endswith(f"upload it with: wandb login && wandb sync {folder}")
+
+
+def test_a_resume_that_names_no_labels_keeps_the_runs_own(labelled, tmp_path):
+    """W&B takes a resume's tags and notes as the run's: a resume that names none keeps the ones it was given
+    (kept in the run dir), and the name too."""
+    import shutil
+
+    from conftest import run_main
+
+    d = tmp_path / "run"
+    shutil.copytree(labelled[0], d, symlinks=True)
+    mp = pytest.MonkeyPatch()
+    try:
+        code = run_main(mp, ["trainer=smoke", "logger.mode=offline", "trainer.max_steps=6",
+                             "trainer.allow_changes=[trainer.max_steps]", f"hydra.run.dir={d}"])
+    finally:
+        mp.undo()
+    assert code == 0
+    resumed = inspect(sorted(wandb_files(d))[-1])["run"]
+    assert resumed["run_id"] == (d / "wandb_id").read_text() == labelled[3]["run_id"]
+    assert resumed["display_name"] == "first" and resumed["notes"] == "hello" and "ablation" in resumed["tags"]
