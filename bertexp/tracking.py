@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,23 +70,10 @@ def api_key_configured() -> bool:
 
 
 def server_reachable(timeout: float) -> bool:
-    """A TCP connect to the W&B host in a daemon thread, so even a hanging DNS lookup cannot stall us."""
-    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
-    host = url.split("//")[-1].split("/")[0]
-    name, _, port = host.partition(":")
-    result = []
+    """Whether the W&B host answers within `timeout` seconds (bertexp.net: a hanging DNS lookup included)."""
+    from bertexp.net import connect_error
 
-    def probe():
-        try:
-            socket.create_connection((name, int(port or (443 if url.startswith("https") else 80))), timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(result and result[0])
+    return connect_error(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai", timeout) is None
 
 
 def resolve_mode(mode: str) -> str:

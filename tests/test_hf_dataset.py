@@ -49,6 +49,12 @@ def test_a_save_to_disk_folder_and_a_json_builder_train(essay_sets, tmp_path, mo
         r = run_here(monkeypatch, capfd, [*args, *SMALL, f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"])
         assert r.returncode == 0, r.stderr[-2000:]
         assert (run / "checkpoints" / "last" / "model.safetensors").is_file()
+    # the dataset is what the run trained on: changed, a resume is refused like a changed text file
+    jsonl.write_text(jsonl.read_text(encoding="utf-8") + json.dumps({"content": "后来加的一段。"}, ensure_ascii=False)
+                     + "\n", encoding="utf-8")
+    r = run_here(monkeypatch, capfd, [*args, *SMALL, f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}",
+                                      "trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]"])
+    assert r.returncode == 2 and "data.corpus_fingerprint" in r.stderr, r.stderr[-2000:]
 
 
 def test_a_dataset_gives_the_tokens_its_files_give(essay_sets, tmp_path):
@@ -90,6 +96,15 @@ def test_a_changed_dataset_is_tokenised_again(essay_sets, tmp_path):
         after = _prepared(args, cache)
         assert after.tokens_dir != before.tokens_dir
         assert len(after.tokens.ids) > len(before.tokens.ids)
+    # a stream's file rewritten in place with its size and time kept (cp -p, rsync -a): its bytes key the cache
+    import os
+
+    args = ["data=hf_dataset", "data.name=json", f"data.data_files={jsonl}", "data.text_field=content", "data.streaming=true"]
+    before, st = _prepared(args, cache), jsonl.stat()
+    jsonl.write_text(jsonl.read_text(encoding="utf-8").replace("再一段", "又一段"), encoding="utf-8")
+    os.utime(jsonl, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert jsonl.stat().st_size == st.st_size
+    assert _prepared(args, cache).tokens_dir != before.tokens_dir
 
 
 def test_bad_datasets_are_one_line_errors(essay_sets, tmp_path, monkeypatch):

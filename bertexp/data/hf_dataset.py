@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Iterator
 
 from bertexp.data.sources import SEGMENTERS, Chunk, Corpus, Paragraph, join_documents, parse_chunk, segmenter, \
@@ -157,9 +158,23 @@ class HFDataset:
             else:
                 h.update(self._stream_key().encode())
             h.update(f"\0{self.split}\0{self.text_field}".encode())
+            self._digest_local_files(h)
             self._fingerprint = (f"hf-{HF_DATASET_VERSION}-{self.segmenter}{_segmenter_version(self.segmenter)}-"
                                  f"{h.hexdigest()[:16]}")
         return self._fingerprint
+
+    def _digest_local_files(self, h) -> None:
+        """The bytes of local data_files, as text_file keys its files: datasets keys them by modification time
+        alone, so a file rewritten with its time kept (cp -p, rsync -a) would read from a stale cache."""
+        from bertexp.data.sources import _HASH_WHOLE_BELOW, digest_file
+
+        files = self.data_files if isinstance(self.data_files, (list, dict)) else [self.data_files] if self.data_files else []
+        if isinstance(files, dict):
+            files = [f for fs in files.values() for f in fs]
+        local = sorted(Path(f) for f in files if Path(f).is_file())
+        whole = sum(f.stat().st_size for f in local) <= _HASH_WHOLE_BELOW
+        for f in local:
+            digest_file(h, f, whole)
 
     def _stream_key(self) -> str:
         """A stream has no content fingerprint: its builder's config id hashes the data files (path, size, mtime

