@@ -49,7 +49,7 @@ from bertexp.continued import before_after, exam_at_start
 from bertexp.hub import model_source
 from bertexp.rundir import (LINEAGE, RUN_CONFIG, RUN_INFO, effective_config, lineage_for, logger_config, provenance,
                             record_provenance)
-from bertexp.tracking import NullTracker, Tracker, recorded_vocab
+from bertexp.tracking import NullTracker, Tracker, read_metrics, recorded_vocab
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +375,9 @@ class Attempt:
                          dynamic_ncols=True, mininterval=1.0, disable=not self.dist.main)
         self.start_eval = exam_at_start(bool(cfg.trainer.get("eval_at_start")), state, self.evaluate, self.tracker,
                                         self.pbar.write if self.dist.main else None)
+        if self.start_eval is None and cfg.trainer.get("eval_at_start"):  # a resume: the exam it began with
+            self.start_eval = next((r for r in read_metrics(self.run_dir / "metrics.jsonl")
+                                    if r.get("step") == 0 and "eval/mlm_acc" in r), None)
         while not budget.done(state):
             t0 = time.perf_counter()
             batch = masked = None  # the last step's batch is freed before the next is taken (batch_stream)

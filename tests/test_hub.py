@@ -225,6 +225,12 @@ def test_the_readme_continued_pretraining_job_runs_on_a_cached_id(offline, tmp_p
     cfg = json.loads((tmp_path / "run_config.json").read_text())
     assert (cfg["model.path"], cfg["masking.ratio"], cfg["objective.nsp_weight"], cfg["optim.lr"]) == \
         ("tiny-org/bert", 0.15, 1.0, 5e-5)  # BERT's own recipe at a pretrained model's learning rate
+    # trained longer, it still sets the end beside the exam it began with (read back from its records)
+    r = run_here(monkeypatch, capfd, [*args, "trainer.max_steps=6", "trainer.eval_every=2", "trainer.exam_pairs=64",
+                                      "trainer.allow_changes=[trainer.max_steps]", "logger=none", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("Continued pretraining"))
+    assert f"mlm_acc {before:.4f} before" in line and "after step 6" in line
 
 
 def test_online_answers_of_the_hub_are_told_apart(offline, monkeypatch):
