@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 from bertexp.data.cache import write_atomically
 from bertexp.errors import ConfigError
 from bertexp.lifecycle import SEEDS_DIR, StopFlag
+from bertexp.ranges import TASKS, check_task
 
 log = logging.getLogger(__name__)
-TASKS = ("sentiment", "ner")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -160,19 +160,6 @@ def check_lineage(own: dict, ancestors: list[dict], checkpoint: str) -> None:
             raise ConfigError(f"task=ner: {checkpoint} continues {a['checkpoint']}, which was pretrained on another split "
                               f"({shown}): its training documents may be NER's dev and test; fine-tune a model whose "
                               "whole lineage used one split, or use task=sentiment")
-
-
-def check_task(tc) -> None:
-    if tc.name not in TASKS:
-        raise ConfigError(f"task.name={tc.name!r} must be one of {', '.join(TASKS)}")
-    for field, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 8), ("bucket", 1)):
-        if int(tc.get(field, low)) < low:
-            raise ConfigError(f"task.{field}={tc[field]} must be >= {low}")
-    if not float(tc.lr) > 0:
-        raise ConfigError(f"task.lr={tc.lr} must be > 0")
-    for field in ("train_limit", "eval_limit"):
-        if tc.get(field) is not None and int(tc[field]) < 1:
-            raise ConfigError(f"task.{field}={tc[field]} must be >= 1 (or null: all examples)")
 
 
 def load_task(name: str, data_cfg, tokenizer, seed: int):

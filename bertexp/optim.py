@@ -16,7 +16,7 @@ import math
 import torch
 from hydra.utils import instantiate
 
-from bertexp.errors import ConfigError
+from bertexp.ranges import check_optim
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -47,7 +47,6 @@ def warmup_done(step: int, progress: float, warmup_steps: int, warmup_fraction: 
     return min(1.0, max(by_steps, by_share))
 
 
-SCHEDULES = ("linear", "cosine", "wsd")
 
 
 def lr_factor(warm: float, progress: float, decay_from: float | None, min_lr_ratio: float, schedule: str = "linear",
@@ -129,29 +128,6 @@ class ProgressLR:
     def load_state_dict(self, state: dict) -> None:
         """Where warm-up ended; the settings come from the config (older checkpoints hold LambdaLR's state)."""
         self.decay_from, self.history = state.get("decay_from"), list(state.get("history") or [])
-
-
-def check_optim(cfg) -> None:
-    """Range checks of optim.* (types were checked when the config was composed): cheap, so a run makes them
-    before any slow work."""
-    lr = float(cfg.lr)
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"optim.lr={cfg.lr} must be a positive number")
-    if float(cfg.weight_decay) < 0:
-        raise ConfigError(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
-    if int(cfg.warmup_steps) < 0:
-        raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} must be >= 0")
-    fraction = cfg.get("warmup_fraction")
-    if fraction is not None and not 0.0 <= float(fraction) < 1.0:
-        raise ConfigError(f"optim.warmup_fraction={fraction} must be in [0, 1) (or null: warm-up by steps only)")
-    if not 0.0 <= float(cfg.min_lr_ratio) <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
-    schedule = str(cfg.get("schedule", "linear"))
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
-    decay = float(cfg.get("decay_fraction", 0.2))
-    if not 0.0 < decay <= 1.0:
-        raise ConfigError(f"optim.decay_fraction={decay:g} must be in (0, 1] (the share of the run the lr decays over)")
 
 
 def build_scheduler(cfg, optimizer) -> ProgressLR:

@@ -41,12 +41,6 @@ RANGES = {
     "masking.step_at": (_in(0, 1), "must be in [0, 1] (a fraction of the run)"),
     "masking.p": (_in(0, 1, low_open=True), "must be in (0, 1]"),
     "masking.max_span": (_at_least(1), "must be >= 1"),
-    "optim.lr": (lambda v: math.isfinite(float(v)) and float(v) > 0, "must be a positive number"),
-    "optim.weight_decay": (_at_least(0), "must be >= 0"),
-    "optim.warmup_steps": (_at_least(0), "must be >= 0"),
-    "optim.warmup_fraction": (_in(0, 1, high_open=True), "must be in [0, 1) (or null: warm-up by steps only)"),
-    "optim.min_lr_ratio": (_in(0, 1), "must be in [0, 1]"),
-    "optim.decay_fraction": (_in(0, 1, low_open=True), "must be in (0, 1] (the share of the run the lr decays over)"),
     "data.batch_size": (_at_least(1), "must be an integer >= 1"),
     "data.max_length": (_at_least(8), f"must be an integer >= 8 {_SPAN}"),
     "data.val_fraction": (_in(0, 0.5), "must be in [0, 0.5]"),
@@ -61,14 +55,6 @@ RANGES = {
     "trainer.max_bad_steps": (_at_least(0), "must be >= 0"),
     "trainer.exam_pairs": (_at_least(1), "must be >= 1 (or null for every held-out pair)"),
     "trainer.exam_length": (_at_least(8), f"must be >= 8 {_SPAN}"),
-    "task.seeds": (_at_least(1), "must be >= 1"),
-    "task.epochs": (_at_least(1), "must be >= 1"),
-    "task.batch_size": (_at_least(1), "must be >= 1"),
-    "task.max_length": (_at_least(8), "must be >= 8"),
-    "task.bucket": (_at_least(1), "must be >= 1"),
-    "task.lr": (lambda v: float(v) > 0, "must be > 0"),
-    "task.train_limit": (_at_least(1), "must be >= 1 (or null: all examples)"),
-    "task.eval_limit": (_at_least(1), "must be >= 1 (or null: all examples)"),
 }
 
 
@@ -94,8 +80,58 @@ def check_ranges(cfg: DictConfig) -> None:
             continue
         if not ok(v):
             raise ConfigError(f"{key}={_shown(key, v)} {message}")
+    if cfg.get("optim") is not None:
+        check_optim(cfg.optim)
+    if cfg.get("task") is not None:
+        check_task(cfg.task)
     if cfg.get("trainer") is not None and not cfg.get("task"):
         Budget.from_config(cfg.trainer)  # max_steps or one budget, each > 0 (torch-free: bertexp.budget)
+
+
+SCHEDULES = ("linear", "cosine", "wsd")
+
+
+def _positive(v) -> bool:
+    return math.isfinite(float(v)) and float(v) > 0
+
+
+def check_optim(cfg) -> None:
+    """Range checks of optim.*: here, before torch is imported (RangeCheck), and where the optimizer and the lr
+    schedule are built (bertexp.optim), one function for both."""
+    if not _positive(cfg.lr):
+        raise ConfigError(f"optim.lr={cfg.lr} must be a positive number")
+    if not (math.isfinite(float(cfg.weight_decay)) and float(cfg.weight_decay) >= 0):
+        raise ConfigError(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
+    if int(cfg.warmup_steps) < 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} must be >= 0")
+    fraction = cfg.get("warmup_fraction")
+    if fraction is not None and not 0.0 <= float(fraction) < 1.0:
+        raise ConfigError(f"optim.warmup_fraction={fraction} must be in [0, 1) (or null: warm-up by steps only)")
+    if not 0.0 <= float(cfg.min_lr_ratio) <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    schedule = str(cfg.get("schedule", "linear"))
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
+    decay = float(cfg.get("decay_fraction", 0.2))
+    if not 0.0 < decay <= 1.0:
+        raise ConfigError(f"optim.decay_fraction={decay:g} must be in (0, 1] (the share of the run the lr decays over)")
+
+
+TASKS = ("sentiment", "ner")
+
+
+def check_task(tc) -> None:
+    """Range checks of task.* (a task= job's, or each of trainer.downstream's)."""
+    if tc.name not in TASKS:
+        raise ConfigError(f"task.name={tc.name!r} must be one of {', '.join(TASKS)}")
+    for field, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 8), ("bucket", 1)):
+        if int(tc.get(field, low)) < low:
+            raise ConfigError(f"task.{field}={tc[field]} must be >= {low}")
+    if not _positive(tc.lr):
+        raise ConfigError(f"task.lr={tc.lr} must be > 0")
+    for field in ("train_limit", "eval_limit"):
+        if tc.get(field) is not None and int(tc[field]) < 1:
+            raise ConfigError(f"task.{field}={tc[field]} must be >= 1 (or null: all examples)")
 
 
 class RangeCheck(Callback):

@@ -320,18 +320,18 @@ def test_path_errors_come_before_torch_is_imported(tmp_path):
 
 
 def test_value_range_errors_come_at_once_and_leave_no_run_dir(tmp_path):
-    """`python run.py masking.ratio=1.5`, as typed (outputs/ under the working dir): one line, exit 2, in under
-    3 s, torch never imported, and no run dir made. Likewise a negative learning rate."""
+    """`python run.py masking.ratio=1.5`, as typed (outputs/ under the working dir): one line, exit 2, torch never
+    imported (about a second), and no run dir made. Likewise other values out of range."""
     probe = ("import runpy, sys\nsys.argv = ['run.py'] + sys.argv[1:]\ntry:\n    runpy.run_path({run!r}, run_name='__main__')\n"
              "except SystemExit as e:\n    print('exit', e.code, 'torch imported:', 'torch' in sys.modules)\n").format(run=str(ROOT / "run.py"))
     for args, expected in ((["masking.ratio=1.5"], "error: masking.ratio=1.5 must be in (0, 1) (exclusive)"),
                            (["optim.lr=-1e-3"], "error: optim.lr=-0.001 must be a positive number"),
-                           (["trainer=smoke", "trainer.eval_every=0"], "error: trainer.eval_every=0 must be >= 1")):
-        t = time.time()
+                           (["trainer=smoke", "trainer.eval_every=0"], "error: trainer.eval_every=0 must be >= 1"),
+                           (["optim.schedule=step"], "error: optim.schedule='step' must be one of linear, cosine, wsd"),
+                           (["optim.weight_decay=nan"], "error: optim.weight_decay=nan must be >= 0")):
+        # (its speed is that of a start without torch: what the probe below checks; no clock in a test)
         r = run_cli(args, cwd=tmp_path)
-        took = time.time() - t
         assert r.returncode == 2 and r.stderr.strip() == expected, (args, r.stderr[-1500:])
-        assert took < 3, f"{args}: {took:.1f} s"
         assert not (tmp_path / "outputs").exists(), "a run dir was left behind"
         r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's bertexp, from any dir
