@@ -17,8 +17,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from bertexp.data.sources import SEGMENTERS, Chunk, Corpus, Paragraph, join_documents, parse_chunk, segmenter, \
-    user_path, word_starts, _segmenter_version
+from bertexp.data.sources import SEGMENTERS, Chunk, Corpus, _segmenter_version, corpus_of, user_path
 from bertexp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -221,12 +220,7 @@ class HFDataset:
 
     def load(self) -> Corpus:
         """The whole corpus as Python objects, segmented: for small corpora and tests (training streams)."""
-        segment = segmenter(self.segmenter)
-        parts: list = []
-        for chunk in self.chunks():
-            join_documents(parts, parse_chunk(chunk), chunk.continues)
-        docs = [doc for part in parts for doc in part if doc]
-        return Corpus([[Paragraph(p.text, word_starts(segment(p.text))) for p in doc] for doc in docs])
+        return corpus_of(self.chunks(), self.segmenter)
 
 
 def _offline() -> bool:

@@ -354,12 +354,17 @@ class TextFiles:
 
     def load(self) -> Corpus:
         """The whole corpus as Python objects, segmented: for small corpora and tests (training streams)."""
-        segment = segmenter(self.segmenter)
-        parts: list = []
-        for chunk in self.chunks():
-            join_documents(parts, parse_chunk(chunk), chunk.continues)
-        docs = [doc for part in parts for doc in part if doc]
-        return Corpus([[Paragraph(p.text, word_starts(segment(p.text))) for p in doc] for doc in docs])
+        return corpus_of(self.chunks(), self.segmenter)
+
+
+def corpus_of(chunks, segmenter_name: str) -> Corpus:
+    """A source's chunks as one segmented Corpus in memory (documents that run across chunks joined)."""
+    segment = segmenter(segmenter_name)
+    parts: list = []
+    for chunk in chunks:
+        join_documents(parts, parse_chunk(chunk), chunk.continues)
+    docs = [doc for part in parts for doc in part if doc]
+    return Corpus([[Paragraph(p.text, word_starts(segment(p.text))) for p in doc] for doc in docs])
 
 
 def _format(f: Path, known_only: bool = False) -> str | None:
