@@ -6,7 +6,7 @@ same either way.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,9 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # where cross-rank sums are reduced: the training device under NCCL, which reduces CUDA tensors only
+    # ("No backend type associated with device type cpu"), the CPU under gloo
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -26,11 +29,13 @@ class Dist:
     def enabled(self) -> bool:
         return self.world > 1
 
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum of a few numbers over all ranks."""
+    def sum(self, values) -> list[float]:
+        """Element-wise sum over all ranks of a few numbers: a list of floats, or a 1-D tensor on the training
+        device, which is reduced where it is and read back once (one sync)."""
+        t = values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64)
         if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
+            return t.tolist() if torch.is_tensor(values) else list(values)
+        t = t.to(self.device, torch.float64)
         dist.all_reduce(t)
         return t.tolist()
 
@@ -49,11 +54,21 @@ def setup(device: torch.device) -> Dist:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-    return Dist(rank, world, local_rank)
+        dist.init_process_group(backend=backend_for(device))
+    return Dist(rank, world, local_rank, reduce_device(dist.get_backend(), device, local_rank))
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def reduce_device(backend: str, device: torch.device, local_rank: int) -> torch.device:
+    """The device a backend reduces tensors on: this rank's GPU for NCCL, the CPU for gloo."""
+    if "nccl" in str(backend):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def teardown(d: Dist) -> None:

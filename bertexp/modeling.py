@@ -355,13 +355,21 @@ class PretrainingObjective(torch.nn.Module):
         # At weight 0 the NSP term stays in the graph (times 0), so DDP still sees a gradient for every parameter.
         return mlm_mean + self.nsp_weight * nsp_mean
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, predicted=None):
         """(MLM loss sum, NSP loss sum (0 without an NSP head), MLM logits at the predicted positions, their
-        targets, NSP logits or None)."""
+        targets, NSP logits or None).
+
+        `predicted`: the flat indices (row x width + column) of the labelled positions, found where the labels
+        were made (the CPU), with `labels` then their targets in that order. Finding them here from -100s is
+        a boolean index, which on a GPU waits for the device (a sync per micro-batch)."""
         seq, pooled = self.family.encode(self.model, input_ids, attention_mask, token_type_ids)
-        where = labels != -100
-        targets = labels[where]
-        logits = seq[where]
+        if predicted is None:
+            where = labels != -100
+            targets = labels[where]
+            logits = seq[where]
+        else:
+            targets = labels
+            logits = seq.reshape(-1, seq.shape[-1]).index_select(0, predicted)
         for module in self.family.mlm_head(self.model):
             logits = module(logits)
         mlm_sum = F.cross_entropy(logits.float(), targets, reduction="sum")

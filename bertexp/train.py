@@ -35,6 +35,8 @@ from bertexp.compare import standing
 from bertexp.data.cache import key_of, write_atomically
 from bertexp.data.loader import batch_stream, mask_step, step_seed  # noqa: F401 - step_seed: finetune uses it
 from bertexp.data.tokenizer import load_tokenizer
+from bertexp.device import (PRECISIONS, apply_matmul_precision, matmul_flops, resolve_device,  # noqa: F401 - finetune
+                            resolve_precision, spec_peak, use_device)
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from bertexp.exam import BASELINES_VERSION, BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
 from bertexp.exam import evaluate as evaluate_exam
@@ -56,35 +58,6 @@ def process_age() -> float:
     """Seconds since this process started, for the start-to-first-step figure."""
     started = process_start()
     return time.time() - started if started is not None else float("nan")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"trainer.device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but no CUDA device is available")
-    return device
-
-
-def matmul_flops(device: torch.device, dtype=torch.float32, n: int | None = None, reps: int | None = None) -> float:
-    """This machine's matrix-multiply throughput (FLOP/s), measured now: the MFU denominator."""
-    n = n or (2048 if device.type == "cpu" else 8192)
-    reps = reps or (2 if device.type == "cpu" else 20)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 class _StopFlag:
@@ -133,27 +106,14 @@ def check_trainer(tc) -> None:
         raise ConfigError(f"trainer.exam_pairs={tc.exam_pairs} must be >= 1 (or null for every held-out pair)")
     if int(tc.exam_length) < 8:
         raise ConfigError(f"trainer.exam_length={tc.exam_length} must be >= 8 (room for [CLS] A [SEP] B [SEP])")
-    if tc.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"trainer.precision={tc.precision!r} must be auto, fp32 or bf16")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 autocast where the hardware multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
-    AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 would be slower than fp32."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+    if tc.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={tc.precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
 def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
     check_trainer(cfg.trainer)
     device = resolve_device(str(cfg.trainer.device))
+    use_device(device)
     dist = distributed.setup(device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -212,10 +172,9 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
         objective.init_heads(data.train_token_ids())
     model.to(device)
     precision = resolve_precision(str(tc.precision), device)
+    apply_matmul_precision(precision, device)
     fit_attention_to_precision(model, device.type, precision)
-    if tc.compile:
-        spec.family.trunk(model).compile(dynamic=True)
-    ddp = torch.nn.parallel.DistributedDataParallel(objective) if dist.enabled else objective
+    ddp = wrap(objective, dist, bool(tc.compile))
     log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s, %s%s",
              sum(p.numel() for p in model.parameters()) / 1e6, encoder_params(model) / 1e6, len(tokenizer), device,
              precision, f", {dist.world} ranks" if dist.enabled else "")
@@ -224,6 +183,25 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     scheduler = build_scheduler(cfg.optim, optimizer)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from)
+
+
+def wrap(objective: PretrainingObjective, dist: distributed.Dist, compile: bool) -> torch.nn.Module:
+    """What the training step calls: the objective, in DDP under torchrun, compiled if asked.
+
+    Compiled outside DDP: dynamo then splits the graph at DDP's gradient buckets, so each bucket's all-reduce
+    overlaps the rest of the backward (a module compiled inside DDP yields all its gradients at the end of
+    one backward graph). Gradients are views into the buckets: no copy in and out of them per step. The
+    sequence width and the count of predicted positions are marked dynamic on the step's tensors (`feed`);
+    the batch dimension stays static, so evaluation's batch shape compiles once, not a symbolic graph for both.
+    Single process: compiled in place, so the exam runs compiled too."""
+    if dist.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(objective, gradient_as_bucket_view=True)
+        if compile:
+            ddp.compile(dynamic=None)
+        return ddp
+    if compile:
+        objective.compile(dynamic=None)
+    return objective
 
 
 def restore(parts: Parts, budget: Budget) -> RunState:
@@ -334,9 +312,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     tracker = Tracker(run_dir, _logger_dict(cfg), run_info, config, resume_id) if dist.main else NullTracker()
     tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
     state.wandb_id = tracker.run_id
-    # MFU against the matmul throughput of the precision the run computes in
-    peak = (matmul_flops(device, torch.bfloat16 if parts.precision == "bf16" else torch.float32)
-            if tc.measure_mfu else float("nan"))
+    peak = mfu_peaks(device, parts.precision, bool(tc.measure_mfu))
 
     def evaluate() -> dict:
         record = {**state.axes(), **evaluate_exam(parts.objective, exam_batches, device, parts.amp, dist),
@@ -379,8 +355,6 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
                 ends = min(1.0, before + state.last_increment)
                 sums, stop_votes = step_fn(state, batch, masked, stop, before, ends)
                 sums["data_wait"] = waited + step_fn.mask_seconds
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
                 now = time.perf_counter()
                 state.advance(next_position, now - t0, **sums)
                 if budget.by_time and dist.enabled:  # every rank must stop at the same step, with the same lr
@@ -492,6 +466,7 @@ class Stepper:
         clip = cfg.optim.grad_clip
         self.clip = float(clip) if clip is not None and float(clip) > 0 else None  # <= 0 or null: no clipping
         self.micro = parts.data.batch_size
+        self.compiled = bool(cfg.trainer.compile)
         self.mine = dist.rank * self.micro * self.accum  # first row of this rank's share of the global batch
         self.params = [q for q in parts.model.parameters() if q.requires_grad]
         self.gen = torch.Generator()
@@ -521,22 +496,22 @@ class Stepper:
         predicted = labels != -100
         n_masked = max(1, int(predicted.sum()))
         n_pairs = len(ids)
-        local = torch.zeros(2, dtype=torch.float64)
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sums stay on the device until the end
         for k in range(self.accum):
             rows = slice(self.mine + k * self.micro, self.mine + (k + 1) * self.micro)
-            b = {key: v[rows].to(self.device, non_blocking=True) for key, v in batch.items()}
+            mine = feed(batch, ids, labels, rows, self.device, self.compiled)
             sync = p.ddp.no_sync() if dist.enabled and k < self.accum - 1 else nullcontext()
             with sync:
                 with p.amp:
-                    mlm_sum, nsp_sum, *_ = p.ddp(ids[rows].to(self.device, non_blocking=True), b["attention_mask"],
-                                                 b["token_type_ids"], labels[rows].to(self.device, non_blocking=True),
-                                                 b["next_sentence_label"])
+                    mlm_sum, nsp_sum, *_ = p.ddp(*mine)
                 # Global-batch normalisation; DDP averages over ranks, so scale back up by their number.
                 loss = p.objective.loss(mlm_sum / n_masked, nsp_sum / n_pairs) * dist.world
                 loss.backward()
-            local += torch.stack([mlm_sum.detach().double().cpu(), nsp_sum.detach().double().cpu()])
-        # a signal that came during this step is seen now, by every rank at once
-        mlm_g, nsp_g, stop_votes = dist.sum([*local.tolist(), float(stop.signum is not None)])
+            local += torch.stack([mlm_sum.detach(), nsp_sum.detach()]).double()
+        # a signal that came during this step is seen now, by every rank at once; reading the sums back is the
+        # step's one wait for the device
+        vote = torch.tensor([float(stop.signum is not None)], dtype=torch.float64).to(self.device, non_blocking=True)
+        mlm_g, nsp_g, stop_votes = dist.sum(torch.cat([local, vote]))
         mlm, nsp = mlm_g / n_masked, nsp_g / n_pairs
         if math.isfinite(mlm + nsp):
             if self.clip is not None:
@@ -564,7 +539,42 @@ class Stepper:
         return sums, bool(stop_votes)
 
 
-def train_record(state: RunState, objective: PretrainingObjective, lr: float, peak: float, flops_per_token,
+def mfu_peaks(device: torch.device, precision: str, measure: bool) -> dict[str, float]:
+    """The MFU denominators: `measured`, the matmul throughput timed now on this device in the precision the
+    run computes in (trainer.measure_mfu); `spec`, the device's dense data-sheet peak (bertexp.device.SPEC_PEAKS,
+    a known GPU only), the denominator of published MFU (MosaicBERT, ModernBERT). A timed matmul falls short
+    of the data sheet, so MFU against it reads higher than the published kind."""
+    peaks = {}
+    if measure:
+        peaks["measured"] = matmul_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    spec = spec_peak(device, precision)
+    if spec:
+        peaks["spec"] = spec
+    for name, value in peaks.items():
+        log.info("MFU denominator (%s peak, %s): %.1f TFLOP/s", name, precision, value / 1e12)
+    return peaks
+
+
+def feed(batch: dict, ids: torch.Tensor, labels: torch.Tensor, rows: slice, device: torch.device,
+         compiled: bool = False) -> tuple:
+    """The objective's arguments for `rows` of a masked batch, on `device`: only the tensors the model reads,
+    and the predicted positions as flat indices with their targets, found here on the CPU, where the labels
+    are (PretrainingObjective.forward: on the GPU that search would wait for the device). Compiled: the width
+    and the predicted count vary from step to step and are marked dynamic, the batch dimension is not."""
+    flat = labels[rows].reshape(-1)
+    where = (flat != -100).nonzero().squeeze(1)
+    put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    out = (put(ids[rows]), put(batch["attention_mask"][rows]), put(batch["token_type_ids"][rows]), put(flat[where]),
+           put(batch["next_sentence_label"][rows]), put(where))
+    if compiled:
+        for t in out[:3]:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        for t in (out[3], out[5]):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    return out
+
+
+def train_record(state: RunState, objective: PretrainingObjective, lr: float, peak: dict, flops_per_token,
                  dist) -> dict:
     """The `train/*` record of the logging window that ends at this step."""
     w = state.take_window()
@@ -587,8 +597,9 @@ def train_record(state: RunState, objective: PretrainingObjective, lr: float, pe
         "throughput/tokens_per_s": tps,
         "throughput/data_wait_s": w["data_wait"] / n,  # per step: how long the loop waited for its batch
     }
-    if math.isfinite(peak):
-        record["throughput/mfu"] = flops_per_token(w["seq"] / max(w["rows"], 1)) * tps / (peak * dist.world)
+    model_flops = flops_per_token(w["seq"] / max(w["rows"], 1)) * tps
+    for name, value in peak.items():  # mfu_measured: against the matmul timed here; mfu_spec: the data sheet's
+        record[f"throughput/mfu_{name}"] = model_flops / (value * dist.world)
     return record
 
 
