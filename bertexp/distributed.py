@@ -20,6 +20,9 @@ class Dist:
     # where cross-rank sums are reduced: the training device under NCCL, which reduces CUDA tensors only
     # ("No backend type associated with device type cpu"), the CPU under gloo
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # a gloo group for numbers the CPU already has (a step's token and mask counts): exchanged without
+    # waiting for the GPU, whose queue a NCCL collective would have to reach first. None: the default group.
+    cpu_group: object = None
 
     @property
     def main(self) -> bool:
@@ -39,6 +42,15 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's `values` (one list per rank, in rank order), exchanged on the CPU."""
+        if not self.enabled:
+            return [list(values)]
+        t = torch.tensor(values, dtype=torch.float64)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t, group=self.cpu_group)
+        return [o.tolist() for o in out]
+
 
 def setup(device: torch.device) -> Dist:
     if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
@@ -57,7 +69,9 @@ def setup(device: torch.device) -> Dist:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend_for(device))
-    return Dist(rank, world, local_rank, reduce_device(dist.get_backend(), device, local_rank))
+    backend = dist.get_backend()
+    cpu_group = dist.new_group(backend="gloo") if "nccl" in str(backend) else None
+    return Dist(rank, world, local_rank, reduce_device(backend, device, local_rank), cpu_group)
 
 
 def backend_for(device: torch.device) -> str:

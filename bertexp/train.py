@@ -6,9 +6,10 @@ forward, backward, clip, update), log every `log_every`, score the exam every `e
 Every random draw of step `s` is seeded from (seed, s): masking has its own generator, dropout the global
 one. So a resumed run sees exactly the batches, masks and dropout it would have seen uninterrupted.
 
-Under `torchrun`, every rank builds and masks the same global batch (`data.batch_size` x `grad_accum` x
-ranks pairs) and trains on its own rows; losses are normalised by the global batch's counts, so N ranks
-compute the same update as one process with the same global batch. Rank 0 alone writes.
+A step's global batch is `grad_accum` x ranks micro-batches of `data.batch_size` pairs; under `torchrun` each
+rank collates and masks only its own micro-batches (bertexp.data.loader), the ranks exchange their counts,
+and losses are normalised by the global batch's, so N ranks compute the same update as one process
+accumulating N times as many micro-batches. Rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from bertexp.budget import Budget
 from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from bertexp.compare import standing
 from bertexp.data.cache import key_of, write_atomically
-from bertexp.data.loader import batch_stream, mask_step, step_seed  # noqa: F401 - step_seed: finetune uses it
+from bertexp.data.loader import batch_stream, chunks_of, mask_step, step_seed  # noqa: F401 - step_seed: finetune uses it
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.device import (PRECISIONS, apply_matmul_precision, matmul_flops, resolve_device,  # noqa: F401 - finetune
                             resolve_precision, spec_peak, use_device)
@@ -332,7 +333,7 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
         )
 
     step_fn = Stepper(cfg, parts, run_dir, dist, device)
-    batches = _batches(parts, budget, state, seed, accum * dist.world, device)
+    batches = _batches(parts, budget, state, seed, accum, dist, device)
     last_eval: dict = {}
     first_step_s = None
     exit_code = 1
@@ -415,7 +416,8 @@ def _train(cfg: DictConfig, run_dir: Path, run_info: dict, device: torch.device,
     return final
 
 
-def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, ranks_and_accum: int, device: torch.device):
+def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, accum: int, dist: distributed.Dist,
+             device: torch.device):
     """The training batches from the run's position, from `data.num_workers` background workers (null: 2 on a
     GPU, none on a CPU, whose cores the model already uses); masked there too when the masking ratio of a
     step is known in advance (bertexp.data.loader)."""
@@ -430,8 +432,8 @@ def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, ranks_and
         if workers:
             log.info("The masking schedule runs on a %s budget: batches are masked on the training thread "
                      "(collated by the %d workers)", budget.describe(), workers)
-    return batch_stream(data, masker, state.position, data.batch_size * ranks_and_accum, seed, state.step,
-                        progress_at, workers, pin_memory=device.type == "cuda")
+    return batch_stream(data, masker, state.position, data.batch_size, accum * dist.world, chunks_of(dist.rank, accum),
+                        seed, state.step, progress_at, workers, pin_memory=device.type == "cuda")
 
 
 def _close(tracker, state: RunState, last_eval: dict, first_step_s, run_dir: Path, exit_code: int,
@@ -465,9 +467,8 @@ class Stepper:
         self.max_bad_steps = int(cfg.trainer.max_bad_steps)
         clip = cfg.optim.grad_clip
         self.clip = float(clip) if clip is not None and float(clip) > 0 else None  # <= 0 or null: no clipping
-        self.micro = parts.data.batch_size
         self.compiled = bool(cfg.trainer.compile)
-        self.mine = dist.rank * self.micro * self.accum  # first row of this rank's share of the global batch
+        self.chunks = chunks_of(dist.rank, self.accum)  # this rank's micro-batches of the global batch
         self.params = [q for q in parts.model.parameters() if q.requires_grad]
         self.gen = torch.Generator()
         self.lr = 0.0
@@ -480,30 +481,33 @@ class Stepper:
     def __call__(self, state: RunState, batch: dict, masked, stop: _StopFlag, progress: float,
                  ends: float) -> tuple[dict, bool]:
         """One step from `progress` (the fraction of the run done, which sets the masking ratio) to about `ends`
-        (which sets the lr: a step's lr is the schedule's value where the step ends). `masked` is the batch's
-        masking if a batch worker already did it (the same draws: bertexp.data.loader), else None."""
+        (which sets the lr: a step's lr is the schedule's value where the step ends). `batch`: this rank's
+        micro-batches; `masked`: their maskings where a batch worker already did them (the same draws:
+        bertexp.data.loader), else None."""
         p, dist = self.p, self.dist
         torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
         if state.decay_from is None and p.scheduler.warm(state.step, progress) >= 1.0:
             state.decay_from = progress  # warm-up is over: the lr decays from here to the end of the budget
         self.lr = p.scheduler.set(state.step, ends, state.decay_from)
         self.mask_seconds = 0.0
-        if masked is None:  # on the training thread: part of the time the step waits for its data
-            t0 = time.perf_counter()
-            masked = mask_step(p.masker, batch, self.seed, state.step, progress, self.gen)
-            self.mask_seconds = time.perf_counter() - t0
-        ids, labels, selected, corrupted = masked
-        predicted = labels != -100
-        n_masked = max(1, int(predicted.sum()))
-        n_pairs = len(ids)
+        masked = list(masked)
+        t0 = time.perf_counter()
+        for k, (chunk, b) in enumerate(zip(self.chunks, batch)):
+            if masked[k] is None:  # on the training thread: part of the time the step waits for its data
+                masked[k] = mask_step(p.masker, b, self.seed, state.step, progress, self.gen, chunk=chunk)
+        self.mask_seconds = time.perf_counter() - t0
+        # The global batch's counts, from every rank's own micro-batches: exchanged on the CPU (no wait for the
+        # device), before the forward, which needs the global number of predicted positions and pairs
+        mine = [micro_counts(b, m, p.masker.schedule(progress), self.step_flops) for b, m in zip(batch, masked)]
+        sums = combine(dist.gather(list(combine(mine).values())))
+        n_masked, n_pairs = max(1, int(sums["predicted"])), int(sums["rows"])
         local = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sums stay on the device until the end
-        for k in range(self.accum):
-            rows = slice(self.mine + k * self.micro, self.mine + (k + 1) * self.micro)
-            mine = feed(batch, ids, labels, rows, self.device, self.compiled)
+        for k, (b, (ids, labels, *_)) in enumerate(zip(batch, masked)):
+            inputs = feed(b, ids, labels, slice(None), self.device, self.compiled)
             sync = p.ddp.no_sync() if dist.enabled and k < self.accum - 1 else nullcontext()
             with sync:
                 with p.amp:
-                    mlm_sum, nsp_sum, *_ = p.ddp(*mine)
+                    mlm_sum, nsp_sum, *_ = p.ddp(*inputs)
                 # Global-batch normalisation; DDP averages over ranks, so scale back up by their number.
                 loss = p.objective.loss(mlm_sum / n_masked, nsp_sum / n_pairs) * dist.world
                 loss.backward()
@@ -526,17 +530,29 @@ class Stepper:
                 )
             log.warning("Non-finite loss at step %d: update skipped (%d/%d allowed)", state.step + 1, state.bad_steps, self.max_bad_steps)
         p.optimizer.zero_grad(set_to_none=True)
-        maskable = int((~batch["special_tokens_mask"]).sum())
-        sums = {
-            "mlm": mlm if math.isfinite(mlm) else 0.0, "nsp": nsp if math.isfinite(nsp) else 0.0,
-            "tokens": int(batch["attention_mask"].sum()),  # the global batch: the same on every rank
-            "selected": int(selected.sum()), "corrupted": int(corrupted.sum()), "predicted": int(predicted.sum()),
-            "maskable": maskable, "scheduled": p.masker.schedule(progress) * maskable,
-            "seq": batch["input_ids"].numel(), "rows": n_pairs, "width": int(batch["input_ids"].shape[1]),
-            "nsp_random": int(batch["next_sentence_label"].sum()),  # label 1: B is not A's next sentence
-            "flops": float(self.step_flops(n_pairs, int(batch["input_ids"].shape[1]), int(predicted.sum()))),
-        }
+        sums["mlm"], sums["nsp"] = (mlm if math.isfinite(mlm) else 0.0), (nsp if math.isfinite(nsp) else 0.0)
         return sums, bool(stop_votes)
+
+
+# A micro-batch's counts, summed over the global batch (the widest padded row: its maximum)
+COUNTS = ("tokens", "selected", "corrupted", "predicted", "maskable", "scheduled", "seq", "rows", "width",
+          "nsp_random", "flops")
+
+
+def micro_counts(batch: dict, masked, ratio: float, step_flops) -> list[float]:
+    ids, labels, selected, corrupted = masked
+    maskable = int((~batch["special_tokens_mask"]).sum())
+    predicted = int((labels != -100).sum())
+    rows, width = ids.shape
+    return [int(batch["attention_mask"].sum()), int(selected.sum()), int(corrupted.sum()), predicted, maskable,
+            ratio * maskable, rows * width, rows, width,
+            int(batch["next_sentence_label"].sum()),  # label 1: B is not A's next sentence
+            float(step_flops(rows, width, predicted))]
+
+
+def combine(parts: list[list[float]]) -> dict[str, float]:
+    """Counts of micro-batches (or of ranks) as one: sums, and the widest width."""
+    return {name: (max if name == "width" else sum)(p[i] for p in parts) for i, name in enumerate(COUNTS)}
 
 
 def mfu_peaks(device: torch.device, precision: str, measure: bool) -> dict[str, float]:

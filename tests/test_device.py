@@ -115,8 +115,10 @@ def test_nccl_reduces_on_the_training_gpu(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: inits.append(backend))
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: inits[-1])
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend: f"{backend} group")
     d = distributed.setup(torch.device("cuda", 0))
     assert inits == ["nccl"] and d.device == torch.device("cuda", 1) and d.world == 2
+    assert d.cpu_group == "gloo group"  # the CPU's counts are exchanged without reaching the GPU's queue
 
     # The reduction itself, with "meta" standing in for the GPU (no CUDA here): the tensor handed to
     # all_reduce is on the Dist's device, whether the values come as floats or as a device tensor.
