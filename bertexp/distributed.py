@@ -6,7 +6,9 @@ same either way.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,8 +22,8 @@ class Dist:
     # where cross-rank sums are reduced: the training device under NCCL, which reduces CUDA tensors only
     # ("No backend type associated with device type cpu"), the CPU under gloo
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # a gloo group for numbers the CPU already has (a step's token and mask counts): exchanged without
-    # waiting for the GPU, whose queue a NCCL collective would have to reach first. None: the default group.
+    # a gloo group for what the CPU already has (a step's token and mask counts, waiting for the caches):
+    # exchanged without waiting for the GPU, whose queue a NCCL collective would have to reach first
     cpu_group: object = None
 
     @property
@@ -70,7 +72,8 @@ def setup(device: torch.device) -> Dist:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend_for(device))
     backend = dist.get_backend()
-    cpu_group = dist.new_group(backend="gloo") if "nccl" in str(backend) else None
+    # A first run's caches (vocabulary, tokens, PMI tables) can take longer than a collective's usual timeout
+    cpu_group = dist.new_group(backend="gloo", timeout=CACHE_WAIT)
     return Dist(rank, world, local_rank, reduce_device(backend, device, local_rank), cpu_group)
 
 
@@ -83,6 +86,27 @@ def reduce_device(backend: str, device: torch.device, local_rank: int) -> torch.
     if "nccl" in str(backend):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+CACHE_WAIT = timedelta(hours=4)
+
+
+@contextmanager
+def local_main_first(d: Dist):
+    """Run the body on this node's rank 0 first, then on its other ranks: a first run's caches (vocabulary,
+    tokenising on every core, PMI tables) are built once per node rather than by every rank at once, and
+    the others read them. Every rank reaches the barrier once, the builder even if it fails (the others
+    then meet the same error themselves)."""
+    if not d.enabled:
+        yield
+        return
+    if d.local_rank != 0:
+        dist.barrier(group=d.cpu_group)
+    try:
+        yield
+    finally:
+        if d.local_rank == 0:
+            dist.barrier(group=d.cpu_group)
 
 
 def teardown(d: Dist) -> None:

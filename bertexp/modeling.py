@@ -6,6 +6,7 @@ The loss is computed here with the MLM decoder run only on the selected position
 would be thrown away), which gives exactly the model's own MLM loss."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -64,9 +65,9 @@ class Family:
         """Per layer, how far a query sees (|query - key| <= window), or None: the whole sequence."""
         return [None] * config.num_hidden_layers
 
-    def load(self, path):
+    def load(self, path, attn_implementation: str = "sdpa"):
         """A model directory of this family (a checkpoint to resume, model=pretrained's)."""
-        return self.model_class.from_pretrained(str(path), local_files_only=True, attn_implementation="sdpa")
+        return self.model_class.from_pretrained(str(path), local_files_only=True, attn_implementation=attn_implementation)
 
 
 class BertFamily(Family):
@@ -161,9 +162,27 @@ def family_of_dir(path) -> Family:
     return family_of(json.loads((Path(path) / "config.json").read_text()))
 
 
-def load_pretrained(path):
+def load_pretrained(path, attn_implementation: str = "sdpa"):
     """A model directory (a checkpoint, or model=pretrained's), in the family its config.json names."""
-    return family_of_dir(path).load(path)
+    return family_of_dir(path).load(path, attn_implementation)
+
+
+# model.attn_implementation: the attention kernels transformers offers both families. sdpa: PyTorch's fused
+# attention, which with a padding mask runs the memory-efficient kernel (not flash); flash_attention_2/3: the
+# flash-attn package's kernels (CUDA, bf16), which unpad the batch and skip padded positions, and pay where
+# attention is a large share of the step: sequences of 512 and more (at 128 the matmuls of the layers dominate).
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+_FLASH_PACKAGE = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_attention(name: str) -> str:
+    if name not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={name!r} must be one of {', '.join(ATTENTION)}")
+    package = _FLASH_PACKAGE.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"model.attn_implementation={name} needs the {package} package (pip install flash-attn, "
+                          "on a CUDA machine); use sdpa")
+    return name
 
 
 class ScratchBert:
@@ -172,7 +191,8 @@ class ScratchBert:
     fresh = True  # its heads may be initialised from the data (objective.mlm_bias_init)
     family: Family = FAMILIES["bert"]
 
-    def __init__(self, vocab_size: int = 8000, path: str | None = None, **config):
+    def __init__(self, vocab_size: int = 8000, path: str | None = None, attn_implementation: str = "sdpa", **config):
+        self.attn_implementation = check_attention(attn_implementation)
         if path is not None:  # model.path is for loading (model=pretrained) and fine-tuning (task=...)
             raise ConfigError(f"model.path={path} is set, but this model is built from scratch: use "
                               "model=pretrained model.path=DIR to start from it, or task=NAME to fine-tune it")
@@ -193,7 +213,7 @@ class ScratchBert:
 
     def build(self, tokenizer):
         cfg = self.family.config(tokenizer, self.config)
-        cfg._attn_implementation = "sdpa"
+        cfg._attn_implementation = self.attn_implementation
         return self.family.model_class(cfg)
 
 
@@ -202,8 +222,8 @@ class ScratchModernBert(ScratchBert):
 
     family = FAMILIES["modernbert"]
 
-    def __init__(self, vocab_size: int = 8000, path: str | None = None, **config):
-        super().__init__(vocab_size, path, **config)
+    def __init__(self, vocab_size: int = 8000, path: str | None = None, attn_implementation: str = "sdpa", **config):
+        super().__init__(vocab_size, path, attn_implementation, **config)
         if int(config.get("global_attn_every_n_layers", 1)) < 1:
             raise ConfigError(f"model.global_attn_every_n_layers={config['global_attn_every_n_layers']} must be >= 1 "
                               "(1: every layer attends globally)")
@@ -218,7 +238,8 @@ class PretrainedBert:
 
     fresh = False  # its pretrained heads are kept as they are
 
-    def __init__(self, path: str | None = None):
+    def __init__(self, path: str | None = None, attn_implementation: str = "sdpa"):
+        self.attn_implementation = check_attention(attn_implementation)
         if not path or str(path) in ("???", "None"):
             raise ConfigError("model.path is not set: model=pretrained needs model.path=DIR (a Hugging Face BERT or "
                               "ModernBERT directory)")
@@ -258,14 +279,19 @@ class PretrainedBert:
                 f"{n_vocab} rows (config.json vocab_size)"
             )
         try:
-            return self.family.load(self.path)
+            return self.family.load(self.path, self.attn_implementation)
         except Exception as e:
             raise CheckpointError(f"model.path: cannot load {self.family.name} weights from {self.path}: {e}") from None
 
 
 def fit_attention_to_precision(model, device_type: str, precision: str) -> None:
     """bf16 on CPU: plain matmul attention. PyTorch's fused CPU attention has a slow bf16 backward (28% of a
-    bert_mini step in a profile); eager attention makes the bf16 step 25% faster. fp32 keeps SDPA."""
+    bert_mini step in a profile); eager attention makes the bf16 step 25% faster. fp32 keeps SDPA. Flash
+    attention (model.attn_implementation) runs on a GPU in bf16 only."""
+    chosen = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if chosen.startswith("flash") and (device_type != "cuda" or precision != "bf16"):
+        raise ConfigError(f"model.attn_implementation={chosen} runs on a CUDA GPU in trainer.precision=bf16 only "
+                          f"(this run: {device_type}, {precision}); use sdpa")
     if precision == "bf16" and device_type == "cpu":
         model.set_attn_implementation("eager")
 

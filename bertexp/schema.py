@@ -50,6 +50,7 @@ class ScratchSizeSchema:
     num_attention_heads: int = 2
     intermediate_size: int = 512
     max_position_embeddings: int = 512
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flash_attention_3 (bertexp.modeling.ATTENTION)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ScratchModernBertSchema(ScratchSizeSchema):  # ModernBertConfig fields (mo
 class PretrainedModelSchema:
     _target_: str = "bertexp.modeling.PretrainedBert"
     path: Optional[str] = None
+    attn_implementation: str = "sdpa"
 
 
 @dataclass

@@ -159,13 +159,9 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     resume_from = resume_target(run_dir, str(tc.resume))
     if resume_from and family_of_dir(resume_from) is not spec.family:
         raise CheckpointError(f"checkpoint {resume_from} is not a {spec.family.name}, which this config builds")
-    tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
-    tokenizer.model_max_length = spec.max_positions  # what its checkpoints say (not 1e30, "no limit")
-    data.prepare(tokenizer, int(cfg.seed))
-    masker.bind(Vocab.from_tokenizer(tokenizer))
-    masker.prepare(data, tokenizer)  # PMI masking: its collocations (cached with the tokens)
+    tokenizer = prepare_data(spec, data, masker, resume_from, int(cfg.seed), dist)
     if resume_from:
-        model = load_pretrained(resume_from)
+        model = load_pretrained(resume_from, getattr(spec, "attn_implementation", "sdpa"))
     else:
         model = spec.build(tokenizer)
     objective = make_objective(model)
@@ -184,6 +180,18 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     scheduler = build_scheduler(cfg.optim, optimizer)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from)
+
+
+def prepare_data(spec, data, masker, resume_from: Path | None, seed: int, dist: distributed.Dist):
+    """The tokenizer, the tokens and the masking's tables, from the caches; on a first run, built by each
+    node's rank 0 while its other ranks wait, then read by them."""
+    with distributed.local_main_first(dist):
+        tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
+        tokenizer.model_max_length = spec.max_positions  # what its checkpoints say (not 1e30, "no limit")
+        data.prepare(tokenizer, seed)
+        masker.bind(Vocab.from_tokenizer(tokenizer))
+        masker.prepare(data, tokenizer)  # PMI masking: its collocations (cached with the tokens)
+    return tokenizer
 
 
 def wrap(objective: PretrainingObjective, dist: distributed.Dist, compile: bool) -> torch.nn.Module:

@@ -115,7 +115,7 @@ def test_nccl_reduces_on_the_training_gpu(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: inits.append(backend))
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: inits[-1])
-    monkeypatch.setattr(torch.distributed, "new_group", lambda backend: f"{backend} group")
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend, timeout=None: f"{backend} group")
     d = distributed.setup(torch.device("cuda", 0))
     assert inits == ["nccl"] and d.device == torch.device("cuda", 1) and d.world == 2
     assert d.cpu_group == "gloo group"  # the CPU's counts are exchanged without reaching the GPU's queue
@@ -168,3 +168,27 @@ def test_checkpoint_with_eight_gpus_rng_resumes_on_cpu(tmp_path):
     torch.save(saved, path)
     final = run_in_process(tmp_path, [*base, "trainer.max_steps=3", "trainer.allow_changes=[trainer.max_steps]"])
     assert final["final/step"] == 3
+
+
+def test_attention_implementation_is_an_option(pd_data):
+    from hydra.utils import instantiate
+    from hydra.errors import InstantiationException
+
+    from bertexp.modeling import fit_attention_to_precision
+    from conftest import compose
+
+    data, tok = pd_data
+    for model in ("bert_tiny", "modernbert_tiny"):
+        spec = instantiate(compose([f"model={model}", "model.attn_implementation=eager"]).model)
+        built = spec.build(tok)
+        assert built.config._attn_implementation == "eager"
+    with pytest.raises(InstantiationException, match=r"model.attn_implementation='magic' must be one of sdpa"):
+        instantiate(compose(["model.attn_implementation=magic"]).model)
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(InstantiationException, match="needs the flash_attn package"):
+            instantiate(compose(["model.attn_implementation=flash_attention_2"]).model)
+    built.config._attn_implementation = "flash_attention_2"  # as chosen where flash-attn is installed
+    with pytest.raises(ConfigError, match="runs on a CUDA GPU in trainer.precision=bf16 only"):
+        fit_attention_to_precision(built, "cpu", "bf16")

@@ -105,3 +105,63 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
     run_in_process(d, [*COMMON, "trainer.max_steps=5", "data.batch_size=16", "logger=none"])
     steps = [m["step"] for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def _prepare_as_rank(rank: int, port: int, cache: str, log: str, outcome) -> None:
+    """One rank of 2 (gloo, as torchrun would set it up): the data preparation of a run, with each cache
+    entry this process builds recorded in `log`."""
+    import os
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        from hydra.utils import instantiate
+
+        import bertexp.data.collocations as collocations
+        import bertexp.data.dataset as dataset
+        from bertexp import distributed
+        from bertexp.train import prepare_data
+        from conftest import ESSAY, compose
+
+        def recording(real):
+            def cached_dir(root, name, build):
+                def build_and_record(tmp):
+                    with open(log, "a") as f:
+                        f.write(f"{rank} {name.split('-')[0]}\n")
+                    build(tmp)
+                return real(root, name, build_and_record)
+            return cached_dir
+
+        dataset.cached_dir = recording(dataset.cached_dir)
+        collocations.cached_dir = recording(collocations.cached_dir)
+        cfg = compose(["data=text_file", f"data.path={ESSAY}", f"data.cache_dir={cache}", "masking=pmi",
+                       "model=bert_tiny", "model.vocab_size=300"])
+        d = distributed.setup(torch.device("cpu"))
+        data, spec, masker = instantiate(cfg.data), instantiate(cfg.model), instantiate(cfg.masking)
+        prepare_data(spec, data, masker, None, 0, d)
+        outcome.put((rank, data.tokens_dir, len(data.tokens.ids)))
+        distributed.teardown(d)
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        outcome.put((rank, repr(e), -1))
+
+
+def test_two_ranks_on_an_empty_cache_build_it_once(tmp_path):
+    """Rank 0 trains the vocabulary, tokenises and builds the PMI tables; rank 1 waits and reads them."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    outcome = ctx.Queue()
+    log = tmp_path / "built.txt"
+    procs = [ctx.Process(target=_prepare_as_rank, args=(r, port, str(tmp_path / "cache"), str(log), outcome))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(outcome.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert [n > 0 for _, _, n in results] == [True, True], results
+    assert results[0][1] == results[1][1]  # the same cached tokens
+    assert log.read_text().splitlines() == ["0 vocab", "0 tokens", "0 pmi"]
