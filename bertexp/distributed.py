@@ -35,12 +35,18 @@ class Dist:
         return self.world > 1
 
     def sum(self, values) -> list[float]:
-        """Element-wise sum over all ranks of a few numbers: a list of floats, or a 1-D tensor on the training
-        device, which is reduced where it is and read back once (one sync)."""
-        t = values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64)
+        """Element-wise sum over all ranks of a few numbers: a 1-D tensor of the training device's is reduced on
+        the device the backend reduces on (read back once: one sync); a list of floats the CPU already has,
+        on the CPU through the gloo group (no wait for the GPU)."""
+        if not torch.is_tensor(values):
+            if not self.enabled:
+                return list(values)
+            t = torch.tensor(values, dtype=torch.float64)
+            dist.all_reduce(t, group=self.cpu_group)
+            return t.tolist()
         if not self.enabled:
-            return t.tolist() if torch.is_tensor(values) else list(values)
-        t = t.to(self.device, torch.float64)
+            return values.tolist()
+        t = values.to(self.device, torch.float64)
         dist.all_reduce(t)
         return t.tolist()
 

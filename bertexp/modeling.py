@@ -405,3 +405,22 @@ class PretrainingObjective(torch.nn.Module):
         nsp_logits = nsp_head(pooled)
         nsp_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
         return mlm_sum, nsp_sum, logits, targets, nsp_logits
+
+
+def feed(batch: dict, ids: torch.Tensor, labels: torch.Tensor, rows: slice, device: torch.device,
+         compiled: bool = False) -> tuple:
+    """The objective's arguments for `rows` of a masked batch, on `device`: only the tensors the model reads,
+    and the predicted positions as flat indices with their targets, found here on the CPU, where the labels
+    are (PretrainingObjective.forward: on the GPU that search would wait for the device). Compiled: the width
+    and the predicted count vary from step to step and are marked dynamic, the batch dimension is not."""
+    flat = labels[rows].reshape(-1)
+    where = (flat != -100).nonzero().squeeze(1)
+    put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    out = (put(ids[rows]), put(batch["attention_mask"][rows]), put(batch["token_type_ids"][rows]), put(flat[where]),
+           put(batch["next_sentence_label"][rows]), put(where))
+    if compiled:
+        for t in out[:3]:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        for t in (out[3], out[5]):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    return out

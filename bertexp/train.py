@@ -43,7 +43,7 @@ from bertexp.exam import BASELINES_VERSION, BLANK_SHARE, SHORT_SEQ_PROB, Countin
 from bertexp.exam import evaluate as evaluate_exam
 from bertexp.masking import Vocab
 from bertexp.modeling import (ModelFlops, PretrainingObjective, check_objective, encoder_params, family_of_dir,
-                              fit_attention_to_precision, load_pretrained)
+                              feed, fit_attention_to_precision, load_pretrained)  # noqa: F401 - feed: benchmarks
 from bertexp.optim import build_optimizer, build_scheduler
 from bertexp.resolvers import process_start
 from bertexp.run_state import RunState
@@ -577,25 +577,6 @@ def mfu_peaks(device: torch.device, precision: str, measure: bool) -> dict[str, 
     for name, value in peaks.items():
         log.info("MFU denominator (%s peak, %s): %.1f TFLOP/s", name, precision, value / 1e12)
     return peaks
-
-
-def feed(batch: dict, ids: torch.Tensor, labels: torch.Tensor, rows: slice, device: torch.device,
-         compiled: bool = False) -> tuple:
-    """The objective's arguments for `rows` of a masked batch, on `device`: only the tensors the model reads,
-    and the predicted positions as flat indices with their targets, found here on the CPU, where the labels
-    are (PretrainingObjective.forward: on the GPU that search would wait for the device). Compiled: the width
-    and the predicted count vary from step to step and are marked dynamic, the batch dimension is not."""
-    flat = labels[rows].reshape(-1)
-    where = (flat != -100).nonzero().squeeze(1)
-    put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    out = (put(ids[rows]), put(batch["attention_mask"][rows]), put(batch["token_type_ids"][rows]), put(flat[where]),
-           put(batch["next_sentence_label"][rows]), put(where))
-    if compiled:
-        for t in out[:3]:
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-        for t in (out[3], out[5]):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-    return out
 
 
 def train_record(state: RunState, objective: PretrainingObjective, lr: float, peak: dict, flops_per_token,

@@ -120,23 +120,24 @@ def test_nccl_reduces_on_the_training_gpu(monkeypatch):
     assert inits == ["nccl"] and d.device == torch.device("cuda", 1) and d.world == 2
     assert d.cpu_group == "gloo group"  # the CPU's counts are exchanged without reaching the GPU's queue
 
-    # The reduction itself, with "meta" standing in for the GPU (no CUDA here): the tensor handed to
-    # all_reduce is on the Dist's device, whether the values come as floats or as a device tensor.
+    # The reduction itself, with "meta" standing in for the GPU (no CUDA here): a device tensor is handed to
+    # the default (NCCL) group on the Dist's device; numbers the CPU has go to the gloo group, on the CPU.
     seen = []
 
     class Reduced(Exception):
         pass
 
-    def all_reduce(t):
-        seen.append((t.device, t.dtype))
-        raise Reduced
+    def all_reduce(t, group=None):
+        seen.append((t.device, t.dtype, group))
+        if t.device.type == "meta":
+            raise Reduced
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    stand_in = distributed.Dist(0, 2, 0, torch.device("meta"))
-    for values in ([1.0, 2.0], torch.ones(3)):
-        with pytest.raises(Reduced):
-            stand_in.sum(values)
-    assert seen == [(torch.device("meta"), torch.float64)] * 2
+    stand_in = distributed.Dist(0, 2, 0, torch.device("meta"), cpu_group="gloo group")
+    with pytest.raises(Reduced):
+        stand_in.sum(torch.ones(3))
+    assert stand_in.sum([1.0, 2.0]) == [1.0, 2.0]  # (the mock sums nothing)
+    assert seen == [(torch.device("meta"), torch.float64, None), (torch.device("cpu"), torch.float64, "gloo group")]
     # gloo: the CPU
     inits.append("gloo")
     assert distributed.reduce_device("gloo", torch.device("cpu"), 0) == torch.device("cpu")
