@@ -486,7 +486,7 @@ class Stepper:
         flops = ModelFlops(parts.model)
         self.flops_per_token, self.step_flops = flops.per_token, flops.step
 
-    def __call__(self, state: RunState, batch: dict, masked, stop: _StopFlag, progress: float,
+    def __call__(self, state: RunState, batch: list[dict], masked: list, stop: _StopFlag, progress: float,
                  ends: float) -> tuple[dict, bool]:
         """One step from `progress` (the fraction of the run done, which sets the masking ratio) to about `ends`
         (which sets the lr: a step's lr is the schedule's value where the step ends). `batch`: this rank's
