@@ -153,7 +153,7 @@ def huggingface(args) -> dict:
         max_steps=10**7, learning_rate=float(o.lr), weight_decay=float(o.weight_decay), adam_epsilon=1e-6,
         max_grad_norm=float(o.grad_clip), lr_scheduler_type="constant", report_to=[], logging_strategy="no",
         save_strategy="no", use_cpu=device.type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
-        seed=int(cfg.seed), bf16=args.precision == "bf16", tf32=args.precision == "tf32" or None,
+        seed=int(cfg.seed), bf16=args.precision == "bf16",  # TF32: apply_matmul_precision above, one API
     )
     trainer = WeightedNSP(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[TimeBudget()])
     trainer.train()

@@ -114,7 +114,9 @@ def apply_matmul_precision(precision: str, device: torch.device) -> None:
     """Set fp32 matmuls to what `precision` says, explicitly: PyTorch's default (full fp32) is a silent 2-8x on
     an Ampere+ GPU, and a library imported earlier may have switched TF32 on. Logged, so the run says which."""
     tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"  # torch >= 2.9's switch
+    # The API every reader agrees with: torch 2.9's per-backend `fp32_precision` set on cuda.matmul alone leaves
+    # torch.get_float32_matmul_precision() (which inductor's cache key reads) raising on a "mix of APIs"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     if precision == "fp32" and has_tf32(device):
         log.info("precision fp32 on %s: full fp32 matmuls, TF32 off (trainer.precision=tf32 runs them on the "
                  "TF32 tensor cores, several times faster)", torch.cuda.get_device_name(device))

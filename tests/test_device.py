@@ -60,16 +60,19 @@ def test_auto_precision_never_picks_emulated_bf16(monkeypatch):
 def test_tf32_is_set_explicitly_and_logged(monkeypatch, caplog):
     FakeCuda(monkeypatch, capability=(8, 0), name="NVIDIA A100-SXM4-80GB")
     gpu = torch.device("cuda", 0)
-    before = torch.backends.cuda.matmul.fp32_precision
+    before = torch.get_float32_matmul_precision()
     try:
         device.apply_matmul_precision("tf32", gpu)
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        # every reader agrees: cuBLAS's flag, the per-backend setting, and the global one inductor reads
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch._C._get_cublas_allow_tf32()
+        assert torch.get_float32_matmul_precision() == "high"
         with caplog.at_level("INFO", logger="bertexp.device"):
             device.apply_matmul_precision("fp32", gpu)
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee" and not torch._C._get_cublas_allow_tf32()
+        assert torch.get_float32_matmul_precision() == "highest"
         assert "full fp32 matmuls, TF32 off" in caplog.text and "A100" in caplog.text
     finally:
-        torch.backends.cuda.matmul.fp32_precision = before
+        torch.set_float32_matmul_precision(before)
 
 
 def test_spec_peaks_by_gpu_name(monkeypatch):
