@@ -83,6 +83,11 @@ class BertFamily(Family):
         return model.bert.encoder
 
     def encode(self, model, input_ids, attention_mask, token_type_ids):
+        if model.config._attn_implementation == "sdpa" and attention_mask.dim() == 2:
+            # The 4-D mask transformers would build for SDPA (True: attend), made here: building it, transformers
+            # first asks whether any position is padded (padding_mask.all()), which on a GPU waits for the
+            # device in every forward. Eager attention adds its mask, flash attention unpads with the 2-D one.
+            attention_mask = attention_mask.bool()[:, None, None, :]
         out = model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         return out[0], out[1]
 

@@ -196,3 +196,44 @@ def test_attention_implementation_is_an_option(pd_data):
     built.config._attn_implementation = "flash_attention_2"  # as chosen where flash-attn is installed
     with pytest.raises(ConfigError, match="runs on a CUDA GPU in trainer.precision=bf16 only"):
         fit_attention_to_precision(built, "cpu", "bf16")
+
+
+class _OnDevice(torch.Tensor):
+    """A CPU tensor standing in for one on a GPU: every read of its values back to the host (what on a GPU
+    waits for the device) is counted, boolean-mask indexing and nonzero among them."""
+
+    reads: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        boolean_index = name == "__getitem__" and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero",
+                    "masked_select") or boolean_index:
+            cls.reads.append(name)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_training_step_reads_the_device_back_once(tmp_path, monkeypatch):
+    """With the step's tensors standing in for a GPU's, a step (two accumulated micro-batches: forward,
+    backward, loss sums, stop vote, clip, update) reads device values back once."""
+    import bertexp.train as train
+
+    real_feed, real_call = train.feed, train.Stepper.__call__
+    per_step = []
+
+    def feed(*args, **kwargs):
+        return tuple(t.as_subclass(_OnDevice) for t in real_feed(*args, **kwargs))
+
+    def call(self, *args, **kwargs):
+        _OnDevice.reads = []
+        out = real_call(self, *args, **kwargs)
+        per_step.append(list(_OnDevice.reads))
+        return out
+
+    monkeypatch.setattr(train, "feed", feed)
+    monkeypatch.setattr(train.Stepper, "__call__", call)
+    run_in_process(tmp_path, ["trainer.max_steps=2", "trainer.grad_accum=2", "data.batch_size=4", "logger=none",
+                              "trainer.precision=fp32"])
+    assert per_step == [["tolist"], ["tolist"]]
