@@ -121,6 +121,13 @@ class ModernBertFamily(Family):
 
     def encode(self, model, input_ids, attention_mask, token_type_ids):
         # No segment embeddings: token_type_ids have nothing to feed; no pooler either.
+        if model.config._attn_implementation == "sdpa" and attention_mask.dim() == 2:
+            # The SDPA masks transformers would build (True: attend), made here without its padding_mask.all()
+            # check, which on a GPU waits for the device twice every forward (BertFamily.encode)
+            full = attention_mask.bool()[:, None, None, :]
+            at = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            band = (at[:, None] - at[None, :]).abs() <= model.config.sliding_window
+            attention_mask = {"full_attention": full, "sliding_attention": full & band}
         return model.model(input_ids=input_ids, attention_mask=attention_mask)[0], None
 
     def mlm_head(self, model):

@@ -215,7 +215,8 @@ class _OnDevice(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
-def test_a_training_step_reads_the_device_back_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", [["model=bert_tiny"], ["model=modernbert_tiny", "objective=mlm"]], ids=["bert", "modernbert"])
+def test_a_training_step_reads_the_device_back_once(tmp_path, monkeypatch, model):
     """With the step's tensors standing in for a GPU's, a step (two accumulated micro-batches: forward,
     backward, loss sums, stop vote, clip, update) reads device values back once."""
     import bertexp.train as train
@@ -234,6 +235,6 @@ def test_a_training_step_reads_the_device_back_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "feed", feed)
     monkeypatch.setattr(train.Stepper, "__call__", call)
-    run_in_process(tmp_path, ["trainer.max_steps=1", "trainer.grad_accum=2", "data.batch_size=4", "logger=none",
+    run_in_process(tmp_path, [*model, "trainer.max_steps=1", "trainer.grad_accum=2", "data.batch_size=4", "logger=none",
                               "trainer.precision=fp32"])
     assert per_step == [["tolist"]]
