@@ -17,6 +17,8 @@ the data pipeline's share of a step.
     python benchmarks/throughput.py --precision bf16   # autocast bf16 (a and b)
     python benchmarks/throughput.py --compile          # torch.compile the encoder (a)
     python benchmarks/throughput.py --profile          # where the time of one bertexp step goes
+    python benchmarks/throughput.py --device cuda --model bert_base --batch-size 256 --precision bf16
+                                                       # on a GPU; MFU also against its dense spec peak
 
 Quality at equal time (exam accuracy against seconds): benchmarks/time_to_quality.py.
 """
@@ -47,12 +49,13 @@ def setup(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={args.model}", "data.batch_size=32", "data.max_length=128"])
+        cfg = compose("config", overrides=[f"model={args.model}", f"data.batch_size={args.batch_size}",
+                                           f"data.max_length={args.max_length}"])
     data = instantiate(cfg.data)
     spec = instantiate(cfg.model)
     tok = spec.tokenizer(data)
     data.prepare(tok, seed=0)
-    n = (args.warmup + args.steps) * 32
+    n = (args.warmup + args.steps) * args.batch_size
     examples = data.epoch_examples(0)[:n]
     return cfg, data, spec, tok, examples
 
@@ -71,34 +74,40 @@ def timed_loop(step_fn, n_steps, warmup):
 def run_bertexp(args, cfg, data, spec, tok, examples):
     import torch
 
+    from bertexp import distributed
+    from bertexp.device import apply_matmul_precision, synchronize
     from bertexp.masking import TokenMasking, Vocab
     from bertexp.modeling import PretrainingObjective, fit_attention_to_precision
     from bertexp.optim import build_optimizer
+    from bertexp.train import feed, wrap
 
-    model = spec.build(tok)
-    fit_attention_to_precision(model, "cpu", args.precision)  # as run.py does
-    if args.compile:
-        model.bert.compile(dynamic=True)
+    device = args.torch_device
+    model = spec.build(tok).to(device)
+    apply_matmul_precision(args.precision, device)  # as run.py does
+    fit_attention_to_precision(model, device.type, args.precision)
     objective = PretrainingObjective(model)
+    step_fn = wrap(objective, distributed.Dist(), args.compile)
     opt = build_optimizer(cfg.optim, model)
     masker = TokenMasking(0.15).bind(Vocab.from_tokenizer(tok))
     g = torch.Generator().manual_seed(0)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else torch.autocast("cpu", enabled=False)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     params = list(model.parameters())
+    bs = args.batch_size
 
     def step(i):
         t = time.perf_counter()
-        batch = data.collate(examples[i * 32 : (i + 1) * 32])
+        batch = data.collate(examples[i * bs : (i + 1) * bs])
         ids, labels, *_ = masker(batch, g)
         data_s = time.perf_counter() - t
         n_masked = max(1, int((labels != -100).sum()))
-        with amp:
-            mlm, nsp, *_ = objective(ids, batch["attention_mask"], batch["token_type_ids"], labels, batch["next_sentence_label"])
+        with amp:  # the arguments as the training step passes them (bertexp.train.feed)
+            mlm, nsp, *_ = step_fn(*feed(batch, ids, labels, slice(None), device, args.compile))
         loss = mlm / n_masked + nsp / len(ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize(device)  # measuring: the step's time is its device time
         return int(batch["attention_mask"].sum()), ids.shape[1], data_s
 
     if args.profile:
@@ -128,15 +137,19 @@ def run_huggingface(args, cfg, data, spec, tok, examples):
 
     ends = []
 
+    from bertexp.device import synchronize
+
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
+            synchronize(args.torch_device)
             ends.append(time.perf_counter())
 
     targs = TrainingArguments(
-        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bertexp-bench-hf"), per_device_train_batch_size=32,
+        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bertexp-bench-hf"), per_device_train_batch_size=args.batch_size,
         max_steps=args.warmup + args.steps, learning_rate=2e-3, warmup_steps=10, weight_decay=0.01,
-        report_to=[], logging_strategy="no", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-        remove_unused_columns=False, bf16=args.precision == "bf16", seed=0, max_grad_norm=1.0,
+        report_to=[], logging_strategy="no", save_strategy="no", use_cpu=args.torch_device.type == "cpu", dataloader_num_workers=0,
+        remove_unused_columns=False, bf16=args.precision == "bf16", tf32=args.precision == "tf32" or None, seed=0,
+        max_grad_norm=1.0,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
     start = time.perf_counter()
@@ -153,7 +166,10 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
     import torch
 
 
-    model = spec.build(tok)
+    from bertexp.device import synchronize
+
+    device = args.torch_device
+    model = spec.build(tok).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     ids, so = data.tokens.ids, data.tokens.sent_offsets
     rng = random.Random(0)
@@ -167,7 +183,7 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
 
     clauses = [c for s in range(min(len(so) - 1, 20000)) for c in re.split(r"(?<=[，。！？；])", text(s)) if c]
     texts = []
-    for k in range((args.warmup + args.steps) * 32):
+    for k in range((args.warmup + args.steps) * args.batch_size):
         c = rng.randrange(len(clauses) - 1)
         nxt = rng.random() < 0.5
         texts.append((clauses[c], clauses[c + 1 if nxt else rng.randrange(len(clauses))], 0 if nxt else 1))
@@ -191,14 +207,17 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
 
     def step(i):
         t = time.perf_counter()
-        items = [item(k) for k in range(i * 32, (i + 1) * 32)]
+        items = [item(k) for k in range(i * args.batch_size, (i + 1) * args.batch_size)]
         cols = [torch.tensor([it[c] for it in items]) for c in range(5)]
         data_s = time.perf_counter() - t
+        tokens = int(cols[2].sum())
+        cols = [c.to(device) for c in cols]
         out = model(input_ids=cols[0], token_type_ids=cols[1], attention_mask=cols[2], labels=cols[3], next_sentence_label=cols[4])
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        return int(cols[2].sum()), 128, data_s
+        synchronize(device)
+        return tokens, 128, data_s
 
     return timed_loop(step, args.warmup + args.steps, args.warmup), model
 
@@ -222,14 +241,21 @@ def hf_rows(data, tok, examples) -> list[dict]:
 def child(args) -> None:
     import torch
 
+    from bertexp.device import resolve_device, spec_peak, use_device
+
+    args.torch_device = resolve_device(args.device)
+    use_device(args.torch_device)
     cfg, data, spec, tok, examples = setup(args)
     fn = {"bertexp": run_bertexp, "huggingface": run_huggingface, "tutorial": run_tutorial}[args.pipeline]
     steps, model = fn(args, cfg, data, spec, tok, examples)
-    from bertexp.train import matmul_flops
+    from bertexp.device import matmul_flops
 
-    cpu = torch.device("cpu")
-    peak = matmul_flops(cpu, torch.float32, n=4096, reps=3)  # fp32: the MFU denominator the issue defines
-    peak_run = matmul_flops(cpu, torch.bfloat16, n=4096, reps=3) if args.precision == "bf16" else peak
+    device = args.torch_device
+    n = 4096 if device.type == "cpu" else 8192
+    reps = 3 if device.type == "cpu" else 20
+    peak = matmul_flops(device, torch.float32, n=n, reps=reps)  # fp32: the MFU denominator the issue defines
+    peak_run = matmul_flops(device, torch.bfloat16, n=n, reps=reps) if args.precision == "bf16" else peak
+    spec = spec_peak(device, args.precision)  # the data sheet's dense peak: MFU as published
     tps = statistics.median(tokens / t for t, tokens, _, _ in steps)
     width = statistics.mean(w for _, _, w, _ in steps)
     n_enc = sum(p.numel() for p in model.bert.encoder.parameters())
@@ -244,6 +270,9 @@ def child(args) -> None:
         "mfu_at_precision": flops_per_token * tps / peak_run,
         "peak_gflops": peak / 1e9,
         "peak_gflops_at_precision": peak_run / 1e9,
+        "mfu_spec": flops_per_token * tps / spec if spec else None,
+        "spec_tflops": spec / 1e12 if spec else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "data_share": statistics.median(d / t for t, _, _, d in steps),
     }))
@@ -252,7 +281,12 @@ def child(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--pipelines", default="bertexp,huggingface,tutorial")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                    help="tf32: fp32 with TF32 matmuls (an Ampere or later GPU)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (Hugging Face's Trainer takes the first "
+                    "visible GPU: choose it with CUDA_VISIBLE_DEVICES)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
     ap.add_argument("--warmup", type=int, default=5)
@@ -266,7 +300,8 @@ def main() -> None:
     results = {}
     for name in args.pipelines.split(","):
         cmd = [sys.executable, __file__, "--pipeline", name, "--precision", args.precision, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--model", args.model] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--model", args.model, "--device", args.device,
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
         print(f"running {name} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode != 0:
@@ -283,15 +318,18 @@ def main() -> None:
         print("no results")
         return
     bf16 = args.precision == "bf16"
-    print(f"\n{args.model}, batch 32, max_length 128, {args.precision}{', compiled' if args.compile else ''}, "
-          f"{args.threads} threads, {args.steps} timed steps; {platform.processor() or platform.machine()}, "
+    print(f"\n{args.model}, batch {args.batch_size}, max_length {args.max_length}, {args.precision}{', compiled' if args.compile else ''}, "
+          f"{args.threads} threads, {args.steps} timed steps; {first['device'] if first['device'] != 'cpu' else platform.processor() or platform.machine()}, "
           f"fp32 matmul {first['peak_gflops']:.0f} GFLOP/s" + (f", bf16 {first['peak_gflops_at_precision']:.0f}" if bf16 else ""))
-    extra = " | MFU vs bf16 peak" if bf16 else ""
-    print(f"| pipeline | real tokens/s | vs HF | step ms | mean padded len | MFU (fp32 peak){extra} | peak RSS MB | data share |")
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if bf16 else ""))
+    spec = first.get("spec_tflops")
+    extra = (" | MFU vs measured bf16 peak" if bf16 else "") + (f" | MFU vs dense {args.precision} spec peak" if spec else "")
+    print(f"| pipeline | real tokens/s | vs HF | step ms | mean padded len | MFU (measured fp32 peak){extra} | peak RSS MB | data share |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if bf16 else "") + ("---|" if spec else ""))
+    if spec:
+        print(f"(dense {args.precision} spec peak of {first['device']}: {spec:.0f} TFLOP/s)", file=sys.stderr)
     for name, r in results.items():
         ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
-        more = f" | {r['mfu_at_precision']:.1%}" if bf16 else ""
+        more = (f" | {r['mfu_at_precision']:.1%}" if bf16 else "") + (f" | {r['mfu_spec']:.1%}" if spec else "")
         print(f"| {name} | {r['tokens_per_s']:.0f} | {ratio} | {r['step_ms']:.0f} | {r['mean_padded_len']:.0f} | "
               f"{r['mfu']:.1%}{more} | {r['peak_rss_mb']:.0f} | {r['data_share']:.1%} |")
 

@@ -16,6 +16,7 @@ counting tables as lines) to `--out`.
     python benchmarks/time_to_quality.py                          # 10 minutes each, all three
     python benchmarks/time_to_quality.py --minutes 2 --pipelines bertexp,huggingface
     python benchmarks/time_to_quality.py --model bert_base        # (c) is then modernbert_base
+    python benchmarks/time_to_quality.py --device cuda --precision bf16 --model bert_base   # on a GPU
 
 "Seconds to reach" is given for two targets: Hugging Face's final accuracy (only when that is clearly off
 the unigram plateau, at least PLATEAU x the most frequent token: below it, reaching it says only when a
@@ -49,8 +50,8 @@ def run_py(args, name: str, extra: list[str]) -> dict:
     from bertexp.tracking import read_metrics
 
     run_dir = ROOT / "outputs" / "time_to_quality" / name  # run dirs stay out of docs/ (and out of git)
-    cmd = [sys.executable, str(ROOT / "run.py"), *extra, f"trainer.budget_minutes={args.minutes}", "trainer.device=cpu",
-           "trainer.precision=fp32",
+    cmd = [sys.executable, str(ROOT / "run.py"), *extra, f"trainer.budget_minutes={args.minutes}", f"trainer.device={args.device}",
+           f"trainer.precision={args.precision}",
            f"trainer.eval_every={args.eval_every}", "trainer.save_every=1000000", "logger=none",
            "trainer.measure_mfu=false", "trainer.resume=never", f"hydra.run.dir={run_dir}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -81,7 +82,13 @@ def huggingface(args) -> dict:
     from bertexp.optim import build_scheduler
     from bertexp.train import prepare_exam
 
+    from bertexp.device import apply_matmul_precision, resolve_device, use_device
+
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    use_device(device)
+    apply_matmul_precision(args.precision, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}"])
     data, spec = instantiate(cfg.data), instantiate(cfg.model)
@@ -120,7 +127,7 @@ def huggingface(args) -> dict:
             clock["train"] += time.perf_counter() - clock["since"]
             done = clock["train"] >= budget
             if state.global_step % args.eval_every == 0 or done:
-                score = evaluate(objective, exam_batches, torch.device("cpu"), torch.autocast("cpu", enabled=False), Dist())
+                score = evaluate(objective, exam_batches, device, amp, Dist())
                 curve.append((clock["train"], state.global_step, score["eval/mlm_acc"], score["eval/mlm_top5_acc"]))
                 model.train()
             control.should_training_stop = done
@@ -141,7 +148,8 @@ def huggingface(args) -> dict:
         output_dir=str(ROOT / "outputs" / "time_to_quality" / "huggingface"), per_device_train_batch_size=int(cfg.data.batch_size),
         max_steps=10**7, learning_rate=float(o.lr), weight_decay=float(o.weight_decay), adam_epsilon=1e-6,
         max_grad_norm=float(o.grad_clip), lr_scheduler_type="constant", report_to=[], logging_strategy="no",
-        save_strategy="no", use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, seed=int(cfg.seed),
+        save_strategy="no", use_cpu=device.type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
+        seed=int(cfg.seed), bf16=args.precision == "bf16",  # TF32: apply_matmul_precision above, one API
     )
     trainer = WeightedNSP(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[TimeBudget()])
     trainer.train()
@@ -209,8 +217,9 @@ def report(args, results: dict) -> str:
     headers, cells = reach_cells(results)
     lines = [f"Measured {date.today()} at commit {commit}{' (with local changes)' if dirty else ''}, "
              f"{os.cpu_count()} CPU cores, {args.threads} torch threads: `python benchmarks/time_to_quality.py "
-             f"--minutes {args.minutes:g} --eval-every {args.eval_every} --model {args.model}`. Each pipeline trains for "
-             f"{args.minutes:g} minutes of training time on People's Daily (CPU, fp32) and is scored on exam "
+             f"--minutes {args.minutes:g} --eval-every {args.eval_every} --model {args.model} --device {args.device} --precision {args.precision}`. "
+             f"Each pipeline trains for {args.minutes:g} minutes of training time on People's Daily ({args.device}, "
+             f"{args.precision}) and is scored on exam "
              f"{first['exam_id']}.", "",
              "| pipeline | steps | tokens/s | final exam accuracy | top-5 | " + " | ".join(headers) + " |",
              "|---|---|---|---|---|" + "---|" * len(headers)]
@@ -251,6 +260,9 @@ def main() -> None:
     ap.add_argument("--pipelines", default="bertexp,huggingface,modernbert")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="bert_tiny", help="a bert_* model option; (c) trains modernbert_* of its size")
+    ap.add_argument("--device", default="cpu", help="trainer.device of every pipeline: cpu | cuda | cuda:N (Hugging "
+                    "Face's Trainer takes the first visible GPU: choose it with CUDA_VISIBLE_DEVICES)")
+    ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32", help="trainer.precision")
     ap.add_argument("--out", default=str(ROOT / "docs" / "time_to_quality"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -271,7 +283,7 @@ def main() -> None:
         elif name == "huggingface":
             out = subprocess.run([sys.executable, __file__, "--child", "huggingface", "--minutes", str(args.minutes),
                                   "--eval-every", str(args.eval_every), "--threads", str(args.threads), "--out", args.out,
-                                  "--model", args.model],
+                                  "--model", args.model, "--device", args.device, "--precision", args.precision],
                                  capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if out.returncode != 0:
                 raise RuntimeError(f"huggingface failed:\n{out.stderr[-3000:]}")

@@ -51,8 +51,8 @@ def rng_state() -> dict:
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    # No CUDA RNG state: every step reseeds the generators it draws from (bertexp.train.Stepper), and a state per
+    # visible GPU would not restore on a machine with fewer (8 saved, 1 visible: IndexError)
     return state
 
 
@@ -62,8 +62,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # state["cuda"], written by an older bertexp, is ignored: see rng_state
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int,

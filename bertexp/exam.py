@@ -168,25 +168,28 @@ def evaluate(objective, exam_batches, device, amp, dist) -> dict:
     """Score the model on the exam's blanks: accuracy, top-5 accuracy, loss and perplexity, and NSP accuracy
     on the exam's pairs where the model has an NSP head (none: no `eval/nsp_acc`, rather than a 0 that reads as
     a score). Batches are sharded over ranks and the sums reduced, so every rank gets the same."""
+    from bertexp.modeling import feed
+
     objective.eval()
-    sums = [0.0] * 6  # mlm loss sum, blanks, correct, correct in top 5, nsp correct, pairs
+    # mlm loss sum, correct, correct in top 5, nsp correct: kept on the device, read back once; blanks and pairs
+    # are counted on the CPU (a CPU number copied to the GPU with a blocking copy would wait for it)
+    on_device = torch.zeros(4, dtype=torch.float64, device=device)
+    counted = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad(), amp:
         for i, (b, ids, labels) in enumerate(exam_batches):
             if i % dist.world != dist.rank:
                 continue
-            b = {k: v.to(device) for k, v in b.items()}
-            mlm_sum, _, logits, targets, nsp_logits = objective(
-                ids.to(device), b["attention_mask"], b["token_type_ids"], labels.to(device), b["next_sentence_label"])
+            inputs = feed(b, ids, labels, slice(None), device)  # blanks found on the CPU: no wait per batch
+            mlm_sum, _, logits, targets, nsp_logits = objective(*inputs)
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            sums[0] += float(mlm_sum)
-            sums[1] += targets.numel()
-            sums[2] += float((top5[:, 0] == targets).sum())
-            sums[3] += float((top5 == targets[:, None]).any(-1).sum())
-            if nsp_logits is not None:
-                sums[4] += float((nsp_logits.argmax(-1) == b["next_sentence_label"]).sum())
-                sums[5] += len(nsp_logits)
+            nsp_correct = (nsp_logits.argmax(-1) == inputs[4]).sum() if nsp_logits is not None else mlm_sum.new_zeros(())
+            on_device += torch.stack([mlm_sum.double(), (top5[:, 0] == targets).sum().double(),
+                                      (top5 == targets[:, None]).any(-1).sum().double(), nsp_correct.double()])
+            counted += torch.tensor([float(int((labels != -100).sum())), float(len(ids) if nsp_logits is not None else 0)],
+                                    dtype=torch.float64)
     objective.train()
-    loss_sum, n, correct, top5_correct, nsp_correct, pairs = dist.sum(sums)
+    loss_sum, correct, top5_correct, nsp_correct, n, pairs = dist.sum(
+        torch.cat([on_device, counted.to(device, non_blocking=True)]))
     mlm_loss = loss_sum / max(n, 1)
     return {
         "eval/mlm_acc": correct / max(n, 1),

@@ -8,7 +8,7 @@ trivial baseline (majority class; for NER a dictionary of training entities). Ea
 `task.epochs` epochs, scores dev after each and reports test at its best dev epoch; the summary is mean ± sd
 over seeds of dev and test. A pretraining run can do this itself at its end: `trainer.downstream=[sentiment]`.
 
-It shares the pretraining run's parts: device and precision (bertexp.train), per-step seeds
+It shares the pretraining run's parts: device and precision (bertexp.device), per-step seeds
 (bertexp.data.loader), the optimizer's parameter groups, gradient clipping and the lr schedule
 (bertexp.optim), the signal handling that stops a run after its current step (bertexp.lifecycle), the
 progress bar, and the tracker
@@ -434,7 +434,7 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
     import time
 
     from bertexp.errors import Interrupted
-    from bertexp.train import resolve_device, resolve_precision
+    from bertexp.device import apply_matmul_precision, resolve_device, resolve_precision, use_device
 
     started = time.perf_counter()
     check_task(tc)
@@ -442,7 +442,9 @@ def run_finetune(tc: DictConfig, path: Path, data_cfg, optim_cfg, trainer_cfg, o
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path: {path} is not a model directory (no config.json); use e.g. RUN/checkpoints/last")
     device = resolve_device(str(trainer_cfg.device))
+    use_device(device)  # cuda:N made current, as for pretraining
     precision = resolve_precision(str(trainer_cfg.precision), device)
+    apply_matmul_precision(precision, device)
     job = _prepare_task(tc, path, data_cfg, seed, typed_data)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan(tc, path, job, optim_cfg, precision, device, out_dir, data_cfg)

@@ -6,6 +6,7 @@ The loss is computed here with the MLM decoder run only on the selected position
 would be thrown away), which gives exactly the model's own MLM loss."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -63,9 +64,9 @@ class Family:
         """Per layer, how far a query sees (|query - key| <= window), or None: the whole sequence."""
         return [None] * config.num_hidden_layers
 
-    def load(self, path):
+    def load(self, path, attn_implementation: str = "sdpa"):
         """A model directory of this family (a checkpoint to resume, model=pretrained's)."""
-        return self.model_class.from_pretrained(str(path), local_files_only=True, attn_implementation="sdpa")
+        return self.model_class.from_pretrained(str(path), local_files_only=True, attn_implementation=attn_implementation)
 
 
 class BertFamily(Family):
@@ -81,6 +82,11 @@ class BertFamily(Family):
         return model.bert.encoder
 
     def encode(self, model, input_ids, attention_mask, token_type_ids):
+        if model.config._attn_implementation == "sdpa" and attention_mask.dim() == 2:
+            # The 4-D mask transformers would build for SDPA (True: attend), made here: building it, transformers
+            # first asks whether any position is padded (padding_mask.all()), which on a GPU waits for the
+            # device in every forward. Eager attention adds its mask, flash attention unpads with the 2-D one.
+            attention_mask = attention_mask.bool()[:, None, None, :]
         out = model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         return out[0], out[1]
 
@@ -114,6 +120,13 @@ class ModernBertFamily(Family):
 
     def encode(self, model, input_ids, attention_mask, token_type_ids):
         # No segment embeddings: token_type_ids have nothing to feed; no pooler either.
+        if model.config._attn_implementation == "sdpa" and attention_mask.dim() == 2:
+            # The SDPA masks transformers would build (True: attend), made here without its padding_mask.all()
+            # check, which on a GPU waits for the device twice every forward (BertFamily.encode)
+            full = attention_mask.bool()[:, None, None, :]
+            at = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            band = (at[:, None] - at[None, :]).abs() <= model.config.sliding_window
+            attention_mask = {"full_attention": full, "sliding_attention": full & band}
         return model.model(input_ids=input_ids, attention_mask=attention_mask)[0], None
 
     def mlm_head(self, model):
@@ -160,9 +173,27 @@ def family_of_dir(path) -> Family:
     return family_of(json.loads((Path(path) / "config.json").read_text()))
 
 
-def load_pretrained(path):
+def load_pretrained(path, attn_implementation: str = "sdpa"):
     """A model directory (a checkpoint, or model=pretrained's), in the family its config.json names."""
-    return family_of_dir(path).load(path)
+    return family_of_dir(path).load(path, attn_implementation)
+
+
+# model.attn_implementation: the attention kernels transformers offers both families. sdpa: PyTorch's fused
+# attention, which with a padding mask runs the memory-efficient kernel (not flash); flash_attention_2/3: the
+# flash-attn package's kernels (CUDA, bf16), which unpad the batch and skip padded positions, and pay where
+# attention is a large share of the step: sequences of 512 and more (at 128 the matmuls of the layers dominate).
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+_FLASH_PACKAGE = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_attention(name: str) -> str:
+    if name not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={name!r} must be one of {', '.join(ATTENTION)}")
+    package = _FLASH_PACKAGE.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"model.attn_implementation={name} needs the {package} package (pip install flash-attn, "
+                          "on a CUDA machine); use sdpa")
+    return name
 
 
 class ScratchBert:
@@ -171,7 +202,9 @@ class ScratchBert:
     fresh = True  # its heads may be initialised from the data (objective.mlm_bias_init)
     family: Family = FAMILIES["bert"]
 
-    def __init__(self, vocab_size: int = 8000, path: str | None = None, revision: str | None = None, **config):
+    def __init__(self, vocab_size: int = 8000, path: str | None = None, revision: str | None = None,
+                 attn_implementation: str = "sdpa", **config):
+        self.attn_implementation = check_attention(attn_implementation)
         if path is not None:  # model.path is for loading (model=pretrained) and fine-tuning (task=...)
             raise ConfigError(f"model.path={path} is set, but this model is built from scratch: use "
                               "model=pretrained model.path=DIR to start from it, or task=NAME to fine-tune it")
@@ -195,7 +228,7 @@ class ScratchBert:
 
     def build(self, tokenizer):
         cfg = self.family.config(tokenizer, self.config)
-        cfg._attn_implementation = "sdpa"
+        cfg._attn_implementation = self.attn_implementation
         return self.family.model_class(cfg)
 
 
@@ -204,8 +237,9 @@ class ScratchModernBert(ScratchBert):
 
     family = FAMILIES["modernbert"]
 
-    def __init__(self, vocab_size: int = 8000, path: str | None = None, revision: str | None = None, **config):
-        super().__init__(vocab_size, path, revision, **config)
+    def __init__(self, vocab_size: int = 8000, path: str | None = None, revision: str | None = None,
+                 attn_implementation: str = "sdpa", **config):
+        super().__init__(vocab_size, path, revision, attn_implementation, **config)
         if int(config.get("global_attn_every_n_layers", 1)) < 1:
             raise ConfigError(f"model.global_attn_every_n_layers={config['global_attn_every_n_layers']} must be >= 1 "
                               "(1: every layer attends globally)")
@@ -221,7 +255,8 @@ class PretrainedBert:
 
     fresh = False  # its pretrained heads are kept as they are
 
-    def __init__(self, path: str | None = None, revision: str | None = None):
+    def __init__(self, path: str | None = None, revision: str | None = None, attn_implementation: str = "sdpa"):
+        self.attn_implementation = check_attention(attn_implementation)
         if not path or str(path) in ("???", "None"):
             raise ConfigError("model.path is not set: model=pretrained needs model.path=DIR or a Hugging Face Hub id "
                               "(a BERT or ModernBERT)")
@@ -262,8 +297,9 @@ class PretrainedBert:
                 f"{n_vocab} rows (config.json vocab_size)"
             )
         try:
-            model, info = self.family.model_class.from_pretrained(str(self.path), local_files_only=True,
-                                                                  attn_implementation="sdpa", output_loading_info=True)
+            model, info = self.family.model_class.from_pretrained(
+                str(self.path), local_files_only=True, attn_implementation=self.attn_implementation,
+                output_loading_info=True)
         except Exception as e:
             raise CheckpointError(f"model.path: cannot load {self.family.name} weights from {self.path}: {e}") from None
         from bertexp.hub import report_new_heads
@@ -274,7 +310,12 @@ class PretrainedBert:
 
 def fit_attention_to_precision(model, device_type: str, precision: str) -> None:
     """bf16 on CPU: plain matmul attention. PyTorch's fused CPU attention has a slow bf16 backward (28% of a
-    bert_mini step in a profile); eager attention makes the bf16 step 25% faster. fp32 keeps SDPA."""
+    bert_mini step in a profile); eager attention makes the bf16 step 25% faster. fp32 keeps SDPA. Flash
+    attention (model.attn_implementation) runs on a GPU in bf16 only."""
+    chosen = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if chosen.startswith("flash") and (device_type != "cuda" or precision != "bf16"):
+        raise ConfigError(f"model.attn_implementation={chosen} runs on a CUDA GPU in trainer.precision=bf16 only "
+                          f"(this run: {device_type}, {precision}); use sdpa")
     if precision == "bf16" and device_type == "cpu":
         model.set_attn_implementation("eager")
 
@@ -364,13 +405,21 @@ class PretrainingObjective(torch.nn.Module):
         # At weight 0 the NSP term stays in the graph (times 0), so DDP still sees a gradient for every parameter.
         return mlm_mean + self.nsp_weight * nsp_mean
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label, predicted=None):
         """(MLM loss sum, NSP loss sum (0 without an NSP head), MLM logits at the predicted positions, their
-        targets, NSP logits or None)."""
+        targets, NSP logits or None).
+
+        `predicted`: the flat indices (row x width + column) of the labelled positions, found where the labels
+        were made (the CPU), with `labels` then their targets in that order. Finding them here from -100s is
+        a boolean index, which on a GPU waits for the device (a sync per micro-batch)."""
         seq, pooled = self.family.encode(self.model, input_ids, attention_mask, token_type_ids)
-        where = labels != -100
-        targets = labels[where]
-        logits = seq[where]
+        if predicted is None:
+            where = labels != -100
+            targets = labels[where]
+            logits = seq[where]
+        else:
+            targets = labels
+            logits = seq.reshape(-1, seq.shape[-1]).index_select(0, predicted)
         for module in self.family.mlm_head(self.model):
             logits = module(logits)
         mlm_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -380,3 +429,22 @@ class PretrainingObjective(torch.nn.Module):
         nsp_logits = nsp_head(pooled)
         nsp_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
         return mlm_sum, nsp_sum, logits, targets, nsp_logits
+
+
+def feed(batch: dict, ids: torch.Tensor, labels: torch.Tensor, rows: slice, device: torch.device,
+         compiled: bool = False) -> tuple:
+    """The objective's arguments for `rows` of a masked batch, on `device`: only the tensors the model reads,
+    and the predicted positions as flat indices with their targets, found here on the CPU, where the labels
+    are (PretrainingObjective.forward: on the GPU that search would wait for the device). Compiled: the width
+    and the predicted count vary from step to step and are marked dynamic, the batch dimension is not."""
+    flat = labels[rows].reshape(-1)
+    where = (flat != -100).nonzero().squeeze(1)
+    put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    out = (put(ids[rows]), put(batch["attention_mask"][rows]), put(batch["token_type_ids"][rows]), put(flat[where]),
+           put(batch["next_sentence_label"][rows]), put(where))
+    if compiled:
+        for t in out[:3]:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        for t in (out[3], out[5]):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    return out

@@ -64,6 +64,7 @@ class ScratchSizeSchema:
     num_attention_heads: int = 2  # attention heads per layer (divides hidden_size)
     intermediate_size: int = 512  # width of each layer's feed-forward block
     max_position_embeddings: int = 512  # the longest input the model takes (data.max_length is checked against it)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flash_attention_3 (bertexp.modeling.ATTENTION)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class PretrainedModelSchema:
     _target_: str = "bertexp.modeling.PretrainedBert"
     path: Optional[str] = None  # a local directory or a Hugging Face Hub id (bertexp.hub)
     revision: Optional[str] = None  # with a Hub id: a branch, tag or commit (default: main)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flash_attention_3
 
 
 @dataclass

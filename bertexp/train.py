@@ -6,9 +6,10 @@ forward, backward, clip, update), log every `log_every`, score the exam every `e
 Every random draw of step `s` is seeded from (seed, s): masking has its own generator, dropout the global
 one. So a resumed run sees exactly the batches, masks and dropout it would have seen uninterrupted.
 
-Under `torchrun`, every rank builds and masks the same global batch (`data.batch_size` x `grad_accum` x
-ranks pairs) and trains on its own rows; losses are normalised by the global batch's counts, so N ranks
-compute the same update as one process with the same global batch. Rank 0 alone writes.
+A step's global batch is `grad_accum` x ranks micro-batches of `data.batch_size` pairs; under `torchrun` each
+rank collates and masks only its own micro-batches (bertexp.data.loader), the ranks exchange their counts,
+and losses are normalised by the global batch's, so N ranks compute the same update as one process
+accumulating N times as many micro-batches. Rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -33,14 +34,16 @@ from bertexp.budget import Budget
 from bertexp.checkpoint import STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from bertexp.compare import standing
 from bertexp.data.cache import key_of, write_atomically
-from bertexp.data.loader import batch_stream, mask_step, step_seed
+from bertexp.data.loader import batch_stream, chunks_of, mask_step, step_seed
 from bertexp.data.tokenizer import load_tokenizer
+from bertexp.device import (PRECISIONS, apply_matmul_precision, matmul_flops, resolve_device, resolve_precision,
+                            spec_peak, use_device)
 from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from bertexp.exam import BASELINES_VERSION, BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
 from bertexp.exam import evaluate as evaluate_exam
 from bertexp.masking import Vocab
 from bertexp.modeling import (ModelFlops, PretrainingObjective, check_objective, encoder_params, family_of_dir,
-                              fit_attention_to_precision, load_pretrained)
+                              feed, fit_attention_to_precision, load_pretrained)
 from bertexp.lifecycle import Claim, StopFlag, resume_hint, resume_target
 from bertexp.optim import build_optimizer, build_scheduler, check_optim
 from bertexp.resolvers import process_start
@@ -60,33 +63,6 @@ def process_age() -> float:
     return time.time() - started if started is not None else float("nan")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"trainer.device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but no CUDA device is available")
-    return device
-
-
-def matmul_flops(device: torch.device, dtype=torch.float32, n: int | None = None, reps: int | None = None) -> float:
-    """This machine's matrix-multiply throughput (FLOP/s), measured now: the MFU denominator."""
-    n = n or (2048 if device.type == "cpu" else 8192)
-    reps = reps or (2 if device.type == "cpu" else 20)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def check_trainer(tc) -> None:
@@ -99,27 +75,14 @@ def check_trainer(tc) -> None:
         raise ConfigError(f"trainer.exam_pairs={tc.exam_pairs} must be >= 1 (or null for every held-out pair)")
     if int(tc.exam_length) < 8:
         raise ConfigError(f"trainer.exam_length={tc.exam_length} must be >= 8 (room for [CLS] A [SEP] B [SEP])")
-    if tc.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"trainer.precision={tc.precision!r} must be auto, fp32 or bf16")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 autocast where the hardware multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
-    AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 would be slower than fp32."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+    if tc.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={tc.precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
 def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
     check_trainer(cfg.trainer)
     device = resolve_device(str(cfg.trainer.device))
+    use_device(device)
     dist = distributed.setup(device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -165,13 +128,9 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     check_optim(cfg.optim)  # and optim.*: all before the vocabulary is trained and the corpus tokenised
     if resume_from and family_of_dir(resume_from) is not spec.family:
         raise CheckpointError(f"checkpoint {resume_from} is not a {spec.family.name}, which this config builds")
-    tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
-    tokenizer.model_max_length = spec.max_positions  # what its checkpoints say (not 1e30, "no limit")
-    data.prepare(tokenizer, int(cfg.seed))
-    masker.bind(Vocab.from_tokenizer(tokenizer))
-    masker.prepare(data, tokenizer)  # PMI masking: its collocations (cached with the tokens)
+    tokenizer = prepare_data(spec, data, masker, resume_from, int(cfg.seed), dist)
     if resume_from:
-        model = load_pretrained(resume_from)
+        model = load_pretrained(resume_from, getattr(spec, "attn_implementation", "sdpa"))
     else:
         model = spec.build(tokenizer)
     objective = make_objective(model)
@@ -179,10 +138,9 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
         objective.init_heads(data.train_token_ids())
     model.to(device)
     precision = resolve_precision(str(tc.precision), device)
+    apply_matmul_precision(precision, device)
     fit_attention_to_precision(model, device.type, precision)
-    if tc.compile:
-        spec.family.trunk(model).compile(dynamic=True)
-    ddp = torch.nn.parallel.DistributedDataParallel(objective) if dist.enabled else objective
+    ddp = wrap(objective, dist, bool(tc.compile))
     log.info("Model: %.2fM parameters (%.2fM in the encoder layers), vocab %d, device %s, %s%s",
              sum(p.numel() for p in model.parameters()) / 1e6, encoder_params(model) / 1e6, len(tokenizer), device,
              precision, f", {dist.world} ranks" if dist.enabled else "")
@@ -191,6 +149,37 @@ def build(cfg: DictConfig, run_dir: Path, device: torch.device, dist: distribute
     scheduler = build_scheduler(cfg.optim, optimizer)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     return Parts(data, tokenizer, masker, model, objective, ddp, optimizer, scheduler, precision, amp, resume_from, spec)
+
+
+def prepare_data(spec, data, masker, resume_from: Path | None, seed: int, dist: distributed.Dist):
+    """The tokenizer, the tokens and the masking's tables, from the caches; on a first run, built by each
+    node's rank 0 while its other ranks wait, then read by them."""
+    with distributed.local_main_first(dist):
+        tokenizer = load_tokenizer(resume_from) if resume_from else spec.tokenizer(data)
+        tokenizer.model_max_length = spec.max_positions  # what its checkpoints say (not 1e30, "no limit")
+        data.prepare(tokenizer, seed)
+        masker.bind(Vocab.from_tokenizer(tokenizer))
+        masker.prepare(data, tokenizer)  # PMI masking: its collocations (cached with the tokens)
+    return tokenizer
+
+
+def wrap(objective: PretrainingObjective, dist: distributed.Dist, compile: bool) -> torch.nn.Module:
+    """What the training step calls: the objective, in DDP under torchrun, compiled if asked.
+
+    Compiled outside DDP: dynamo then splits the graph at DDP's gradient buckets, so each bucket's all-reduce
+    overlaps the rest of the backward (a module compiled inside DDP yields all its gradients at the end of
+    one backward graph). Gradients are views into the buckets: no copy in and out of them per step. The
+    sequence width and the count of predicted positions are marked dynamic on the step's tensors (`feed`);
+    the batch dimension stays static, so evaluation's batch shape compiles once, not a symbolic graph for both.
+    Single process: compiled in place, so the exam runs compiled too."""
+    if dist.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(objective, gradient_as_bucket_view=True)
+        if compile:
+            ddp.compile(dynamic=None)
+        return ddp
+    if compile:
+        objective.compile(dynamic=None)
+    return objective
 
 
 def restore(parts: Parts, budget: Budget) -> RunState:
@@ -300,7 +289,7 @@ class Attempt:
     exam_id: str
     config: dict  # the resolved config, with provenance and choices: W&B's config and every checkpoint's
     tracker: object
-    peak: float  # the matmul FLOP/s MFU is measured against (NaN: not measured)
+    peak: dict  # the FLOP/s MFU is measured against: {"measured": the matmul timed here, "spec": the data sheet's}
     effective: dict  # the effective values (bertexp.rundir): every checkpoint's run_config.json
     lineage: list  # the pretraining splits of this run and of the models it continues: every checkpoint's
     step_fn: "Stepper" = None
@@ -333,9 +322,7 @@ class Attempt:
             if dist.main else NullTracker()
         tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
         state.wandb_id = tracker.run_id
-        # MFU against the matmul throughput of the precision the run computes in
-        peak = (matmul_flops(device, torch.bfloat16 if parts.precision == "bf16" else torch.float32)
-                if tc.measure_mfu else float("nan"))
+        peak = mfu_peaks(device, parts.precision, bool(tc.measure_mfu))
         effective = effective_config(cfg)
         lineage = lineage_for(effective, str(Path(run_dir).resolve()), parts.resume_from, getattr(parts.spec, "path", None))
         return cls(cfg, Path(run_dir), info, device, dist, budget, parts, state, exam_batches, baselines, exam.exam_id,
@@ -366,7 +353,7 @@ class Attempt:
         or a signal asks to stop (then checkpoint and raise Interrupted)."""
         cfg, state, budget = self.cfg, self.state, self.budget
         self.step_fn = Stepper(cfg, self.parts, self.run_dir, self.dist, self.device)
-        self.batches = _batches(self.parts, budget, state, int(cfg.seed), int(cfg.trainer.grad_accum) * self.dist.world,
+        self.batches = _batches(self.parts, budget, state, int(cfg.seed), int(cfg.trainer.grad_accum), self.dist,
                                 self.device)
         if not budget.by_steps:
             log.info("The run ends on its budget: %s (trainer.max_steps does not apply)", budget.describe())
@@ -387,8 +374,6 @@ class Attempt:
             ends = min(1.0, before + state.last_increment)  # where this step ends: its lr is the schedule's there
             sums, stop_votes = self.step_fn(state, batch, masked, stop, before, ends)
             sums["data_wait"] = waited + self.step_fn.mask_seconds
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
             state.advance(next_position, time.perf_counter() - t0, **sums)
             if budget.by_time and self.dist.enabled:  # every rank must stop at the same step, with the same lr
                 state.train_time = self.dist.sum([state.train_time])[0] / self.dist.world
@@ -479,7 +464,8 @@ def _run_config(cfg: DictConfig, run_dir: Path, info: dict, claim: Claim, parts:
     return config
 
 
-def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, ranks_and_accum: int, device: torch.device):
+def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, accum: int, dist: distributed.Dist,
+             device: torch.device):
     """The training batches from the run's position, from `data.num_workers` background workers (null: 2 on a
     GPU, none on a CPU, whose cores the model already uses); masked there too when the masking ratio of a
     step is known in advance (bertexp.data.loader)."""
@@ -494,8 +480,8 @@ def _batches(parts: Parts, budget: Budget, state: RunState, seed: int, ranks_and
         if workers:
             log.info("The masking schedule runs on a %s budget: batches are masked on the training thread "
                      "(collated by the %d workers)", budget.describe(), workers)
-    return batch_stream(data, masker, state.position, data.batch_size * ranks_and_accum, seed, state.step,
-                        progress_at, workers, pin_memory=device.type == "cuda")
+    return batch_stream(data, masker, state.position, data.batch_size, accum * dist.world, chunks_of(dist.rank, accum),
+                        seed, state.step, progress_at, workers, pin_memory=device.type == "cuda")
 
 
 def _close(tracker, state: RunState, last_eval: dict, first_step_s, run_dir: Path, exit_code: int,
@@ -529,8 +515,8 @@ class Stepper:
         self.max_bad_steps = int(cfg.trainer.max_bad_steps)
         clip = cfg.optim.grad_clip
         self.clip = float(clip) if clip is not None and float(clip) > 0 else None  # <= 0 or null: no clipping
-        self.micro = parts.data.batch_size
-        self.mine = dist.rank * self.micro * self.accum  # first row of this rank's share of the global batch
+        self.compiled = bool(cfg.trainer.compile)
+        self.chunks = chunks_of(dist.rank, self.accum)  # this rank's micro-batches of the global batch
         self.params = [q for q in parts.model.parameters() if q.requires_grad]
         self.gen = torch.Generator()
         self.lr = 0.0
@@ -540,39 +526,42 @@ class Stepper:
         flops = ModelFlops(parts.model)
         self.flops_per_token, self.step_flops = flops.per_token, flops.step
 
-    def __call__(self, state: RunState, batch: dict, masked, stop: StopFlag, progress: float,
+    def __call__(self, state: RunState, batch: list[dict], masked: list, stop: StopFlag, progress: float,
                  ends: float) -> tuple[dict, bool]:
         """One step from `progress` (the fraction of the run done, which sets the masking ratio) to about `ends`
-        (which sets the lr: a step's lr is the schedule's value where the step ends). `masked` is the batch's
-        masking if a batch worker already did it (the same draws: bertexp.data.loader), else None."""
+        (which sets the lr: a step's lr is the schedule's value where the step ends). `batch`: this rank's
+        micro-batches; `masked`: their maskings where a batch worker already did them (the same draws:
+        bertexp.data.loader), else None."""
         p, dist = self.p, self.dist
         torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
         self.lr = p.scheduler.apply(state.step, progress, ends, state.totals())
         self.mask_seconds = 0.0
-        if masked is None:  # on the training thread: part of the time the step waits for its data
-            t0 = time.perf_counter()
-            masked = mask_step(p.masker, batch, self.seed, state.step, progress, self.gen)
-            self.mask_seconds = time.perf_counter() - t0
-        ids, labels, selected, corrupted = masked
-        predicted = labels != -100
-        n_masked = max(1, int(predicted.sum()))
-        n_pairs = len(ids)
-        local = torch.zeros(2, dtype=torch.float64)
-        for k in range(self.accum):
-            rows = slice(self.mine + k * self.micro, self.mine + (k + 1) * self.micro)
-            b = {key: v[rows].to(self.device, non_blocking=True) for key, v in batch.items()}
+        masked = list(masked)
+        t0 = time.perf_counter()
+        for k, (chunk, b) in enumerate(zip(self.chunks, batch)):
+            if masked[k] is None:  # on the training thread: part of the time the step waits for its data
+                masked[k] = mask_step(p.masker, b, self.seed, state.step, progress, self.gen, chunk=chunk)
+        self.mask_seconds = time.perf_counter() - t0
+        # The global batch's counts, from every rank's own micro-batches: exchanged on the CPU (no wait for the
+        # device), before the forward, which needs the global number of predicted positions and pairs
+        mine = [micro_counts(b, m, p.masker.schedule(progress), self.step_flops) for b, m in zip(batch, masked)]
+        sums = combine(dist.gather(list(combine(mine).values())))
+        n_masked, n_pairs = max(1, int(sums["predicted"])), int(sums["rows"])
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sums stay on the device until the end
+        for k, (b, (ids, labels, *_)) in enumerate(zip(batch, masked)):
+            inputs = feed(b, ids, labels, slice(None), self.device, self.compiled)
             sync = p.ddp.no_sync() if dist.enabled and k < self.accum - 1 else nullcontext()
             with sync:
                 with p.amp:
-                    mlm_sum, nsp_sum, *_ = p.ddp(ids[rows].to(self.device, non_blocking=True), b["attention_mask"],
-                                                 b["token_type_ids"], labels[rows].to(self.device, non_blocking=True),
-                                                 b["next_sentence_label"])
+                    mlm_sum, nsp_sum, *_ = p.ddp(*inputs)
                 # Global-batch normalisation; DDP averages over ranks, so scale back up by their number.
                 loss = p.objective.loss(mlm_sum / n_masked, nsp_sum / n_pairs) * dist.world
                 loss.backward()
-            local += torch.stack([mlm_sum.detach().double().cpu(), nsp_sum.detach().double().cpu()])
-        # a signal that came during this step is seen now, by every rank at once
-        mlm_g, nsp_g, stop_votes = dist.sum([*local.tolist(), float(stop.signum is not None)])
+            local += torch.stack([mlm_sum.detach(), nsp_sum.detach()]).double()
+        # a signal that came during this step is seen now, by every rank at once; reading the sums back is the
+        # step's one wait for the device
+        vote = torch.tensor([float(stop.signum is not None)], dtype=torch.float64).to(self.device, non_blocking=True)
+        mlm_g, nsp_g, stop_votes = dist.sum(torch.cat([local, vote]))
         mlm, nsp = mlm_g / n_masked, nsp_g / n_pairs
         if math.isfinite(mlm + nsp):
             if self.clip is not None:
@@ -587,20 +576,48 @@ class Stepper:
                 )
             log.warning("Non-finite loss at step %d: update skipped (%d/%d allowed)", state.step + 1, state.bad_steps, self.max_bad_steps)
         p.optimizer.zero_grad(set_to_none=True)
-        maskable = int((~batch["special_tokens_mask"]).sum())
-        sums = {
-            "mlm": mlm if math.isfinite(mlm) else 0.0, "nsp": nsp if math.isfinite(nsp) else 0.0,
-            "tokens": int(batch["attention_mask"].sum()),  # the global batch: the same on every rank
-            "selected": int(selected.sum()), "corrupted": int(corrupted.sum()), "predicted": int(predicted.sum()),
-            "maskable": maskable, "scheduled": p.masker.schedule(progress) * maskable,
-            "seq": batch["input_ids"].numel(), "rows": n_pairs, "width": int(batch["input_ids"].shape[1]),
-            "nsp_random": int(batch["next_sentence_label"].sum()),  # label 1: B is not A's next sentence
-            "flops": float(self.step_flops(n_pairs, int(batch["input_ids"].shape[1]), int(predicted.sum()))),
-        }
+        sums["mlm"], sums["nsp"] = (mlm if math.isfinite(mlm) else 0.0), (nsp if math.isfinite(nsp) else 0.0)
         return sums, bool(stop_votes)
 
 
-def train_record(state: RunState, objective: PretrainingObjective, lr: float, peak: float, flops_per_token,
+# A micro-batch's counts, summed over the global batch (the widest padded row: its maximum)
+COUNTS = ("tokens", "selected", "corrupted", "predicted", "maskable", "scheduled", "seq", "rows", "width",
+          "nsp_random", "flops")
+
+
+def micro_counts(batch: dict, masked, ratio: float, step_flops) -> list[float]:
+    ids, labels, selected, corrupted = masked
+    maskable = int((~batch["special_tokens_mask"]).sum())
+    predicted = int((labels != -100).sum())
+    rows, width = ids.shape
+    return [int(batch["attention_mask"].sum()), int(selected.sum()), int(corrupted.sum()), predicted, maskable,
+            ratio * maskable, rows * width, rows, width,
+            int(batch["next_sentence_label"].sum()),  # label 1: B is not A's next sentence
+            float(step_flops(rows, width, predicted))]
+
+
+def combine(parts: list[list[float]]) -> dict[str, float]:
+    """Counts of micro-batches (or of ranks) as one: sums, and the widest width."""
+    return {name: (max if name == "width" else sum)(p[i] for p in parts) for i, name in enumerate(COUNTS)}
+
+
+def mfu_peaks(device: torch.device, precision: str, measure: bool) -> dict[str, float]:
+    """The MFU denominators: `measured`, the matmul throughput timed now on this device in the precision the
+    run computes in (trainer.measure_mfu); `spec`, the device's dense data-sheet peak (bertexp.device.SPEC_PEAKS,
+    a known GPU only), the denominator of published MFU (MosaicBERT, ModernBERT). A timed matmul falls short
+    of the data sheet, so MFU against it reads higher than the published kind."""
+    peaks = {}
+    if measure:
+        peaks["measured"] = matmul_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    spec = spec_peak(device, precision)
+    if spec:
+        peaks["spec"] = spec
+    for name, value in peaks.items():
+        log.info("MFU denominator (%s peak, %s): %.1f TFLOP/s", name, precision, value / 1e12)
+    return peaks
+
+
+def train_record(state: RunState, objective: PretrainingObjective, lr: float, peak: dict, flops_per_token,
                  dist) -> dict:
     """The `train/*` record of the logging window that ends at this step."""
     w = state.take_window()
@@ -626,8 +643,9 @@ def train_record(state: RunState, objective: PretrainingObjective, lr: float, pe
         "throughput/mean_tokens_per_s": state.tokens / max(state.train_time, 1e-9),
         "throughput/data_wait_s": w["data_wait"] / n,  # per step: how long the loop waited for its batch
     }
-    if math.isfinite(peak):
-        record["throughput/mfu"] = flops_per_token(w["seq"] / max(w["rows"], 1)) * tps / (peak * dist.world)
+    model_flops = flops_per_token(w["seq"] / max(w["rows"], 1)) * tps
+    for name, value in peak.items():  # mfu_measured: against the matmul timed here; mfu_spec: the data sheet's
+        record[f"throughput/mfu_{name}"] = model_flops / (value * dist.world)
     return record
 
 

@@ -1,5 +1,6 @@
 """Data-parallel training with torchrun on CPU (gloo): two ranks compute the same update as one process
-with the same global batch, and only rank 0 writes."""
+with the same global batch (each rank collating and masking only its own micro-batches), and only rank 0
+writes."""
 import subprocess
 import sys
 
@@ -30,7 +31,8 @@ def test_two_ranks_match_one_process_and_write_once(tmp_path):
     ddp_dir = run_dirs[0]
     assert (ddp_dir / ".hydra" / "config.yaml").is_file()
     single = tmp_path / "single"
-    run_in_process(single, [*COMMON, "data.batch_size=16", "logger=none"])  # the same global batch of 16
+    # the same global batch: 2 micro-batches of 8, here accumulated in one process
+    run_in_process(single, [*COMMON, "data.batch_size=8", "trainer.grad_accum=2", "logger=none"])
     a = load_file(ddp_dir / "checkpoints" / "last" / "model.safetensors")
     b = load_file(single / "checkpoints" / "last" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -47,13 +49,49 @@ def test_two_ranks_match_one_process_and_write_once(tmp_path):
     assert ddp_loss == pytest.approx(one_loss, abs=1e-5)
 
 
-def test_grad_accum_matches_one_big_batch(tmp_path):
-    run_in_process(tmp_path / "accum", [*COMMON, "data.batch_size=8", "trainer.grad_accum=2", "logger=none"])
-    run_in_process(tmp_path / "big", [*COMMON, "data.batch_size=16", "logger=none"])
-    a = load_file(tmp_path / "accum" / "checkpoints" / "last" / "model.safetensors")
-    b = load_file(tmp_path / "big" / "checkpoints" / "last" / "model.safetensors")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+def test_each_rank_builds_only_its_micro_batches_of_the_same_global_batch(pd_data):
+    """Rank r of 2 collates and masks only micro-batch r of each step (8 rows), and the two together are
+    exactly what one process accumulating both micro-batches trains on: rows, padding and masks."""
+    from bertexp.data.dataset import Position
+    from bertexp.data.loader import batch_stream, chunks_of
+    from bertexp.masking import TokenMasking, Vocab
+
+    data, tok = pd_data
+    masker = TokenMasking(0.15).bind(Vocab.from_tokenizer(tok))
+    collated = []
+    real = data.collate
+
+    def collate(ex):
+        collated.append(len(ex))
+        return real(ex)
+
+    def steps(rank, world, accum, n=3):
+        stream = batch_stream(data, masker, Position(), 8, accum * world, chunks_of(rank, accum), seed=0,
+                              first_step=5, progress_at=lambda step: 0.0, num_workers=0, pin_memory=False)
+        out = [next(stream) for _ in range(n)]
+        stream.close()
+        return out
+
+    data.collate = collate
+    try:
+        one = steps(0, 1, 2)
+        assert collated == [8] * 6
+        collated.clear()
+        ranks = [steps(r, 2, 1) for r in range(2)]
+        assert collated == [8] * 6  # 3 steps x 1 micro-batch per rank: never the other rank's rows
+    finally:
+        data.collate = real
+    for s, (batches, maskings, after) in enumerate(one):
+        assert after == ranks[0][s][2] == ranks[1][s][2]  # the same position after each global batch
+        for r in range(2):
+            (theirs,), (their_mask,), _ = ranks[r][s]
+            assert set(theirs) == set(batches[r])
+            for key in theirs:
+                assert torch.equal(theirs[key], batches[r][key]), key
+            for a, b in zip(their_mask, maskings[r]):
+                assert torch.equal(a, b)
+    # the two micro-batches are different rows, masked with different draws
+    assert not torch.equal(one[0][0][0]["input_ids"][:, :8], one[0][0][1]["input_ids"][:, :8])
 
 
 def test_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
@@ -67,3 +105,63 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
     run_in_process(d, [*COMMON, "trainer.max_steps=5", "data.batch_size=16", "logger=none"])
     steps = [m["step"] for m in read_metrics(d / "metrics.jsonl") if "train/loss" in m]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def _prepare_as_rank(rank: int, port: int, cache: str, log: str, outcome) -> None:
+    """One rank of 2 (gloo, as torchrun would set it up): the data preparation of a run, with each cache
+    entry this process builds recorded in `log`."""
+    import os
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        from hydra.utils import instantiate
+
+        import bertexp.data.collocations as collocations
+        import bertexp.data.dataset as dataset
+        from bertexp import distributed
+        from bertexp.train import prepare_data
+        from conftest import ESSAY, compose
+
+        def recording(real):
+            def cached_dir(root, name, build):
+                def build_and_record(tmp):
+                    with open(log, "a") as f:
+                        f.write(f"{rank} {name.split('-')[0]}\n")
+                    build(tmp)
+                return real(root, name, build_and_record)
+            return cached_dir
+
+        dataset.cached_dir = recording(dataset.cached_dir)
+        collocations.cached_dir = recording(collocations.cached_dir)
+        cfg = compose(["data=text_file", f"data.path={ESSAY}", f"data.cache_dir={cache}", "masking=pmi",
+                       "model=bert_tiny", "model.vocab_size=300"])
+        d = distributed.setup(torch.device("cpu"))
+        data, spec, masker = instantiate(cfg.data), instantiate(cfg.model), instantiate(cfg.masking)
+        prepare_data(spec, data, masker, None, 0, d)
+        outcome.put((rank, data.tokens_dir, len(data.tokens.ids)))
+        distributed.teardown(d)
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        outcome.put((rank, repr(e), -1))
+
+
+def test_two_ranks_on_an_empty_cache_build_it_once(tmp_path):
+    """Rank 0 trains the vocabulary, tokenises and builds the PMI tables; rank 1 waits and reads them."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    outcome = ctx.Queue()
+    log = tmp_path / "built.txt"
+    procs = [ctx.Process(target=_prepare_as_rank, args=(r, port, str(tmp_path / "cache"), str(log), outcome))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(outcome.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert [n > 0 for _, _, n in results] == [True, True], results
+    assert results[0][1] == results[1][1]  # the same cached tokens
+    assert log.read_text().splitlines() == ["0 vocab", "0 tokens", "0 pmi"]

@@ -334,11 +334,14 @@ class PretrainingData:
             yield Position(epoch, index), Position(epoch, index + bs)
             index += bs
 
-    def batch_at(self, position: Position, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def batch_at(self, position: Position, batch_size: int | None = None, within: int | None = None) -> dict[str, torch.Tensor]:
+        """The `batch_size` rows from `position`, collated. `within`: the size of the (global) batch these rows
+        are a part of, for a tiny corpus, repeated to fill that batch (batch_rows)."""
         bs = batch_size or self.batch_size
         ex = self.epoch_examples(position.epoch)
-        if len(ex) < bs:
-            ex = np.resize(ex, (bs, ex.shape[1]))
+        fill = max(bs, within or 0)
+        if len(ex) < fill:
+            ex = np.resize(ex, (fill, ex.shape[1]))
         return self.collate(ex[position.index : position.index + bs])
 
     def train_batches(self, position: Position, batch_size: int | None = None) -> Iterator[tuple[dict, Position]]:
