@@ -32,7 +32,7 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 train = [r for r in rows if "train/loss" in r]
 last = train[-1]
 print("smoke: steps %d, loss %.3f, tokens/s %.0f, mfu_measured %s, mfu_spec %s" % (
-    last["step"], last["train/loss"], last["throughput/tokens_per_s"],
+    last["step"], last["train/loss"], last.get("throughput/mean_tokens_per_s", float("nan")),
     *(f"{last[k]:.1%}" if k in last else "n/a" for k in ("throughput/mfu_measured", "throughput/mfu_spec"))))
 PY
 

@@ -25,6 +25,7 @@ class Dist:
     # a gloo group for what the CPU already has (a step's token and mask counts, waiting for the caches):
     # exchanged without waiting for the GPU, whose queue a NCCL collective would have to reach first
     cpu_group: object = None
+    cache_group: object = None  # a gloo group whose only collective is the first run's cache wait (CACHE_WAIT)
 
     @property
     def main(self) -> bool:
@@ -78,9 +79,12 @@ def setup(device: torch.device) -> Dist:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend_for(device))
     backend = dist.get_backend()
-    # A first run's caches (vocabulary, tokens, PMI tables) can take longer than a collective's usual timeout
-    cpu_group = dist.new_group(backend="gloo", timeout=CACHE_WAIT)
-    return Dist(rank, world, local_rank, reduce_device(backend, device, local_rank), cpu_group)
+    # Numbers the CPU already has (counts, time budgets) go through gloo with the usual timeout, so a lost rank
+    # stops the others in minutes; a first run's caches (vocabulary, tokens, PMI tables) can take longer, and
+    # only their wait uses a group with a long one
+    cpu_group = dist.new_group(backend="gloo")
+    cache_group = dist.new_group(backend="gloo", timeout=CACHE_WAIT)
+    return Dist(rank, world, local_rank, reduce_device(backend, device, local_rank), cpu_group, cache_group)
 
 
 def backend_for(device: torch.device) -> str:
@@ -107,12 +111,12 @@ def local_main_first(d: Dist):
         yield
         return
     if d.local_rank != 0:
-        dist.barrier(group=d.cpu_group)
+        dist.barrier(group=d.cache_group)
     try:
         yield
     finally:
         if d.local_rank == 0:
-            dist.barrier(group=d.cpu_group)
+            dist.barrier(group=d.cache_group)
 
 
 def teardown(d: Dist) -> None:

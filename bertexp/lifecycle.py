@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 
 from bertexp.checkpoint import STATE_FILE, checkpoint_dirs, latest_checkpoint
 from bertexp.errors import BertexpError, CheckpointError, ConfigError
-from bertexp.rundir import (CHANGES_FILE, CORPUS_KEY, RUN_CONFIG, WEIGHTS_KEY, checkpoint_config, differences, effective_config,
+from bertexp.rundir import (CHANGES_FILE, RUN_CONFIG, checkpoint_config, differences, effective_config,
                             interpolation_sources, read_status, write_json, write_status)
 from bertexp.tracking import WANDB_ID_FILE, read_metrics, saved_wandb_id
 
@@ -252,11 +252,15 @@ def _guarded(trained: dict, flat: dict, sources: dict[str, str], kind: str) -> d
     """The result-changing differences between what a dir trained with and this launch's effective values. A
     key interpolated from another (`optim.optimizer.lr: ${..lr}`) that changed exactly as its source did is
     that change, listed once under the source; one that changed on its own (set directly on one of the two
-    commands) is listed itself. Fingerprints are compared where the dir recorded them."""
+    commands) is listed itself. Keys the dir's record does not have at all (added to bertexp since, the
+    fingerprints among them) are not compared."""
     diff = {k: v for k, v in differences(trained, flat).items() if not is_free(k, kind)}
-    for key in (CORPUS_KEY, WEIGHTS_KEY):
-        if key not in trained:  # recorded by an older bertexp without it
-            diff.pop(key, None)
+    added = sorted(k for k in diff if k not in trained and not any(k.startswith(t + ".") for t in trained))
+    if added:  # keys a newer bertexp added (the run could not have set them): not compared, and said so
+        log.warning("Not compared with what this run dir recorded (keys added since it was written): %s",
+                    ", ".join(added))
+        for key in added:
+            del diff[key]
     return {k: v for k, v in diff.items() if not (k in sources and diff.get(sources[k]) == v)}
 
 

@@ -163,10 +163,10 @@ class TrainerSchema:
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     allow_changes: List[str] = field(default_factory=list)  # keys that may differ from the checkpoint resumed from, e.g. [trainer.max_steps]
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16
+    precision: str = "auto"  # auto | fp32 | tf32 | bf16
     compile: bool = False  # torch.compile the encoder
     max_bad_steps: int = 0  # non-finite losses tolerated (update skipped) before stopping
-    measure_mfu: bool = True  # time a matmul at start to report throughput/mfu
+    measure_mfu: bool = True  # time a matmul at start to report throughput/mfu_measured (mfu_spec: a GPU's data sheet)
     grad_accum: int = 1  # micro-batches per optimizer step
     downstream: List[str] = field(default_factory=list)  # after pretraining, fine-tune the final checkpoint on these tasks
     downstream_settings: Dict[str, Any] = field(default_factory=dict)  # overrides of conf/task/*.yaml for them

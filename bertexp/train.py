@@ -533,7 +533,6 @@ class Stepper:
         micro-batches; `masked`: their maskings where a batch worker already did them (the same draws:
         bertexp.data.loader), else None."""
         p, dist = self.p, self.dist
-        torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * dist.rank))  # dropout
         self.lr = p.scheduler.apply(state.step, progress, ends, state.totals())
         self.mask_seconds = 0.0
         masked = list(masked)
@@ -548,7 +547,10 @@ class Stepper:
         sums = combine(dist.gather(list(combine(mine).values())))
         n_masked, n_pairs = max(1, int(sums["predicted"])), int(sums["rows"])
         local = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sums stay on the device until the end
-        for k, (b, (ids, labels, *_)) in enumerate(zip(batch, masked)):
+        for k, (chunk, b, (ids, labels, *_)) in enumerate(zip(self.chunks, batch, masked)):
+            # dropout seeded per micro-batch of the global batch (as its masks are): the same draws for any split
+            # of the global batch into ranks and accumulation
+            torch.manual_seed(step_seed(self.seed, state.step, 2 + 7 * chunk))
             inputs = feed(b, ids, labels, slice(None), self.device, self.compiled)
             sync = p.ddp.no_sync() if dist.enabled and k < self.accum - 1 else nullcontext()
             with sync:

@@ -325,3 +325,20 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path, monkeypatch, capsys):
     assert _job(monkeypatch, d, [*data, "trainer.max_steps=6",
                                  "trainer.allow_changes=[trainer.max_steps,data.corpus_fingerprint]"]) == 0
     assert _train_steps(d) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_recorded_before_keys_were_added_resumes(tmp_path, monkeypatch):
+    """A run dir written by an older bertexp has no record of keys added since (model.attn_implementation,
+    trainer.eval_at_start, the corpus fingerprint): they are not compared (the run could not have set them);
+    a key it did record is still compared."""
+    d = tmp_path / "run"
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none"]) == 0
+    for f in (d / "run_config.json", d / "checkpoints" / "last" / "run_config.json"):
+        old = json.loads(f.read_text())
+        for key in ("model.attn_implementation", "trainer.eval_at_start", "data.corpus_fingerprint"):
+            del old[key]
+        f.write_text(json.dumps(old))
+    longer = ["trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]"]
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", *longer, "masking.ratio=0.4"]) == 2
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", *longer]) == 0
+    assert _train_steps(d) == [1, 2, 3, 4, 5, 6]
