@@ -253,7 +253,13 @@ def child(args) -> None:
     device = args.torch_device
     n = 4096 if device.type == "cpu" else 8192
     reps = 3 if device.type == "cpu" else 20
-    peak = matmul_flops(device, torch.float32, n=n, reps=reps)  # fp32: the MFU denominator the issue defines
+    # fp32: the MFU denominator the issue defines, timed as fp32 whatever --precision set (tf32 would time TF32)
+    was = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        peak = matmul_flops(device, torch.float32, n=n, reps=reps)
+    finally:
+        torch.set_float32_matmul_precision(was)
     peak_run = matmul_flops(device, torch.bfloat16, n=n, reps=reps) if args.precision == "bf16" else peak
     spec = spec_peak(device, args.precision)  # the data sheet's dense peak: MFU as published
     tps = statistics.median(tokens / t for t, tokens, _, _ in steps)
@@ -278,6 +284,14 @@ def child(args) -> None:
     }))
 
 
+def refuse_other_gpu(device: str, pipelines: str) -> None:
+    """Hugging Face's Trainer puts its model on the first visible GPU: `--device cuda:N` (N > 0) would time the
+    two pipelines on different cards. One line, before anything runs."""
+    if "huggingface" in pipelines and device.startswith("cuda:") and device != "cuda:0":
+        raise SystemExit(f"error: --device {device}: Hugging Face's Trainer would run on the first visible GPU; "
+                         f"choose the card with CUDA_VISIBLE_DEVICES={device.split(':', 1)[1]} and --device cuda")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--pipelines", default="bertexp,huggingface,tutorial")
@@ -295,6 +309,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a profile of one bertexp step")
     ap.add_argument("--pipeline", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    refuse_other_gpu(args.device, args.pipelines)
     if args.pipeline:
         return child(args)
     results = {}

@@ -266,6 +266,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "time_to_quality"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from benchmarks.throughput import refuse_other_gpu
+
+    refuse_other_gpu(args.device, args.pipelines)
     if not args.model.startswith("bert_") or not (ROOT / "conf" / "model" / f"{args.model}.yaml").is_file():
         raise SystemExit(f"error: --model {args.model!r}: expected a bert_* option of conf/model/ (bert_tiny, bert_mini, "
                          "bert_small, bert_base)")

@@ -42,3 +42,15 @@ def test_a_target_off_the_plateau_is_timed_as_a_share_of_hugging_faces_time():
     assert headers[0] == f"seconds to Hugging Face's final {final:.4f}"
     assert cells["bertexp"][0] == f"{reach:.0f} ({reach / 40:.0%} of Hugging Face's time)"
     assert cells["huggingface"][0] == "40 (100% of Hugging Face's time)"
+
+
+def test_the_hugging_face_pipeline_is_never_timed_on_another_gpu_than_bertexp():
+    """Trainer takes the first visible GPU: --device cuda:N (N > 0) with the Hugging Face pipeline is refused in
+    one line naming CUDA_VISIBLE_DEVICES, before anything runs; cuda, cuda:0 and bertexp alone are fine."""
+    from benchmarks.throughput import refuse_other_gpu
+
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
+        refuse_other_gpu("cuda:1", "bertexp,huggingface")
+    for device, pipelines in (("cuda", "bertexp,huggingface"), ("cuda:0", "huggingface"), ("cuda:1", "bertexp"),
+                              ("cpu", "bertexp,huggingface,tutorial")):
+        refuse_other_gpu(device, pipelines)
