@@ -308,14 +308,17 @@ class PretrainedBert:
         return model
 
 
+def check_attention_fits(chosen: str, device_type: str, precision: str) -> None:
+    if chosen.startswith("flash") and (device_type != "cuda" or precision != "bf16"):
+        raise ConfigError(f"model.attn_implementation={chosen} runs on a CUDA GPU in trainer.precision=bf16 only "
+                          f"(this run: {device_type}, {precision}); use sdpa")
+
+
 def fit_attention_to_precision(model, device_type: str, precision: str) -> None:
     """bf16 on CPU: plain matmul attention. PyTorch's fused CPU attention has a slow bf16 backward (28% of a
     bert_mini step in a profile); eager attention makes the bf16 step 25% faster. fp32 keeps SDPA. Flash
     attention (model.attn_implementation) runs on a GPU in bf16 only."""
-    chosen = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    if chosen.startswith("flash") and (device_type != "cuda" or precision != "bf16"):
-        raise ConfigError(f"model.attn_implementation={chosen} runs on a CUDA GPU in trainer.precision=bf16 only "
-                          f"(this run: {device_type}, {precision}); use sdpa")
+    check_attention_fits(getattr(model.config, "_attn_implementation", "sdpa") or "sdpa", device_type, precision)
     if precision == "bf16" and device_type == "cpu":
         model.set_attn_implementation("eager")
 

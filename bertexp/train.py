@@ -42,8 +42,8 @@ from bertexp.errors import CheckpointError, ConfigError, Interrupted, TrainingEr
 from bertexp.exam import BASELINES_VERSION, BLANK_SHARE, SHORT_SEQ_PROB, CountingBaselines, build_exam
 from bertexp.exam import evaluate as evaluate_exam
 from bertexp.masking import Vocab
-from bertexp.modeling import (ModelFlops, PretrainingObjective, check_objective, encoder_params, family_of_dir,
-                              feed, fit_attention_to_precision, load_pretrained)
+from bertexp.modeling import (ModelFlops, PretrainingObjective, check_attention_fits, check_objective, encoder_params,
+                              family_of_dir, feed, fit_attention_to_precision, load_pretrained)
 from bertexp.lifecycle import Claim, StopFlag, resume_hint, resume_target
 from bertexp.optim import build_optimizer, build_scheduler, check_optim
 from bertexp.resolvers import process_start
@@ -82,6 +82,9 @@ def check_trainer(tc) -> None:
 def run_training(cfg: DictConfig, run_dir: Path, run_info: dict) -> dict:
     check_trainer(cfg.trainer)
     device = resolve_device(str(cfg.trainer.device))
+    # what the device cannot run is said now, not after the data is prepared
+    check_attention_fits(str(cfg.model.get("attn_implementation") or "sdpa"), device.type,
+                         resolve_precision(str(cfg.trainer.precision), device))
     use_device(device)
     dist = distributed.setup(device)
     if dist.enabled and device.type == "cuda":

@@ -238,3 +238,19 @@ def test_a_training_step_reads_the_device_back_once(tmp_path, monkeypatch, model
     run_in_process(tmp_path, [*model, "trainer.max_steps=1", "trainer.grad_accum=2", "data.batch_size=4", "logger=none",
                               "trainer.precision=fp32"])
     assert per_step == [["tolist"]]
+
+
+def test_what_the_device_cannot_run_is_said_before_the_data_is_prepared(tmp_path, monkeypatch):
+    """trainer.precision=tf32 or flash attention on this CPU: one-line ConfigError from run_training before
+    anything is built (no vocabulary trained, no corpus tokenised)."""
+    import bertexp.train
+    from conftest import run_in_process
+
+    def never(*a, **k):
+        raise AssertionError("the run was built")
+
+    monkeypatch.setattr(bertexp.train, "build", never)
+    with pytest.raises(ConfigError, match="trainer.precision=tf32 needs"):
+        run_in_process(tmp_path / "a", ["logger=none", "trainer.precision=tf32"])
+    with pytest.raises(ConfigError, match="runs on a CUDA GPU in trainer.precision=bf16 only"):
+        run_in_process(tmp_path / "b", ["logger=none", "model.attn_implementation=flash_attention_2"])
