@@ -133,6 +133,7 @@ def test_bad_datasets_are_one_line_errors(essay_sets, tmp_path, monkeypatch):
         "data.text_field: json split train has no column 'text' (columns: content)"
     assert error(f"data.name={folder}", "data.text_field=body").endswith("has no column 'body' (columns: text)")
     assert "data=hf_dataset reads data.name" in error(f"data.name={folder}", f"data.path={jsonl}")
+    assert error(f"data.name={folder}", "data.split=test").startswith("data.split=test: ")  # not all of it instead
 
     import datasets
     from huggingface_hub import constants

@@ -107,6 +107,9 @@ class HFDataset:
             if self.split not in ds:
                 raise DataError(f"data.split={self.split}: {self.disk_dir} has splits {', '.join(ds)}")
             ds = ds[self.split]
+        elif self.split != "train":  # one Dataset has no splits: training on all of it is not what was asked
+            raise DataError(f"data.split={self.split}: {self.disk_dir} holds one dataset without splits (saved from a "
+                            "Dataset, not a DatasetDict); drop data.split")
         if self.streaming:  # bounded memory from a local Arrow table too (it is memory-mapped either way)
             ds = ds.to_iterable_dataset()
         return ds
