@@ -103,7 +103,7 @@ def _resolve_id(repo_id: str, revision: str | None, local: str, field: str) -> R
 
     cached = _from_cache(repo_id, revision)
     if cached is not None and (constants.HF_HUB_OFFLINE or _is_commit(revision)):
-        return _checked(cached, repo_id, revision, field)
+        return _checked(cached, repo_id, revision, field, cached=True)
     where = f"no directory {local}, and {repo_id!r} is"
     if constants.HF_HUB_OFFLINE:
         raise CheckpointError(f"{field}={repo_id}: {where} not in the Hugging Face cache at HF_HOME={hf_home()} "
@@ -115,7 +115,7 @@ def _resolve_id(repo_id: str, revision: str | None, local: str, field: str) -> R
 
             logging.getLogger(__name__).warning("The Hugging Face Hub cannot be reached (%s): %s comes from the cache "
                                                 "(snapshot %s)", unreachable, repo_id, cached.name)
-            return _checked(cached, repo_id, revision, field)
+            return _checked(cached, repo_id, revision, field, cached=True)
         raise CheckpointError(f"{field}={repo_id}: {where} not in the Hugging Face cache at HF_HOME={hf_home()}, and "
                               f"the Hub ({constants.ENDPOINT}) cannot be reached ({unreachable}); connect, or give a "
                               "directory")
@@ -174,10 +174,13 @@ def _download(repo_id: str, revision: str | None, where: str, field: str) -> Pat
         raise CheckpointError(f"{field}={repo_id}: cannot download it from the Hugging Face Hub ({first})") from None
 
 
-def _checked(snapshot: Path, repo_id: str, revision: str | None, field: str) -> Resolved:
-    """A snapshot holds whatever its repo holds: say in one line when that is not a model bertexp can load."""
+def _checked(snapshot: Path, repo_id: str, revision: str | None, field: str, cached: bool = False) -> Resolved:
+    """A snapshot holds whatever its repo holds: say in one line when that is not a model bertexp can load. One
+    read from the cache alone (offline) may hold only part of its repo (a tokenizer fetched on its own)."""
     commit = snapshot.name
     name = f"{field}={repo_id} (commit {commit[:12]})"
+    if cached:
+        name += f", as the Hugging Face cache at HF_HOME={hf_home()} holds it,"
     if not (snapshot / "config.json").is_file():
         raise CheckpointError(f"{name} has no config.json: not a transformers model repo")
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
