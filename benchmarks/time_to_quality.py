@@ -54,7 +54,8 @@ def run_py(args, name: str, extra: list[str]) -> dict:
            f"trainer.precision={args.precision}",
            f"trainer.eval_every={args.eval_every}", "trainer.save_every=1000000", "logger=none",
            "trainer.measure_mfu=false", "trainer.resume=never", f"hydra.run.dir={run_dir}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}  # as the HF child's
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **threads})
     if out.returncode != 0:
         raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -63,7 +64,7 @@ def run_py(args, name: str, extra: list[str]) -> dict:
     return {"pipeline": name, "command": "python run.py " + " ".join(extra),
             "curve": [(r["elapsed_s"], r["step"], r["eval/mlm_acc"]) for r in evals],
             "top5": evals[-1]["eval/mlm_top5_acc"], "tokens": train[-1]["tokens"], "seconds": train[-1]["elapsed_s"],
-            "exam_id": evals[-1]["eval/exam_id"],
+            "exam_id": evals[-1]["eval/exam_id"], "threads": args.threads,
             "baselines": {k: evals[-1][f"eval/baseline/{k}_acc"] for k, _ in BASELINES}}
 
 
@@ -101,7 +102,8 @@ def huggingface(args) -> dict:
     objective.init_heads(data.train_token_ids())  # the same initialisation as run.py's
     from benchmarks.throughput import hf_rows
 
-    rows = hf_rows(data, tok, data.epoch_examples(0))
+    rows = fresh_pairs(data, tok)  # each epoch's own pairs, as run.py trains on them
+    first = hf_rows(data, tok, data.epoch_examples(0))
     m = cfg.masking
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=float(m.ratio), mask_replace_prob=float(m.mask_token_prob),
                                                random_replace_prob=float(m.random_token_prob))
@@ -153,10 +155,28 @@ def huggingface(args) -> dict:
     )
     trainer = WeightedNSP(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[TimeBudget()])
     trainer.train()
-    tokens = trainer.state.global_step * int(cfg.data.batch_size) * float(sum(len(r["input_ids"]) for r in rows)) / len(rows)
+    tokens = trainer.state.global_step * int(cfg.data.batch_size) * float(sum(len(r["input_ids"]) for r in first)) / len(first)
     return {"pipeline": "huggingface", "command": "Trainer + DataCollatorForLanguageModeling, the default config",
+            "threads": torch.get_num_threads(),
             "curve": [c[:3] for c in curve], "top5": curve[-1][3], "tokens": tokens, "seconds": clock["train"],
             "exam_id": exam.exam_id, "baselines": {k: baselines[f"eval/baseline/{k}_acc"] for k, _ in BASELINES}}
+
+
+def fresh_pairs(data, tok):
+    """The Hugging Face pipeline's training rows: epoch after epoch, each epoch's own NSP pairs in its own order
+    (`data.epoch_examples(e)`), as run.py draws them, not epoch 0's pairs over and over."""
+    import torch
+
+    from benchmarks.throughput import hf_rows
+
+    class Epochs(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            epoch = 0
+            while True:
+                yield from hf_rows(data, tok, data.epoch_examples(epoch))
+                epoch += 1
+
+    return Epochs()
 
 
 def time_to_reach(curve: list, target: float) -> float | None:
@@ -216,15 +236,15 @@ def report(args, results: dict) -> str:
         raise RuntimeError(f"the pipelines were scored on different exams ({', '.join(sorted(exams))}): not comparable")
     headers, cells = reach_cells(results)
     lines = [f"Measured {date.today()} at commit {commit}{' (with local changes)' if dirty else ''}, "
-             f"{os.cpu_count()} CPU cores, {args.threads} torch threads: `python benchmarks/time_to_quality.py "
+             f"{os.cpu_count()} CPU cores: `python benchmarks/time_to_quality.py --threads {args.threads} "
              f"--minutes {args.minutes:g} --eval-every {args.eval_every} --model {args.model} --device {args.device} --precision {args.precision}`. "
              f"Each pipeline trains for {args.minutes:g} minutes of training time on People's Daily ({args.device}, "
              f"{args.precision}) and is scored on exam "
              f"{first['exam_id']}.", "",
-             "| pipeline | steps | tokens/s | final exam accuracy | top-5 | " + " | ".join(headers) + " |",
-             "|---|---|---|---|---|" + "---|" * len(headers)]
+             "| pipeline | torch threads | steps | tokens/s | final exam accuracy | top-5 | " + " | ".join(headers) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(headers)]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['curve'][-1][1]} | {r['tokens'] / max(r['seconds'], 1e-9):.0f} | "
+        lines.append(f"| {name} | {r.get('threads', '?')} | {r['curve'][-1][1]} | {r['tokens'] / max(r['seconds'], 1e-9):.0f} | "
                      f"{r['curve'][-1][2]:.4f} | {r['top5']:.4f} | " + " | ".join(cells[name]) + " |")
     b = first["baselines"]
     lines += ["", "Counting the training split on the same blanks: " + ", ".join(f"{label} {b[k]:.4f}" for k, label in BASELINES) + "."]

@@ -54,3 +54,34 @@ def test_the_hugging_face_pipeline_is_never_timed_on_another_gpu_than_bertexp():
     for device, pipelines in (("cuda", "bertexp,huggingface"), ("cuda:0", "huggingface"), ("cuda:1", "bertexp"),
                               ("cpu", "bertexp,huggingface,tutorial")):
         refuse_other_gpu(device, pipelines)
+
+
+def test_the_hugging_face_pipeline_trains_on_fresh_pairs_each_epoch_and_takes_bertexps_exam(pd_data):
+    """The reference pipeline itself: its rows run epoch after epoch through each epoch's own pairs (as run.py
+    draws them), and a short run of it trains, with the threads it was given, on the default config, scored on
+    the exam run.py takes."""
+    import argparse
+    import itertools
+
+    import torch
+
+    from benchmarks.throughput import hf_rows
+    from benchmarks.time_to_quality import fresh_pairs, huggingface
+    from bertexp.train import prepare_exam
+    from conftest import compose
+
+    data, tok = pd_data
+    epoch0, epoch1 = hf_rows(data, tok, data.epoch_examples(0)), hf_rows(data, tok, data.epoch_examples(1))
+    rows = list(itertools.islice(iter(fresh_pairs(data, tok)), len(epoch0) + 5))
+    assert rows[: len(epoch0)] == epoch0 and rows[len(epoch0):] == epoch1[:5] and epoch1[:5] != epoch0[:5]
+
+    threads = torch.get_num_threads()
+    args = argparse.Namespace(minutes=0.02, eval_every=1000, threads=1, model="bert_tiny", device="cpu",
+                              precision="fp32", out="unused")
+    try:
+        r = huggingface(args)
+    finally:
+        torch.set_num_threads(threads)
+    exam, _, _ = prepare_exam(compose(), data, 32)
+    assert r["exam_id"] == exam.exam_id and r["threads"] == 1
+    assert r["curve"] and r["curve"][-1][1] >= 1 and r["tokens"] > 0 and 0 <= r["curve"][-1][2] <= 1
