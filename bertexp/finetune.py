@@ -93,11 +93,11 @@ def check_downstream(cfg) -> None:
     model_path = cfg.model.get("path") if str(cfg.model.get("_target_", "")).endswith("PretrainedBert") else None
     if "ner" in tasks and model_path:  # the run's final checkpoint will continue model.path's lineage
         from bertexp.data.sources import user_path
-        from bertexp.rundir import effective_config, lineage_of, split_of
+        from bertexp.rundir import flat_config, lineage_of, split_of
 
         parent = user_path(model_path)
         if parent.is_dir():
-            check_lineage(split_of(effective_config(cfg)), lineage_of(parent), "this run's final checkpoint")
+            check_lineage(split_of(flat_config(cfg)), lineage_of(parent), "this run's final checkpoint")
     if "ner" in tasks and not float(cfg.data.get("val_fraction") or 0) > 0:
         raise ConfigError(f"trainer.downstream=[ner] needs held-out documents for NER's dev and test, but "
                           f"data.val_fraction={float(cfg.data.get('val_fraction') or 0):g} holds out none (drop ner, or set "

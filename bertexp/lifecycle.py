@@ -150,6 +150,7 @@ class Claim:
     changes: dict = field(default_factory=dict)  # allowed, result-changing keys: {key: (old, new)}
     branch: dict | None = None  # set when the run continues on a new branch: a W&B run of its own
     skip: bool = False  # a sweep job already completed with this config
+    effective: dict = field(default_factory=dict)  # the launch's effective values, as run_config.json records them
     _lock_fd: int | None = None
 
     def status(self, status: str, **extra) -> None:
@@ -211,7 +212,7 @@ def claim(cfg: DictConfig, run_dir: Path, *, sweep_job: int | None = None) -> Cl
 
 def _decide(cfg: DictConfig, c: Claim, sweep_job: int | None) -> None:
     run_dir = c.run_dir
-    flat = effective_config(cfg)
+    flat = c.effective = effective_config(cfg)
     allowed = [str(k) for k in (cfg.trainer.get("allow_changes") or [])]
     unknown = [k for k in allowed if k not in flat]
     if unknown:

@@ -326,7 +326,7 @@ class Attempt:
         tracker.truncate_after(state.step)  # a fresh start keeps nothing; a resume drops what came after its checkpoint
         state.wandb_id = tracker.run_id
         peak = mfu_peaks(device, parts.precision, bool(tc.measure_mfu))
-        effective = effective_config(cfg)
+        effective = claim.effective or effective_config(cfg)  # the claim's: the corpus is fingerprinted once
         lineage = lineage_for(effective, str(Path(run_dir).resolve()), parts.resume_from, getattr(parts.spec, "path", None))
         return cls(cfg, Path(run_dir), info, device, dist, budget, parts, state, exam_batches, baselines, exam.exam_id,
                    config, tracker, peak, effective, lineage, last_eval={})
