@@ -46,18 +46,44 @@ def setup(args):
     import bertexp.resolvers  # noqa: F401
     import bertexp.schema  # noqa: F401
 
+    import numpy as np
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    source = [] if args.data == "peoples_daily" else ["data=text_file", f"data.path={Path(args.data).resolve()}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", f"data.batch_size={args.batch_size}",
-                                           f"data.max_length={args.max_length}"])
+                                           f"data.max_length={args.max_length}", *source])
     data = instantiate(cfg.data)
     spec = instantiate(cfg.model)
+    if args.scenario == "tutorial":
+        spec = BertBaseChinese(spec)
     tok = spec.tokenizer(data)
     data.prepare(tok, seed=0)
     n = (args.warmup + args.steps) * args.batch_size
-    examples = data.epoch_examples(0)[:n]
+    epochs = [data.epoch_examples(0)]  # a short text (the tutorial's essay) has fewer pairs than the steps take
+    while sum(map(len, epochs)) < n:
+        epochs.append(data.epoch_examples(len(epochs)))
+    examples = np.concatenate(epochs)[:n]
     return cfg, data, spec, tok, examples
+
+
+class BertBaseChinese:
+    """The tutorial's model: bert-base-chinese's architecture and config (BertConfig's defaults with its 21,128-entry
+    vocabulary, dropout 0.1 included) with random weights, as no Hub is reachable here; the corpus tokenizer
+    (its ids all fall inside the vocabulary). `python run.py model=pretrained model.path=bert-base-chinese`
+    trains this config as it is, so both pipelines train it."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def tokenizer(self, data):
+        return self.spec.tokenizer(data)
+
+    def build(self, tok):
+        from transformers import BertConfig, BertForPreTraining
+
+        return BertForPreTraining(BertConfig(vocab_size=21128, pad_token_id=tok.pad_token_id))
 
 
 def timed_loop(step_fn, n_steps, warmup):
@@ -188,11 +214,12 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
         nxt = rng.random() < 0.5
         texts.append((clauses[c], clauses[c + 1 if nxt else rng.randrange(len(clauses))], 0 if nxt else 1))
     vocab = list(range(len(tok)))
+    width = args.max_length  # the tutorial pads every pair to its max_length
 
     def item(i):
         a, b, label = texts[i]
-        enc = tok(a, b, padding="max_length", max_length=128, truncation=True)
-        input_ids, labels = list(enc["input_ids"]), [-100] * 128
+        enc = tok(a, b, padding="max_length", max_length=width, truncation=True)
+        input_ids, labels = list(enc["input_ids"]), [-100] * width
         for j, t in enumerate(input_ids):  # per-token Python masking
             if t in (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id):
                 continue
@@ -217,7 +244,7 @@ def run_tutorial(args, cfg, data, spec, tok, examples):
         opt.step()
         opt.zero_grad()
         synchronize(device)
-        return tokens, 128, data_s
+        return tokens, width, data_s
 
     return timed_loop(step, args.warmup + args.steps, args.warmup), model
 
@@ -306,9 +333,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="bert_mini", help="model option (the reference workload is bert_mini)")
+    ap.add_argument("--data", default="peoples_daily", help="peoples_daily, or a text file (data=text_file)")
+    ap.add_argument("--scenario", choices=["reference", "tutorial"], default="reference",
+                    help="tutorial: the tutorial's own run, bert-base-chinese's config (random weights) on the essay "
+                         "(tests/data/essay.txt), batch 16, max_length 25, bertexp against the tutorial pipeline")
     ap.add_argument("--profile", action="store_true", help="print a profile of one bertexp step")
     ap.add_argument("--pipeline", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.scenario == "tutorial":
+        args.model, args.data, args.batch_size, args.max_length = "bert_base", str(ROOT / "tests/data/essay.txt"), 16, 25
+        if args.pipelines == ap.get_default("pipelines"):
+            args.pipelines = "bertexp,tutorial"
     refuse_other_gpu(args.device, args.pipelines)
     if args.pipeline:
         return child(args)
@@ -316,7 +351,7 @@ def main() -> None:
     for name in args.pipelines.split(","):
         cmd = [sys.executable, __file__, "--pipeline", name, "--precision", args.precision, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--model", args.model, "--device", args.device,
-               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--data", args.data, "--scenario", args.scenario] + (["--compile"] if args.compile else []) + (["--profile"] if args.profile else [])
         print(f"running {name} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode != 0:
@@ -325,7 +360,8 @@ def main() -> None:
         if args.profile:
             print(out.stderr, file=sys.stderr)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    ref = results.get("huggingface", {}).get("tokens_per_s")
+    ref_name = next((n for n in ("huggingface", "tutorial") if n in results), None)  # what "vs" compares with
+    ref = results[ref_name]["tokens_per_s"] if ref_name else None
     import platform
 
     first = next(iter(results.values()), None)
@@ -333,12 +369,12 @@ def main() -> None:
         print("no results")
         return
     bf16 = args.precision == "bf16"
-    print(f"\n{args.model}, batch {args.batch_size}, max_length {args.max_length}, {args.precision}{', compiled' if args.compile else ''}, "
+    print(f"\n{args.model} on {Path(args.data).name}, batch {args.batch_size}, max_length {args.max_length}, {args.precision}{', compiled' if args.compile else ''}, "
           f"{args.threads} threads, {args.steps} timed steps; {first['device'] if first['device'] != 'cpu' else platform.processor() or platform.machine()}, "
           f"fp32 matmul {first['peak_gflops']:.0f} GFLOP/s" + (f", bf16 {first['peak_gflops_at_precision']:.0f}" if bf16 else ""))
     spec = first.get("spec_tflops")
     extra = (" | MFU vs measured bf16 peak" if bf16 else "") + (f" | MFU vs dense {args.precision} spec peak" if spec else "")
-    print(f"| pipeline | real tokens/s | vs HF | step ms | mean padded len | MFU (measured fp32 peak){extra} | peak RSS MB | data share |")
+    print(f"| pipeline | real tokens/s | vs {'HF' if ref_name == 'huggingface' else ref_name or '-'} | step ms | mean padded len | MFU (measured fp32 peak){extra} | peak RSS MB | data share |")
     print("|---|---|---|---|---|---|---|---|" + ("---|" if bf16 else "") + ("---|" if spec else ""))
     if spec:
         print(f"(dense {args.precision} spec peak of {first['device']}: {spec:.0f} TFLOP/s)", file=sys.stderr)

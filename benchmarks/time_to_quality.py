@@ -148,7 +148,8 @@ def huggingface(args) -> dict:
 
     targs = TrainingArguments(
         output_dir=str(ROOT / "outputs" / "time_to_quality" / "huggingface"), per_device_train_batch_size=int(cfg.data.batch_size),
-        max_steps=10**7, learning_rate=float(o.lr), weight_decay=float(o.weight_decay), adam_epsilon=1e-6,
+        max_steps=10**7, learning_rate=float(o.lr), weight_decay=float(o.weight_decay),
+        adam_beta1=float(o.optimizer.betas[0]), adam_beta2=float(o.optimizer.betas[1]), adam_epsilon=float(o.optimizer.eps),
         max_grad_norm=float(o.grad_clip), lr_scheduler_type="constant", report_to=[], logging_strategy="no",
         save_strategy="no", use_cpu=device.type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
         seed=int(cfg.seed), bf16=args.precision == "bf16",  # TF32: apply_matmul_precision above, one API

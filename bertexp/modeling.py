@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from transformers import BertConfig, BertForPreTraining, ModernBertConfig, Moder
 
 from bertexp.data.tokenizer import load_tokenizer
 from bertexp.errors import CheckpointError, ConfigError
+from bertexp.ranges import CHOICES
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -203,8 +205,12 @@ class ScratchBert:
     family: Family = FAMILIES["bert"]
 
     def __init__(self, vocab_size: int = 8000, path: str | None = None, revision: str | None = None,
-                 attn_implementation: str = "sdpa", **config):
+                 attn_implementation: str = "sdpa", position_init: str = "random", **config):
         self.attn_implementation = check_attention(attn_implementation)
+        if position_init not in CHOICES["model.position_init"]:
+            raise ConfigError(f"model.position_init={position_init!r} must be one of "
+                              f"{', '.join(CHOICES['model.position_init'])}")
+        self.position_init = position_init
         if path is not None:  # model.path is for loading (model=pretrained) and fine-tuning (task=...)
             raise ConfigError(f"model.path={path} is set, but this model is built from scratch: use "
                               "model=pretrained model.path=DIR to start from it, or task=NAME to fine-tune it")
@@ -229,7 +235,26 @@ class ScratchBert:
     def build(self, tokenizer):
         cfg = self.family.config(tokenizer, self.config)
         cfg._attn_implementation = self.attn_implementation
-        return self.family.model_class(cfg)
+        model = self.family.model_class(cfg)
+        if self.position_init == "sinusoidal":
+            sinusoidal_positions(model.bert.embeddings.position_embeddings.weight, cfg.initializer_range)
+        return model
+
+
+
+@torch.no_grad()
+def sinusoidal_positions(table: torch.Tensor, std: float) -> None:
+    """Fill a learned position table with the Transformer's sines and cosines (Vaswani et al. 2017), scaled so
+    that its entries' root mean square is the std of the rest of the initial weights. Its rows are still learned; they start where a linear
+    map sends each position to its neighbours (p_{i+k} is a rotation of p_i), which is what attention must find
+    to use the characters next to a blank. Random rows give it no such map to start from."""
+    n, d = table.shape
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float64) * (-math.log(10000.0) / d))
+    angles = pos * freq
+    sincos = torch.zeros(n, d, dtype=torch.float64)
+    sincos[:, 0::2], sincos[:, 1::2] = torch.sin(angles), torch.cos(angles)[:, : d // 2]
+    table.copy_((sincos * (std * math.sqrt(2.0))).to(table.dtype))  # sin^2 + cos^2 = 1 over each pair
 
 
 class ScratchModernBert(ScratchBert):

@@ -58,6 +58,12 @@ RANGES = {
 }
 
 
+# key: the values it may take (checked when set; the objects check them again where they are built)
+CHOICES = {
+    "model.position_init": ("random", "sinusoidal"),
+}
+
+
 _SHOWN_SHORT = ("masking.ratio", "masking.final_ratio", "optim.decay_fraction")  # as their objects write them
 
 
@@ -80,6 +86,10 @@ def check_ranges(cfg: DictConfig) -> None:
             continue
         if not ok(v):
             raise ConfigError(f"{key}={_shown(key, v)} {message}")
+    for key, allowed in CHOICES.items():
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is not None and v not in allowed:
+            raise ConfigError(f"{key}={v!r} must be one of {', '.join(allowed)}")
     if cfg.get("optim") is not None:
         check_optim(cfg.optim)
     if cfg.get("task") is not None:

@@ -72,6 +72,7 @@ class ScratchModelSchema(ScratchSizeSchema):  # BertConfig fields (model=bert_*)
     hidden_dropout_prob: float = 0.0  # dropout after attention and feed-forward blocks
     attention_probs_dropout_prob: float = 0.0  # dropout on attention weights (0 keeps the fused SDPA kernel)
     initializer_range: float = 0.02  # std of the initial weights
+    position_init: str = "random"  # random (BERT) | sinusoidal: the learned position table starts as sines and cosines
 
 
 @dataclass
