@@ -98,7 +98,7 @@ class PretrainedModelSchema:
 
 @dataclass
 class OptimSchema:
-    lr: float = 2e-3  # peak learning rate
+    lr: float = 3e-3  # peak learning rate
     weight_decay: float = 0.01  # AdamW weight decay (biases and LayerNorm excluded)
     warmup_steps: int = 100  # linear warm-up steps
     warmup_fraction: Optional[float] = 0.04  # warm-up also ends at this fraction of the run, if that comes first (null: by steps only)
@@ -112,7 +112,7 @@ class OptimSchema:
 @dataclass
 class MaskingSchema:
     _target_: str = "bertexp.masking.TokenMasking"
-    ratio: float = 0.3  # share of non-special tokens selected, in (0, 1)
+    ratio: float = 0.4  # share of non-special tokens selected, in (0, 1)
     mask_token_prob: float = 0.8  # of the selected: share replaced by [MASK]
     random_token_prob: float = 0.1  # of the selected: share replaced by a random token (the rest unchanged)
     schedule: str = "constant"  # mask-rate schedule: constant | linear | cosine | step
@@ -150,7 +150,7 @@ class ObjectiveSchema:
 
 @dataclass
 class TrainerSchema:
-    max_steps: Optional[int] = 2500  # optimizer steps (unless a budget is set)
+    max_steps: Optional[int] = 2650  # optimizer steps (unless a budget is set)
     budget_minutes: Optional[float] = None  # wall-clock minutes of training steps (ends the run instead of max_steps)
     max_tokens: Optional[float] = None  # a float so that 5e6 is accepted; must be whole
     max_flops: Optional[float] = None
