@@ -11,7 +11,8 @@ from conftest import compose, run_in_process
 FAST = ["logger=none", "trainer.eval_every=100000", "trainer.save_every=100000", "trainer.log_every=1",
         "optim.warmup_steps=0", "trainer.exam_pairs=16", "model.hidden_size=32", "model.intermediate_size=64",
         "model.num_attention_heads=1", "model.num_hidden_layers=1"]
-PEAK, FINAL = 2e-3, 2e-3 * 0.1  # optim.lr and optim.min_lr_ratio * optim.lr
+_OPTIM = compose().optim  # the default schedule's ends, as the runs below use them
+PEAK, FINAL = float(_OPTIM.lr), float(_OPTIM.lr) * float(_OPTIM.min_lr_ratio)  # optim.lr, min_lr_ratio * optim.lr
 
 
 def _lr_at(progress):

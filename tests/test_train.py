@@ -47,7 +47,7 @@ def test_wandb_offline_runs_read_back(tmp_path):
         assert run["display_name"] == f"masking.ratio={ratio}" and run["run_group"] == "tests"
         assert run["tags"] == ["test"]
         cfg = run["config"]["update"]
-        assert cfg["masking"]["ratio"] == ratio and cfg["optim"]["lr"] == 2e-3 and cfg["trainer"]["max_steps"] == 4
+        assert cfg["masking"]["ratio"] == ratio and cfg["optim"]["lr"] == compose().optim.lr and cfg["trainer"]["max_steps"] == 4
         assert cfg["model"]["hidden_size"] == 128
         # history equals metrics.jsonl, record for record
         records = read_metrics(d / "metrics.jsonl")
