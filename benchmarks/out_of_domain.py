@@ -86,14 +86,15 @@ def main() -> None:
 
     from bertexp.data.tasks import load_sentiment
     from bertexp.exam import CountingBaselines
-    from bertexp.rundir import checkpoint_config
+    from bertexp.rundir import CORPUS_KEY, checkpoint_config
 
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(str(args.checkpoint))
     model = AutoModelForMaskedLM.from_pretrained(str(args.checkpoint))
     # the tables count the checkpoint's own pretraining split (People's Daily's training documents)
     trained = checkpoint_config(args.checkpoint) or {}
-    data_cfg = {k[5:]: v for k, v in trained.items() if k.startswith("data.")} or {
+    # the corpus fingerprint is a record of the run (bertexp.rundir), not an argument of the data source
+    data_cfg = {k[5:]: v for k, v in trained.items() if k.startswith("data.") and k != CORPUS_KEY} or {
         "_target_": "bertexp.data.dataset.PretrainingData.from_peoples_daily"}
     data = instantiate(OmegaConf.create(data_cfg))
     data.prepare(tok, 0)

@@ -340,6 +340,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a profile of one bertexp step")
     ap.add_argument("--pipeline", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.scenario == "tutorial" and not args.pipeline:
+        fixed = {"model": "bert_mini", "data": "peoples_daily", "batch_size": 32, "max_length": 128, "precision": "fp32"}
+        set_ = [f"--{k.replace('_', '-')}" for k, v in fixed.items() if getattr(args, k) != v]
+        if set_:  # the scenario is the tutorial's own run: nothing of it may be changed on the side
+            raise SystemExit(f"error: --scenario tutorial fixes its model, data, batch, length and fp32 (the tutorial "
+                             f"pipeline has no autocast); drop {', '.join(set_)}")
     if args.scenario == "tutorial":
         args.model, args.data, args.batch_size, args.max_length = "bert_base", str(ROOT / "tests/data/essay.txt"), 16, 25
         if args.pipelines == ap.get_default("pipelines"):

@@ -249,12 +249,19 @@ def _decide(cfg: DictConfig, c: Claim, sweep_job: int | None) -> None:
     _keep_hydra(run_dir)
 
 
+# Keys added to the config since earlier run dirs were written, with what those runs did without them: compared
+# as if recorded, so an old run resumed (or an old sweep job taken as done) is not silently another recipe.
+IMPLIED = {"model.position_init": "random", "optim.optimizer.fused": None}
+
+
 def _guarded(trained: dict, flat: dict, sources: dict[str, str], kind: str) -> dict[str, tuple]:
     """The result-changing differences between what a dir trained with and this launch's effective values. A
     key interpolated from another (`optim.optimizer.lr: ${..lr}`) that changed exactly as its source did is
     that change, listed once under the source; one that changed on its own (set directly on one of the two
     commands) is listed itself. Keys the dir's record does not have at all (added to bertexp since, the
     fingerprints among them) are not compared."""
+    # keys added since that change what a run trains: a record without one trained with its old behaviour
+    trained = {**{k: v for k, v in IMPLIED.items() if k in flat and k not in trained}, **trained}
     diff = {k: v for k, v in differences(trained, flat).items() if not is_free(k, kind)}
     added = sorted(k for k in diff if k not in trained and not any(k.startswith(t + ".") for t in trained))
     if added:  # keys a newer bertexp added (the run could not have set them): not compared, and said so

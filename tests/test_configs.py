@@ -16,7 +16,7 @@ def test_contract_groups_exist():
     assert {f"modernbert_{size}" for size in ("tiny", "mini", "small", "base")} <= set(GROUPS["model"])
     assert {"token", "whole_word", "span", "ngram"} <= set(GROUPS["masking"])
     cfg = compose()
-    assert "seed" in cfg and cfg.masking.ratio == 0.3 and cfg.trainer.resume == "auto"
+    assert "seed" in cfg and cfg.masking.ratio == 0.4 and cfg.trainer.resume == "auto"
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)
@@ -141,7 +141,7 @@ def test_help_describes_every_field(options):
     assert len(fields) > 60
     bare = [f"{k}{v}" for k, v in fields if " # " not in v and not v.strip() == ""]
     assert not bare, bare  # every field (nested values such as optim.optimizer's aside) says what it is
-    assert re.search(r"^  ratio: 0.3 +# share of non-special tokens selected, in \(0, 1\)", config, re.M)
+    assert re.search(r"^  ratio: 0.4 +# share of non-special tokens selected, in \(0, 1\)", config, re.M)
     assert re.search(r"^  tags: \[\] +# your own W&B tags", config, re.M)
     assert re.search(r"^seed: 42 +# seeds data order", config, re.M)
     if options:  # inherited fields: text_file's from peoples_daily, span's from token, and the schema's

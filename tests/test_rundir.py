@@ -49,7 +49,7 @@ def test_resuming_with_other_values_is_refused_and_the_run_keeps_its_config(tmp_
 def test_a_checkpoint_continued_in_a_new_dir_with_other_values_is_refused(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _job(monkeypatch, a, [*SMOKE, "logger=none"]) == 0
-    code = _job(monkeypatch, b, [*SMOKE, "logger=none", "masking.ratio=0.4", f"trainer.resume={a}/checkpoints/last"])
+    code = _job(monkeypatch, b, [*SMOKE, "logger=none", "masking.ratio=0.25", f"trainer.resume={a}/checkpoints/last"])
     assert code == 2 and not checkpoint_dirs(b)
     # with the same values it continues (a new dir, a new W&B run: it is not the first dir's run any more)
     assert _job(monkeypatch, b, [*SMOKE, "logger=none", "trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]",
@@ -339,6 +339,26 @@ def test_a_run_recorded_before_keys_were_added_resumes(tmp_path, monkeypatch):
             del old[key]
         f.write_text(json.dumps(old))
     longer = ["trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]"]
-    assert _job(monkeypatch, d, [*SMOKE, "logger=none", *longer, "masking.ratio=0.4"]) == 2
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", *longer, "masking.ratio=0.25"]) == 2
     assert _job(monkeypatch, d, [*SMOKE, "logger=none", *longer]) == 0
+    assert _train_steps(d) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_recorded_before_a_recipe_key_was_added_is_compared_with_what_it_did(tmp_path, monkeypatch, capsys):
+    """Some keys added since change what a run trains: a record without model.position_init trained with random
+    position rows, one without optim.optimizer.fused with the per-tensor AdamW (lifecycle.IMPLIED). Resuming it
+    under today's defaults (sinusoidal, fused) is a change, refused in one line, not a silent new recipe."""
+    d = tmp_path / "run"
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none"]) == 0
+    for f in (d / "run_config.json", d / "checkpoints" / "last" / "run_config.json"):
+        old = json.loads(f.read_text())
+        for key in ("model.position_init", "optim.optimizer.fused"):
+            del old[key]
+        f.write_text(json.dumps(old))
+    longer = ["trainer.max_steps=6", "trainer.allow_changes=[trainer.max_steps]"]
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", *longer]) == 2
+    err = capsys.readouterr().err
+    assert "model.position_init: 'random' -> 'sinusoidal'" in err and "optim.optimizer.fused: None -> True" in err
+    assert _job(monkeypatch, d, [*SMOKE, "logger=none", "model.position_init=random", "~optim.optimizer.fused",
+                                 *longer]) == 0
     assert _train_steps(d) == [1, 2, 3, 4, 5, 6]
